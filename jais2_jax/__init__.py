@@ -1,0 +1,28 @@
+"""jais2-jax: Jais2 in JAX/Flax, numerically identical to transformers' Jais2ForCausalLM.
+
+Importing this package does no work beyond importing JAX and Flax: no devices are touched, no
+distributed runtime is started, nothing is read from disk or the network.
+"""
+
+from jais2_jax.cache import KVCache, init_cache
+from jais2_jax.config import Jais2Config
+from jais2_jax.model import Jais2ForCausalLM, init_params, stack_layers, unstack_layers
+
+__version__ = "0.1.0"
+
+__all__ = ["Jais2Config", "Jais2ForCausalLM", "KVCache", "init_cache", "init_params",
+           "stack_layers", "unstack_layers", "load_checkpoint", "generate", "Tokenizer"]
+
+
+def __getattr__(name):
+    # Parts that pull in heavier dependencies (orbax, tokenizers) load on first use.
+    if name == "load_checkpoint":
+        from jais2_jax.checkpoint import load_checkpoint
+        return load_checkpoint
+    if name == "generate":
+        from jais2_jax.generate import generate
+        return generate
+    if name == "Tokenizer":
+        from jais2_jax.tokenizer import Tokenizer
+        return Tokenizer
+    raise AttributeError(f"module 'jais2_jax' has no attribute {name!r}")

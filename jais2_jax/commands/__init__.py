@@ -1,0 +1,1 @@
+"""Subcommands of the `jais2` CLI (see jais2_jax/cli.py)."""

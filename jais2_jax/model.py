@@ -1,0 +1,318 @@
+"""Jais2 decoder in Flax linen, numerically the function of transformers' Jais2ForCausalLM.
+
+Layer: LayerNorm -> attention (q/k/v/o with biases, GQA, rotate-half RoPE) -> residual ->
+LayerNorm -> MLP down(relu(up(x))^2) -> residual. Final LayerNorm, lm_head (or the tied embedding).
+
+Parameters carry logical axis names (`vocab, embed, heads, kv_heads, head_dim, mlp, layers`).
+With `scan_layers=True` (the default and the one on-disk layout) the layers are one `nn.scan`
+over a leading `layers` axis. `scan_layers=False` runs the same layer code over per-layer arrays
+(`unstack_layers(params)`), which GPU decoding wants: slicing a layer out of a stacked weight inside
+jit makes XLA copy it before the GEMM.
+
+Numerics: parameters in `param_dtype`, activations in `dtype`; matmuls accumulate in float32,
+LayerNorm statistics, RoPE, softmax and the logits are float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jais2_jax.attention import dot_product_attention
+from jais2_jax.cache import KVCache
+from jais2_jax.config import Jais2Config
+from jais2_jax.rope import apply_rope, rope_cos_sin
+
+Array = jax.Array
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,  # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(dtype) -> jnp.dtype:
+    """A jnp dtype from a name ("bfloat16") or a dtype."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
+        return jnp.dtype(_DTYPES[dtype])
+    return jnp.dtype(dtype)
+
+
+def _constrain(x, axes):
+    return nn.with_logical_constraint(x, axes)
+
+
+class Linear(nn.Module):
+    """y = x . W (+ b), contracting the trailing `len(in_axes)` dims of x, accumulating in float32."""
+    features: tuple[int, ...]
+    in_axes: tuple[str, ...]  # logical names of the contracted input dims
+    out_axes: tuple[str, ...]  # logical names of the output dims
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+    init_std: float
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n_in = len(self.in_axes)
+        in_shape = x.shape[-n_in:]
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
+                                         self.in_axes + self.out_axes),
+            in_shape + self.features, self.param_dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
+                                preferred_element_type=jnp.float32)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   self.out_axes),
+                              self.features, self.param_dtype)
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm (weight `scale` and `bias`), statistics in float32."""
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (d,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                          (d,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    config: Jais2Config
+    dtype: Any
+    param_dtype: Any
+    attention_impl: str | None
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, layer_cache):
+        c = self.config
+        kw = dict(use_bias=c.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                  init_std=c.initializer_range)
+        q = Linear((c.num_attention_heads, c.head_dim), ("embed",), ("heads", "head_dim"),
+                   name="q_proj", **kw)(x)  # [B, T, H, hd]
+        k = Linear((c.num_key_value_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"),
+                   name="k_proj", **kw)(x)  # [B, T, KV, hd]
+        v = Linear((c.num_key_value_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"),
+                   name="v_proj", **kw)(x)
+        q = _constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+        k = _constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+        v = _constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+
+        if layer_cache is None:
+            out = dot_product_attention(q, k, v, kv_mask=mask["kv_mask"],
+                                        segment_ids=mask["segment_ids"],
+                                        implementation=self.attention_impl)
+            new_cache = None
+        else:
+            k_cache, v_cache = layer_cache  # [B, S, KV, hd]
+            start = mask["cache_lengths"]  # [B]: first slot this chunk writes
+
+            def write(buf, new):
+                return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice(b, n, (s, 0, 0)))(
+                    buf, new.astype(buf.dtype), start)
+
+            k_cache, v_cache = write(k_cache, k), write(v_cache, v)
+            out = dot_product_attention(
+                q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), q_offset=start,
+                kv_lengths=start + q.shape[1], implementation=self.attention_impl)
+            new_cache = (k_cache, v_cache)
+        out = _constrain(out, ("batch", "length", "heads", "head_dim"))
+        y = Linear((c.hidden_size,), ("heads", "head_dim"), ("embed",), name="o_proj", **kw)(out)
+        return y, new_cache
+
+
+class MLP(nn.Module):
+    config: Jais2Config
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        kw = dict(use_bias=c.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                  init_std=c.initializer_range)
+        h = Linear((c.intermediate_size,), ("embed",), ("mlp",), name="up_proj", **kw)(x)
+        h = _constrain(ACTIVATIONS[c.hidden_act](h), ("batch", "length", "mlp"))
+        return Linear((c.hidden_size,), ("mlp",), ("embed",), name="down_proj", **kw)(h)
+
+
+class DecoderLayer(nn.Module):
+    config: Jais2Config
+    dtype: Any
+    param_dtype: Any
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, layer_cache):
+        c = self.config
+        norm = dict(eps=c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = _constrain(x, ("batch", "length", "embed"))
+        h = LayerNorm(name="input_layernorm", **norm)(x)
+        h, new_cache = Attention(c, self.dtype, self.param_dtype, self.attention_impl,
+                                 name="self_attn")(h, cos, sin, mask, layer_cache)
+        x = x + h
+        h = LayerNorm(name="post_attention_layernorm", **norm)(x)
+        x = x + MLP(c, self.dtype, self.param_dtype, name="mlp")(h)
+        return _constrain(x, ("batch", "length", "embed")), new_cache
+
+
+class Jais2ForCausalLM(nn.Module):
+    """`model.apply({"params": p}, input_ids, attention_mask=mask)` -> logits [B, T, V] float32.
+
+    With `cache=` a KVCache, returns `(logits, new_cache)`; the chunk's tokens are written after
+    each row's cached tokens and `attention_mask` (right-padded) says which of them are real.
+    Without a cache, positions default to 0..T-1 as in transformers' forward; `segment_ids`
+    [B, T] makes packed documents attend only within themselves (pass matching `positions`).
+    """
+    config: Jais2Config
+    dtype: Any = jnp.float32  # compute dtype
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str | None = None  # None: by backend (cuDNN on GPU for bf16, XLA otherwise)
+
+    def setup(self):
+        c = self.config
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {self.remat_policy!r}: choose one of "
+                             f"{sorted(REMAT_POLICIES)}")
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(c.initializer_range), ("vocab", "embed")))
+        layer_cls = DecoderLayer
+        if self.remat_policy != "none":
+            layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[self.remat_policy],
+                                 prevent_cse=not self.scan_layers)
+        layer_kw = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype,
+                        attention_impl=self.attention_impl)
+        if self.scan_layers:
+            self.layers = nn.scan(
+                layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), out_axes=0,
+                length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+            )(**layer_kw, name="layers")
+        else:
+            self.layers = [layer_cls(**layer_kw, name=f"layers_{i}")
+                           for i in range(c.num_hidden_layers)]
+        self.norm = LayerNorm(c.layer_norm_eps, self.dtype, self.param_dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = Linear((c.vocab_size,), ("embed",), ("vocab",), use_bias=False,
+                                  dtype=self.dtype, param_dtype=self.param_dtype,
+                                  init_std=c.initializer_range)
+
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None,
+                 cache: KVCache | None = None):
+        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions=positions,
+                                               segment_ids=segment_ids, cache=cache)
+        logits = self.logits(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+    def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None,
+                      cache: KVCache | None = None):
+        """Final-norm hidden states [B, T, D] (and the new cache): the loss wants these, so that
+        it can make the 150k-vocab logits a chunk at a time."""
+        batch, length = input_ids.shape
+        x = self.embed_tokens(input_ids)  # [B, T, D]
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
+            real = (jnp.ones((batch, length), jnp.int32) if attention_mask is None
+                    else attention_mask.astype(jnp.int32))
+            positions = cache.lengths[:, None] + jnp.arange(length)[None, :]
+            mask = {"cache_lengths": cache.lengths}
+        else:
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(length)[None, :], (batch, length))
+            mask = {"kv_mask": attention_mask, "segment_ids": segment_ids}
+        cos, sin = rope_cos_sin(self.config, positions)  # [B, T, head_dim] float32
+
+        layer_caches = None if cache is None else (cache.k, cache.v)
+        if self.scan_layers:
+            x, layer_caches = self.layers(x, cos, sin, mask, layer_caches)
+        else:
+            new_k, new_v = [], []
+            for i, layer in enumerate(self.layers):
+                lc = None if cache is None else (cache.k[i], cache.v[i])
+                x, lc = layer(x, cos, sin, mask, lc)
+                if lc is not None:
+                    new_k.append(lc[0])
+                    new_v.append(lc[1])
+            if cache is not None:
+                layer_caches = (jnp.stack(new_k), jnp.stack(new_v))
+        x = self.norm(x)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(k=layer_caches[0], v=layer_caches[1],
+                                lengths=cache.lengths + real.sum(axis=1))
+        return x, new_cache
+
+    def logits(self, hidden):
+        """[..., D] -> float32 logits [..., V]."""
+        if self.config.tie_word_embeddings:
+            table = self.embed_tokens.embedding  # [V, D]
+            logits = jnp.einsum("...d,vd->...v", hidden, table.astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(hidden.astype(self.dtype))
+        return _constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+# ------------------------------------------------------------------------------ parameter layout
+def unstack_layers(params: dict) -> dict:
+    """The per-layer view of a scanned tree (`layers` -> `layers_0..N-1`), for scan_layers=False."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    for i in range(n):
+        params[f"layers_{i}"] = jax.tree_util.tree_map(lambda a: a[i], stacked)
+    return params
+
+
+def stack_layers(params: dict) -> dict:
+    """Inverse of `unstack_layers`."""
+    params = dict(params)
+    names = sorted((k for k in params if k.startswith("layers_")), key=lambda k: int(k[7:]))
+    layers = [params.pop(k) for k in names]
+    params["layers"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)
+    return params
+
+
+def init_params(config: Jais2Config, rng: Array, *, param_dtype=jnp.float32) -> dict:
+    """Random parameters (unboxed) of the scanned layout."""
+    model = Jais2ForCausalLM(config, param_dtype=param_dtype)
+    variables = model.init(rng, jnp.zeros((1, 1), jnp.int32))
+    return nn.meta.unbox(variables["params"])
