@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
             bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
