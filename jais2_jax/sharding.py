@@ -1,25 +1,38 @@
-"""Meshes and the one logical-axis rules table.
+"""Meshes, the one logical-axis rules table, and the shardings of everything placed on a mesh.
 
 Parameters and activations carry logical axis names; `LOGICAL_AXIS_RULES` maps each onto mesh
 axes (`data`, `fsdp`, `tensor`). Changing parallelism means changing the mesh or this table,
-never the model.
+never the model. Shardings are derived from `jax.eval_shape` results (abstract first, then place):
+parameters, optimizer state, KV cache and batches. `init_params_sharded` creates parameters
+inside `jit` with `out_shardings`, so no device ever holds the whole model.
+
+Typical use:
+    mesh = make_mesh("fsdp")                               # or (2, -1, 4), "data=2,fsdp=-1,tensor=4"
+    params = init_params_sharded(config, mesh, jax.random.key(0))
+    with use_mesh(mesh):
+        logits = jax.jit(model.apply)({"params": params}, ids)
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+import numpy as np
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jais2_jax.cache import CACHE_KV_AXES, CACHE_LENGTHS_AXES, KVCache
 from jais2_jax.config import Jais2Config
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# logical name -> mesh axes (a tuple shards over several axes; None replicates).
+# logical name -> mesh axes (a tuple shards over several axes; None replicates). A mesh axis used
+# by an earlier dimension of the same array is skipped (flax's rule), so activations
+# ("batch", "length", "embed") shard batch over data*fsdp and keep embed whole.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", None),
@@ -34,79 +47,259 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
 )
 
+# Preset -> (data, fsdp, tensor); -1 is "the rest". `fsdp+tp` is resolved in `mesh_shape`:
+# tensor parallelism inside a host (fast links), FSDP across hosts.
+MESH_PRESETS: dict[str, tuple[int, int, int] | None] = {
+    "fsdp": (1, -1, 1),
+    "dp": (-1, 1, 1),
+    "tp": (1, 1, -1),
+    "fsdp+tp": None,
+}
 
-def make_mesh(shape: Sequence[int] = (1, -1, 1), axis_names: Sequence[str] = MESH_AXES,
-              devices=None) -> Mesh:
-    """A mesh of `shape` over `devices` (default: all); one entry may be -1 for "the rest".
 
-    Axes are `AxisType.Auto` so that linen's logical partitioning (pjit style) applies.
+# ---------------------------------------------------------------------------------------- meshes
+def parse_mesh(spec: str | Sequence[int]) -> tuple[int, ...] | str:
+    """A mesh spec -> sizes (data, fsdp, tensor) with possibly one -1, or a preset name.
+
+    Accepts a preset (`fsdp`, `dp`, `tp`, `fsdp+tp`), `"2,-1,4"`, `"data=2,fsdp=-1,tensor=4"`
+    (unnamed axes default to 1) or a sequence of three ints.
     """
-    devices = list(jax.devices() if devices is None else devices)
-    shape = list(shape)
-    if len(shape) != len(axis_names):
-        raise ValueError(f"mesh shape {tuple(shape)} does not match axes {tuple(axis_names)}")
+    if not isinstance(spec, str):
+        return tuple(int(s) for s in spec)
+    spec = spec.strip()
+    if spec in MESH_PRESETS:
+        return spec
+    try:
+        if "=" in spec:
+            sizes = dict.fromkeys(MESH_AXES, 1)
+            for part in spec.split(","):
+                name, value = (s.strip() for s in part.split("="))
+                if name not in sizes:
+                    raise ValueError(f"unknown mesh axis {name!r}; axes are {MESH_AXES}")
+                sizes[name] = int(value)
+            return tuple(sizes.values())
+        return tuple(int(s) for s in spec.split(","))
+    except ValueError as e:
+        if "unknown mesh axis" in str(e):
+            raise
+        raise ValueError(f"mesh {spec!r}: expected a preset {tuple(MESH_PRESETS)}, sizes like "
+                         f"'2,-1,4' or 'data=2,fsdp=-1,tensor=4'") from None
+
+
+def mesh_shape(spec: str | Sequence[int], num_devices: int,
+               devices_per_host: int | None = None) -> tuple[int, int, int]:
+    """Resolve a mesh spec (preset, sizes with one -1) against a device count; checks the product."""
+    parsed = parse_mesh(spec)
+    if parsed == "fsdp+tp":
+        per_host = devices_per_host or jax.local_device_count()
+        tensor = math.gcd(per_host, num_devices)
+        parsed = (1, -1, tensor)
+    elif isinstance(parsed, str):
+        parsed = MESH_PRESETS[parsed]
+    shape = list(parsed)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {tuple(shape)} does not match axes {MESH_AXES}")
     if shape.count(-1) > 1:
         raise ValueError(f"mesh shape {tuple(shape)}: at most one axis may be -1")
     if any(s == 0 or s < -1 for s in shape):
         raise ValueError(f"mesh shape {tuple(shape)}: sizes must be positive (or one -1)")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
-        if len(devices) % known:
-            raise ValueError(f"mesh shape {tuple(shape)}: {len(devices)} devices are not "
-                             f"divisible by {known}")
-        shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) != len(devices):
+        if num_devices % known:
+            raise ValueError(f"mesh shape {tuple(shape)}: {num_devices} devices are not divisible "
+                             f"by the fixed axes' product {known}")
+        shape[shape.index(-1)] = num_devices // known
+    if math.prod(shape) != num_devices:
+        hint = ""
+        rest = shape[0] * shape[2]
+        if num_devices % rest == 0:
+            hint = f"; nearest workable: {(shape[0], num_devices // rest, shape[2])} (or fsdp=-1)"
         raise ValueError(f"mesh shape {tuple(shape)} has {math.prod(shape)} devices, but "
-                         f"{len(devices)} are available")
-    return jax.make_mesh(tuple(shape), tuple(axis_names), devices=devices,
-                         axis_types=(AxisType.Auto,) * len(axis_names))
+                         f"{num_devices} are available{hint}")
+    return tuple(shape)
 
 
+def make_mesh(shape: str | Sequence[int] = "fsdp", axis_names: Sequence[str] = MESH_AXES,
+              devices=None, *, dcn_shape: str | Sequence[int] | None = None) -> Mesh:
+    """A mesh of `shape` over `devices` (default: all); one entry may be -1 for "the rest".
+
+    `dcn_shape` (multi-slice TPU, or several GPU hosts) gives how many slices each axis spans:
+    the mesh is then `shape * dcn_shape`, with `shape` inside a slice (ICI) and `dcn_shape`
+    across slices (data-center network); usually only `data` (or `fsdp`) crosses slices.
+    Axes are `AxisType.Auto` so that linen's logical partitioning (pjit style) applies.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    axis_types = (AxisType.Auto,) * len(axis_names)
+    if tuple(axis_names) != MESH_AXES:  # custom axes: plain sizes only
+        shape = [int(s) for s in shape]
+        if shape.count(-1) == 1:
+            shape[shape.index(-1)] = len(devices) // math.prod(s for s in shape if s != -1)
+        if math.prod(shape) != len(devices):
+            raise ValueError(f"mesh shape {tuple(shape)} has {math.prod(shape)} devices, but "
+                             f"{len(devices)} are available")
+        return jax.make_mesh(tuple(shape), tuple(axis_names), devices=devices, axis_types=axis_types)
+    if dcn_shape is None:
+        shape = mesh_shape(shape, len(devices))
+        return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=axis_types)
+
+    # Multi-slice: each granule (a TPU slice, or a process where devices carry no slice index)
+    # holds an ICI mesh; granules are laid out over the DCN mesh.
+    from jax.experimental import mesh_utils
+    by_slice = hasattr(devices[0], "slice_index")
+    granules = {getattr(d, "slice_index" if by_slice else "process_index") for d in devices}
+    dcn = mesh_shape(dcn_shape, len(granules))
+    ici = mesh_shape(shape, len(devices) // len(granules))
+    array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)
+    return Mesh(array, MESH_AXES, axis_types=axis_types)
+
+
+def abstract_mesh(shape: str | Sequence[int], num_devices: int,
+                  devices_per_host: int | None = None) -> AbstractMesh:
+    """A device-free mesh of the given shape: shardings and per-device sizes without the devices."""
+    sizes = mesh_shape(shape, num_devices, devices_per_host)
+    return AbstractMesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """The mesh and the rules table, for jit calls whose model constrains activations."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield mesh
+
+
+# ----------------------------------------------------------------------------- logical -> mesh
 def logical_to_spec(axes: Sequence[str | None], rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
     return nn.logical_to_mesh_axes(tuple(axes), rules)
 
 
-def param_logical_axes(config: Jais2Config, scan_layers: bool = True):
-    """The pytree of logical axis names (PartitionSpec of names) of the parameters, from eval_shape."""
-    from jais2_jax.model import Jais2ForCausalLM
-    model = Jais2ForCausalLM(config, scan_layers=scan_layers)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    return nn.get_partition_spec(abstract)["params"]
-
-
-def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh, what: str) -> None:
-    """ValueError naming the dimension, the mesh axes and the nearest workable size."""
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh, what: str,
+                    logical: Sequence[str | None] | None = None) -> None:
+    """ValueError naming the dimension, the rule, the mesh axes and the nearest workable size."""
+    logical = tuple(logical or ()) + (None,) * len(shape)
+    for i, (dim, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
         if axes is None:
             continue
         names = (axes,) if isinstance(axes, str) else tuple(axes)
         size = math.prod(mesh.shape[a] for a in names)
-        if dim % size:
-            divisors = [d for d in range(1, dim + 1) if dim % d == 0]
-            nearest = min(divisors, key=lambda d: (abs(d - size), -d))
-            raise ValueError(
-                f"{what}: dimension {dim} is sharded over mesh axes {names} of total size {size}, "
-                f"which does not divide it (rule in LOGICAL_AXIS_RULES); nearest workable size: "
-                f"{nearest}")
+        if dim % size == 0:
+            continue
+        # A size that divides both the dimension and the device count keeps the mesh complete.
+        divisors = [d for d in range(1, dim + 1) if dim % d == 0]
+        fits = [d for d in divisors if mesh.size % d == 0] or divisors
+        nearest = min(fits, key=lambda d: (abs(d - size), -d))
+        rule = f" (rule {logical[i]!r} -> {axes!r} in LOGICAL_AXIS_RULES)" if logical[i] else ""
+        axis_hint = f"{names[0]}={nearest}" if len(names) == 1 else f"a product of {nearest}"
+        raise ValueError(
+            f"{what}: dimension {i} of size {dim}{rule} is sharded over mesh axes {names} of total "
+            f"size {size}, which does not divide {dim}; nearest workable choice: {axis_hint}")
 
 
-def param_shardings(config: Jais2Config, mesh: Mesh, scan_layers: bool = True, rules=LOGICAL_AXIS_RULES):
-    """NamedSharding of every parameter (same tree as the params), checked for divisibility."""
-    from jais2_jax.model import Jais2ForCausalLM
-    model = Jais2ForCausalLM(config, scan_layers=scan_layers)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    logical = nn.get_partition_spec(abstract)["params"]
-    shapes = nn.meta.unbox(abstract)["params"]
-
-    def to_sharding(path, spec, leaf):
-        mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules)
-        check_divisible(leaf.shape, mesh_spec, mesh, "parameter " + jax.tree_util.keystr(path))
-        return NamedSharding(mesh, mesh_spec)
-
-    return jax.tree_util.tree_map_with_path(
-        to_sharding, logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+def _sharding(mesh, logical, shape, what, rules) -> NamedSharding:
+    spec = nn.logical_to_mesh_axes(tuple(logical), rules)
+    check_divisible(shape, spec, mesh, what, logical)
+    return NamedSharding(mesh, spec)
 
 
 def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules=LOGICAL_AXIS_RULES):
     return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(logical_axes), rules))
 
+
+# ------------------------------------------------------------------------------------ parameters
+def abstract_params(config: Jais2Config, *, param_dtype=jnp.float32, scan_layers: bool = True):
+    """eval_shape of the model's init: the boxed (logically partitioned) params, no memory used."""
+    from jais2_jax.model import Jais2ForCausalLM
+    model = Jais2ForCausalLM(config, param_dtype=param_dtype, scan_layers=scan_layers)
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def param_logical_axes(config: Jais2Config, scan_layers: bool = True):
+    """The pytree of logical axis names (PartitionSpec of names) of the parameters, from eval_shape."""
+    return nn.get_partition_spec(abstract_params(config, scan_layers=scan_layers))
+
+
+def param_shardings(config: Jais2Config, mesh, scan_layers: bool = True, rules=LOGICAL_AXIS_RULES):
+    """NamedSharding of every parameter (same tree as the params), checked for divisibility."""
+    abstract = abstract_params(config, scan_layers=scan_layers)
+    logical = nn.get_partition_spec(abstract)
+    shapes = nn.meta.unbox(abstract)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, spec, leaf: _sharding(mesh, tuple(spec), leaf.shape,
+                                           "parameter " + jax.tree_util.keystr(path), rules),
+        logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def init_params_sharded(config: Jais2Config, mesh: Mesh, rng: jax.Array, *,
+                        param_dtype=jnp.float32, scan_layers: bool = True,
+                        rules=LOGICAL_AXIS_RULES) -> dict:
+    """Random parameters created directly in their shards (jit with out_shardings).
+
+    With JAX's partitionable threefry (the default) the values equal `model.init` on one device.
+    """
+    from jais2_jax.model import Jais2ForCausalLM
+    model = Jais2ForCausalLM(config, param_dtype=param_dtype, scan_layers=scan_layers)
+    shardings = param_shardings(config, mesh, scan_layers, rules)
+
+    def init(key):
+        return nn.meta.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+
+    with use_mesh(mesh, rules):
+        return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def shard_params(params, shardings):
+    """Place an existing (host or single-device) tree onto its shardings."""
+    return jax.device_put(params, shardings)
+
+
+# ----------------------------------------------------------------------------- optimizer state
+def opt_state_shardings(optimizer, params_shardings, abstract_params_):
+    """NamedShardings of `optimizer.init(params)`, from its `jax.eval_shape`: each param-shaped
+    leaf (Adam's mu and nu, ...) takes its parameter's sharding; counts, scalars and leaves of
+    another shape (factored statistics) are replicated.
+
+    `abstract_params_`: the (unboxed) params or their ShapeDtypeStructs, same tree as the shardings.
+    """
+    import optax
+    state = jax.eval_shape(optimizer.init, abstract_params_)
+    mesh = jax.tree_util.tree_leaves(params_shardings)[0].mesh
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def match(leaf, sharding, param):
+        if not hasattr(leaf, "shape") or leaf.shape != param.shape:
+            return replicated
+        return sharding
+
+    return optax.tree_map_params(
+        optimizer, match, state, params_shardings, abstract_params_,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, (NamedSharding, jax.ShapeDtypeStruct)))
+
+
+# ---------------------------------------------------------------------------- cache and batches
+def cache_shardings(config: Jais2Config, mesh, batch_size: int, max_length: int,
+                    rules=LOGICAL_AXIS_RULES, *, per_layer: bool = False) -> KVCache:
+    """A KVCache of NamedShardings (same rules as the model: kv_heads over tensor, batch over
+    data*fsdp), checked for divisibility. `per_layer` matches `init_cache(..., per_layer=True)`."""
+    layer_shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
+    if per_layer:
+        one = _sharding(mesh, CACHE_KV_AXES[1:], layer_shape, "KV cache", rules)
+        kv = (one,) * config.num_hidden_layers
+    else:
+        kv = _sharding(mesh, CACHE_KV_AXES, (config.num_hidden_layers,) + layer_shape,
+                       "KV cache", rules)
+    lengths = _sharding(mesh, CACHE_LENGTHS_AXES, (batch_size,), "KV cache lengths", rules)
+    return KVCache(k=kv, v=kv, lengths=lengths)
+
+
+def batch_sharding(mesh, shape: Sequence[int], rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+    """Sharding of a [batch, length, ...] input (ids, masks, positions, segment ids, targets)."""
+    logical = ("batch", "length") + (None,) * (len(shape) - 2)
+    return _sharding(mesh, logical[:len(shape)], tuple(shape), "batch", rules)
+
+
+def bytes_per_device(tree, shardings) -> int:
+    """Bytes one device holds of a tree of arrays/ShapeDtypeStructs under the given shardings."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    shards = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    return sum(int(np.prod(s.shard_shape(a.shape))) * jnp.dtype(a.dtype).itemsize
+               for a, s in zip(leaves, shards, strict=True))
