@@ -145,9 +145,15 @@ class Attention(nn.Module):
                     buf, new.astype(buf.dtype), start)
 
             k_cache, v_cache = write(k_cache, k), write(v_cache, v)
-            out = dot_product_attention(
-                q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), q_offset=start,
-                kv_lengths=start + q.shape[1], implementation=self.attention_impl)
+            if "chunk_lengths" in mask:
+                # Prefill of an empty cache: the chunk is all there is to attend to, causal from
+                # slot 0, which the flash kernel covers (attention over the cache would not).
+                out = dot_product_attention(q, k, v, kv_lengths=mask["chunk_lengths"],
+                                            implementation=self.attention_impl)
+            else:
+                out = dot_product_attention(
+                    q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), q_offset=start,
+                    kv_lengths=start + q.shape[1], implementation=self.attention_impl)
             new_cache = (k_cache, v_cache)
         out = _constrain(out, ("batch", "length", "heads", "head_dim"))
         y = Linear((c.hidden_size,), ("heads", "head_dim"), ("embed",), name="o_proj", **kw)(out)
@@ -235,16 +241,20 @@ class Jais2ForCausalLM(nn.Module):
                                   init_std=c.initializer_range)
 
     def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None,
-                 cache: KVCache | None = None):
+                 cache: KVCache | None = None, prefill: bool = False):
         hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions=positions,
-                                               segment_ids=segment_ids, cache=cache)
+                                               segment_ids=segment_ids, cache=cache,
+                                               prefill=prefill)
         logits = self.logits(hidden)
         return logits if cache is None else (logits, new_cache)
 
     def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None,
-                      cache: KVCache | None = None):
+                      cache: KVCache | None = None, prefill: bool = False):
         """Final-norm hidden states [B, T, D] (and the new cache): the loss wants these, so that
-        it can make the 150k-vocab logits a chunk at a time."""
+        it can make the 150k-vocab logits a chunk at a time.
+
+        `prefill=True` promises that `cache` is empty (all lengths 0), so attention stays within
+        the chunk (GPU: the flash kernel) instead of reading the whole cache."""
         batch, length = input_ids.shape
         x = self.embed_tokens(input_ids)  # [B, T, D]
         if cache is not None:
@@ -254,6 +264,8 @@ class Jais2ForCausalLM(nn.Module):
                     else attention_mask.astype(jnp.int32))
             positions = cache.lengths[:, None] + jnp.arange(length)[None, :]
             mask = {"cache_lengths": cache.lengths}
+            if prefill:
+                mask["chunk_lengths"] = real.sum(axis=1)
         else:
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(length)[None, :], (batch, length))
@@ -261,6 +273,9 @@ class Jais2ForCausalLM(nn.Module):
         cos, sin = rope_cos_sin(self.config, positions)  # [B, T, head_dim] float32
 
         layer_caches = None if cache is None else (cache.k, cache.v)
+        if self.scan_layers and cache is not None and cache.per_layer:
+            raise ValueError("a per-layer KV cache needs scan_layers=False; use "
+                             "init_cache(..., per_layer=False) with scan_layers=True")
         if self.scan_layers:
             x, layer_caches = self.layers(x, cos, sin, mask, layer_caches)
         else:
@@ -271,7 +286,9 @@ class Jais2ForCausalLM(nn.Module):
                 if lc is not None:
                     new_k.append(lc[0])
                     new_v.append(lc[1])
-            if cache is not None:
+            if cache is not None and cache.per_layer:
+                layer_caches = (tuple(new_k), tuple(new_v))
+            elif cache is not None:
                 layer_caches = (jnp.stack(new_k), jnp.stack(new_v))
         x = self.norm(x)
         new_cache = None

@@ -1,0 +1,185 @@
+"""Cached prefill/decode and `generate` against transformers; sampling filters and draws."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+import torch
+
+from helpers import hf_model, our_config, our_params, rel_err
+from jais2_jax import Jais2ForCausalLM, init_cache, unstack_layers
+from jais2_jax.generate import decode_step, generate, prefill, right_align
+from jais2_jax.sampling import Sampler, filter_logits, sample
+
+# A larger init scale than HF's 0.02: the tiny model then continues different prompts differently
+# instead of repeating one token, so greedy parity and EOS stopping are actually exercised.
+INIT = 0.2
+
+
+@pytest.fixture(scope="module")
+def ref():
+    hf = hf_model(0, initializer_range=INIT)
+    config = our_config(hf)
+    return hf, config, our_params(hf, config)
+
+
+def _model(config, params, scan):
+    return Jais2ForCausalLM(config, scan_layers=scan), params if scan else unstack_layers(params)
+
+
+def _left_padded(lengths, seed=0, pad=0):
+    rs = np.random.RandomState(seed)
+    width = max(lengths)
+    ids = np.full((len(lengths), width), pad, np.int64)
+    mask = np.zeros((len(lengths), width), np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, width - n:] = rs.randint(3, 128, n)
+        mask[i, width - n:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_cached_prefill_and_decode_match_uncached_forward(ref, scan):
+    hf, config, params = ref
+    model, p = _model(config, params, scan)
+    lengths, steps = [7, 4], 3
+    ids, mask = right_align(*_left_padded(lengths, seed=1))
+    rs = np.random.RandomState(2)
+    fed = rs.randint(3, 128, (2, steps)).astype(np.int32)  # tokens decoded after the prompts
+    cache = init_cache(config, 2, 16, dtype=jnp.float32, per_layer=not scan)
+    logits, cache = prefill(model, p, jnp.asarray(ids), jnp.asarray(mask), cache)
+    ours = [np.asarray(logits)]
+    for t in range(steps):
+        logits, cache = decode_step(model, p, jnp.asarray(fed[:, t]), cache)
+        ours.append(np.asarray(logits))
+    ours = np.stack(ours, axis=1)  # [B, 1 + steps, V]
+    np.testing.assert_array_equal(np.asarray(cache.lengths), np.array(lengths) + steps)
+    for b, n in enumerate(lengths):
+        full = np.concatenate([ids[b, :n], fed[b]])[None]
+        with torch.no_grad():
+            want = hf(torch.tensor(full)).logits[0, n - 1:].numpy()  # [1 + steps, V]
+        assert rel_err(ours[b], want) <= 1e-5
+
+
+def _hf_greedy(hf, ids, mask, n, eos):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=n,
+                          do_sample=False, eos_token_id=eos, pad_token_id=0).numpy()
+    new = out[:, ids.shape[1]:]
+    return np.pad(new, ((0, 0), (0, n - new.shape[1])))  # HF stops early when all rows are done
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_greedy_matches_transformers_with_eos(ref, scan):
+    hf, config, params = ref
+    ids, mask = _left_padded([5, 9, 12, 3])
+    n = 16
+    free = _hf_greedy(hf, ids, mask, n, eos=None)
+    # An EOS id that the reference emits mid-sequence in some rows but not in others.
+    candidates = [t for t in np.unique(free[:, 1:-1])
+                  if 0 < sum(t in row[1:-1] for row in free) < len(free)]
+    assert candidates, free
+    eos = int(candidates[0])
+    want = _hf_greedy(hf, ids, mask, n, eos=eos)
+    stopped = (want == eos).any(axis=1)
+    assert stopped.any() and not stopped.all()
+
+    streamed = {}
+    if scan:  # the config's eos list (an id the reference never emits, and the chosen one)
+        unused = min(set(range(3, 128)) - set(free.ravel().tolist()))
+        config = config.replace(eos_token_id=(unused, eos))
+        kwargs = {}
+    else:  # an explicit eos replaces the config's (2), with a streaming callback
+        kwargs = dict(eos_token_id=eos, callback=lambda step, tok: streamed.__setitem__(int(step), tok))
+    model, p = _model(config, params, scan)
+    got = np.asarray(generate(model, p, ids, mask, max_new_tokens=n, **kwargs))
+    np.testing.assert_array_equal(got, want)
+    if streamed:
+        cols = np.stack([streamed[s] for s in sorted(streamed)], axis=1)
+        np.testing.assert_array_equal(cols, got[:, :cols.shape[1]])
+        assert cols.shape[1] == n or (got[:, cols.shape[1]:] == 0).all()
+
+
+def test_sampling_is_reproducible(ref):
+    _, config, params = ref
+    model = Jais2ForCausalLM(config)
+    ids, mask = _left_padded([6, 10])
+    kw = dict(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, eos_token_id=[])
+    a = generate(model, params, ids, mask, rng=jax.random.key(0), **kw)
+    b = generate(model, params, ids, mask, rng=jax.random.key(0), **kw)
+    c = generate(model, params, ids, mask, rng=jax.random.key(1), **kw)
+    np.testing.assert_array_equal(a, b)
+    assert (np.asarray(a) != np.asarray(c)).any()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, None, None), (1.0, 10, None),
+                                                     (1.3, None, 0.8), (0.8, 30, 0.6),
+                                                     (1.0, 1, None), (0.5, None, 0.01)])
+def test_filter_logits_matches_transformers_warpers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    logits = np.random.RandomState(3).randn(4, 128).astype(np.float32) * 3
+    scores = torch.tensor(logits)
+    scores = TemperatureLogitsWarper(temperature)(None, scores)
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p is not None:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    want = scores.numpy()
+    got = np.asarray(filter_logits(jnp.asarray(logits), temperature, top_k, top_p))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(8, None), (None, 0.5)])
+def test_samples_stay_in_the_filter_and_follow_its_distribution(top_k, top_p):
+    rs = np.random.RandomState(4)
+    row = rs.randn(64).astype(np.float32) * 2
+    n = 20000
+    logits = jnp.broadcast_to(jnp.asarray(row), (n, 64))
+    draws = np.asarray(sample(logits, jax.random.key(5), Sampler(1.0, top_k, top_p)))
+    # The allowed set and its probabilities, computed in numpy from the definitions.
+    order = np.argsort(-row)
+    p = np.exp(row - row.max())
+    p /= p.sum()
+    if top_k is not None:
+        allowed = order[:top_k]
+    else:
+        before = np.cumsum(p[order]) - p[order]
+        allowed = order[before < top_p]
+    assert len(allowed) < 64 // 2
+    assert np.isin(draws, allowed).all()  # a token outside top-k / top-p is never drawn
+    q = np.zeros(64)
+    q[allowed] = p[allowed] / p[allowed].sum()
+    freq = np.bincount(draws, minlength=64) / n
+    # 5 standard errors of a binomial frequency: a wrong renormalisation would be far outside.
+    assert (np.abs(freq - q) <= 5 * np.sqrt(q * (1 - q) / n) + 1e-12).all()
+
+
+# ---------------------------------------------------------------------------------------- bad input
+BAD = [
+    (dict(input_ids=np.ones((1, 60), np.int64), max_new_tokens=10), "max_position_embeddings"),
+    (dict(max_new_tokens=9, cache_length=10), "needs 11 cache slots, but cache_length is 10"),
+    (dict(input_ids=np.zeros((2, 0), np.int64)), "empty prompt"),
+    (dict(attention_mask=np.array([[1, 1, 1], [0, 0, 0]])), r"empty prompt \(rows \[1\]\)"),
+    (dict(input_ids=np.array([[3, 128, 4], [5, 6, 7]])), "token id 128 is outside"),
+    (dict(input_ids=np.array([[3, -1, 4], [5, 6, 7]])), "token id -1 is outside"),
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive"),
+    (dict(max_new_tokens=-3), "max_new_tokens must be a positive"),
+    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(temperature=1.0, top_p=0.0, rng=jax.random.key(0)), r"top_p must be in \(0, 1\]"),
+    (dict(temperature=1.0, top_p=1.5, rng=jax.random.key(0)), r"top_p must be in \(0, 1\]"),
+    (dict(temperature=1.0, top_k=0, rng=jax.random.key(0)), "top_k must be a positive"),
+    (dict(temperature=1.0), "needs an explicit key"),
+    (dict(eos_token_id=500), "eos_token_id 500 is outside"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD)
+def test_bad_input_is_a_clear_error(ref, kwargs, message):
+    _, config, params = ref
+    args = dict(input_ids=np.array([[3, 4, 5], [6, 7, 8]]), max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        generate(Jais2ForCausalLM(config), params, **args)
