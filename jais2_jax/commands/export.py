@@ -1,0 +1,24 @@
+"""`jais2 export ORBAX_DIR HF_DIR`: Orbax checkpoint -> HF safetensors folder, streaming."""
+
+from __future__ import annotations
+
+from jais2_jax.commands.convert import DTYPES
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("orbax_dir", help="folder written by `jais2 convert` (or the same layout)")
+    parser.add_argument("hf_dir", help="output folder for transformers' from_pretrained")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="dtype of the written tensors (default: as stored)")
+    parser.add_argument("--force", action="store_true", help="replace HF_DIR if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from jais2_jax.checkpoint import export_orbax_to_hf
+    export_orbax_to_hf(args.orbax_dir, args.hf_dir, max_shard_size=args.max_shard_size,
+                       dtype=args.dtype, force=args.force, progress=not args.quiet)
+    print(f"wrote {args.hf_dir}")
+    return 0
