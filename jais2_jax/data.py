@@ -1,0 +1,364 @@
+"""Text -> token store -> packed, shuffled, per-process batches that resume exactly.
+
+Token store (written by `jais2 prepare-data`, read with memory maps, never unpickled):
+    index.json                    format, shards, splits, tokenizer ids
+    tokens-00000.bin ...          uint32 token ids, documents back to back (bos + text + eos)
+    mask-00000.bin ...            uint8 per token, 1 = a training target (only for prompt/completion
+                                  data; absent means every token is a target)
+    {train,eval}_documents.npy    int64 [documents, 3]: (shard, first token, length)
+    tokenizer/                    copy of the tokenizer used, so a store says how to decode it
+
+Loader: documents are put in a seeded order, concatenated and cut into rows of `seq_len + 1`
+tokens (`PackedRows`, random access). grain shuffles the rows per epoch, gives process p the rows
+p, p+P, ..., batches them and prefetches in threads; its iterator state (one integer) goes into the
+checkpoint, so a resumed run sees exactly the batches it would have seen. grain fits because the
+rows are a random-access source: shuffling, sharding and resuming need no hand-written code.
+
+A row carries `segment_ids` (1, 2, ... per document piece) and `positions` (restarting at every
+document start), so packed documents do not attend to each other, and a `loss_mask` that drops the
+one target that would cross from a document into the next.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Iterator, Sequence
+
+import numpy as np
+
+FORMAT = "jais2-token-store"
+VERSION = 1
+INPUT_SUFFIXES = (".txt", ".jsonl")
+
+
+# ------------------------------------------------------------------------------------- reading text
+def _input_files(inputs: Sequence[str]) -> list[str]:
+    files = []
+    for path in inputs:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, f) for f in os.listdir(path)
+                           if f.endswith(INPUT_SUFFIXES))
+            if not found:
+                raise ValueError(f"{path}: no {'/'.join(INPUT_SUFFIXES)} files in this directory")
+            files += found
+        elif os.path.isfile(path):
+            if not path.endswith(INPUT_SUFFIXES):
+                raise ValueError(f"{path}: unsupported input type; use {' or '.join(INPUT_SUFFIXES)}")
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"input {path} does not exist")
+    return files
+
+
+def _documents(path: str, text_key: str, progress) -> Iterator[tuple[str, str | None]]:
+    """(text, None) or (completion, prompt) per document. `.txt`: blank lines separate documents;
+    `.jsonl`: one object per line with `text_key`, or `prompt` and `completion`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".txt"):
+                block: list[str] = []
+                for line in f:
+                    progress.update(len(line.encode("utf-8")))
+                    if line.strip():
+                        block.append(line.rstrip("\n"))
+                    elif block:
+                        yield "\n".join(block), None
+                        block = []
+                if block:
+                    yield "\n".join(block), None
+                return
+            for n, line in enumerate(f, 1):
+                progress.update(len(line.encode("utf-8")))
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{n}: expected a JSON object")
+                if "prompt" in record and "completion" in record:
+                    yield str(record["completion"]), str(record["prompt"])
+                elif text_key in record:
+                    yield str(record[text_key]), None
+                else:
+                    raise ValueError(f"{path}:{n}: no {text_key!r} (or prompt + completion) field")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def load_tokenizer(path: str):
+    """(tokenizers.Tokenizer, bos_id, eos_id, files to copy) from a directory or tokenizer.json."""
+    from tokenizers import Tokenizer
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no tokenizer.json at {path}")
+    tok = Tokenizer.from_file(file)
+    special = {}
+    config_file = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            special = json.load(f)
+
+    def token_id(key):
+        token = special.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        return None if token is None else tok.token_to_id(token)
+    files = [file] + ([config_file] if os.path.isfile(config_file) else [])
+    return tok, token_id("bos_token"), token_id("eos_token"), files
+
+
+# --------------------------------------------------------------------------------------- writing
+def prepare_data(inputs: Sequence[str], tokenizer: str, output: str, *, eval_fraction: float = 0.0,
+                 seed: int = 0, text_key: str = "text", add_bos: bool = True, add_eos: bool = True,
+                 shard_tokens: int = 1 << 28, overwrite: bool = False, batch_docs: int = 256,
+                 show_progress: bool = True) -> dict:
+    """Tokenizes text/jsonl `inputs` into a token store at `output`; returns its index.
+
+    The store is built in a temporary directory beside `output` and renamed when complete.
+    """
+    from tqdm import tqdm
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    if os.path.exists(output) and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    files = _input_files(inputs)
+    tok, bos, eos, tok_files = load_tokenizer(tokenizer)
+    bos, eos = (bos if add_bos else None), (eos if add_eos else None)
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".prepare-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the store is an ordinary directory
+    try:
+        writer = _ShardWriter(tmp, shard_tokens)
+        total = sum(os.path.getsize(f) for f in files)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="prepare-data",
+                  disable=not show_progress) as bar:
+            for path in files:
+                pending = []
+                for doc in _documents(path, text_key, bar):
+                    pending.append(doc)
+                    if len(pending) == batch_docs:
+                        _encode_into(writer, tok, pending, bos, eos)
+                        pending = []
+                _encode_into(writer, tok, pending, bos, eos)
+        documents = writer.close()
+        if len(documents) == 0 or documents[:, 2].sum() == 0:
+            raise ValueError(f"no text found in {', '.join(files)}")
+        is_eval = np.random.default_rng(seed).random(len(documents)) < eval_fraction
+        if eval_fraction > 0 and not is_eval.any() and len(documents) > 1:
+            is_eval[-1] = True  # a requested eval split gets at least one document
+        if is_eval.all():
+            raise ValueError("eval_fraction leaves no training documents")
+        splits = {}
+        for name, chosen in (("train", ~is_eval), ("eval", is_eval)):
+            docs = documents[chosen]
+            np.save(os.path.join(tmp, f"{name}_documents.npy"), docs, allow_pickle=False)
+            splits[name] = {"documents": f"{name}_documents.npy", "num_documents": int(len(docs)),
+                            "num_tokens": int(docs[:, 2].sum())}
+        os.makedirs(os.path.join(tmp, "tokenizer"))
+        for f in tok_files:
+            shutil.copy(f, os.path.join(tmp, "tokenizer", os.path.basename(f)))
+        index = {"format": FORMAT, "version": VERSION, "dtype": "uint32",
+                 "num_tokens": int(documents[:, 2].sum()), "shards": writer.shards,
+                 "splits": splits, "inputs": [os.path.abspath(f) for f in files],
+                 "tokenizer": {"vocab_size": tok.get_vocab_size(), "bos_token_id": bos,
+                               "eos_token_id": eos}}
+        with open(os.path.join(tmp, "index.json"), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+        if os.path.exists(output):
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return index
+
+
+def _encode_into(writer, tok, docs, bos, eos):
+    if not docs:
+        return
+    texts = tok.encode_batch([text for text, _ in docs], add_special_tokens=False)
+    prompts = [p for _, p in docs if p is not None]
+    prompt_ids = iter(tok.encode_batch(prompts, add_special_tokens=False) if prompts else [])
+    for (_, prompt), enc in zip(docs, texts):
+        head = [] if bos is None else [bos]
+        if prompt is not None:
+            head = head + next(prompt_ids).ids
+        tail = list(enc.ids) + ([] if eos is None else [eos])
+        # The prompt (and bos) are context, never targets; the completion and eos are.
+        mask = None if prompt is None else [0] * len(head) + [1] * len(tail)
+        writer.add(head + tail, mask)
+
+
+class _ShardWriter:
+    """Appends documents to uint32 shards (and uint8 mask shards, kept only if some document has a
+    prompt); a document never spans two shards."""
+
+    def __init__(self, directory: str, shard_tokens: int):
+        self.directory, self.shard_tokens = directory, shard_tokens
+        self.shards: list[dict] = []
+        self.docs: list[tuple[int, int, int]] = []
+        self.any_mask = False
+        self._files = None
+
+    def _open(self):
+        n = len(self.shards)
+        self.shards.append({"tokens": f"tokens-{n:05d}.bin", "mask": f"mask-{n:05d}.bin",
+                            "num_tokens": 0})
+        self._files = [open(os.path.join(self.directory, self.shards[-1][k]), "wb")
+                       for k in ("tokens", "mask")]
+
+    def add(self, ids: list[int], mask: list[int] | None):
+        if self._files is None or (self.shards[-1]["num_tokens"] + len(ids) > self.shard_tokens
+                                   and self.shards[-1]["num_tokens"] > 0):
+            self._close_files()
+            self._open()
+        shard = self.shards[-1]
+        np.asarray(ids, np.uint32).tofile(self._files[0])
+        np.asarray(mask if mask is not None else [1] * len(ids), np.uint8).tofile(self._files[1])
+        self.any_mask |= mask is not None
+        self.docs.append((len(self.shards) - 1, shard["num_tokens"], len(ids)))
+        shard["num_tokens"] += len(ids)
+
+    def _close_files(self):
+        for f in self._files or ():
+            f.close()
+
+    def close(self) -> np.ndarray:
+        self._close_files()
+        if not self.any_mask:  # every token is a target: the masks say nothing
+            for shard in self.shards:
+                os.remove(os.path.join(self.directory, shard.pop("mask")))
+        return np.asarray(self.docs, np.int64).reshape(-1, 3)
+
+
+# --------------------------------------------------------------------------------------- reading
+class TokenStore:
+    """Memory-mapped view of a token store directory."""
+
+    def __init__(self, path: str):
+        self.path = path
+        index_file = os.path.join(path, "index.json")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"token store {path} does not exist (run `jais2 prepare-data`)")
+        if not os.path.isfile(index_file):
+            raise ValueError(f"{path} is not a token store: no index.json (run `jais2 prepare-data`)")
+        try:
+            with open(index_file, encoding="utf-8") as f:
+                self.index = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{index_file} is unreadable: {e}") from None
+        if not isinstance(self.index, dict) or self.index.get("format") != FORMAT:
+            raise ValueError(f"{index_file} is not a {FORMAT} index")
+        if self.index.get("version") != VERSION:
+            raise ValueError(f"{index_file}: version {self.index.get('version')}, expected {VERSION}")
+        self.tokens, self.masks = [], []
+        for shard in self.index["shards"]:
+            file = os.path.join(path, shard["tokens"])
+            if not os.path.isfile(file) or os.path.getsize(file) != 4 * shard["num_tokens"]:
+                raise ValueError(f"{file} is missing or does not hold {shard['num_tokens']} tokens")
+            self.tokens.append(np.memmap(file, np.uint32, mode="r")
+                               if shard["num_tokens"] else np.zeros(0, np.uint32))
+            mask = shard.get("mask")
+            self.masks.append(None if mask is None else
+                              np.memmap(os.path.join(path, mask), np.uint8, mode="r"))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.index["tokenizer"]["vocab_size"])
+
+    @property
+    def tokenizer_path(self) -> str:
+        return os.path.join(self.path, "tokenizer")
+
+    def documents(self, split: str) -> np.ndarray:
+        """int64 [documents, 3]: (shard, first token, length)."""
+        info = self.index["splits"].get(split)
+        if info is None:
+            raise ValueError(f"{self.path} has no {split!r} split")
+        docs = np.load(os.path.join(self.path, info["documents"]), allow_pickle=False)
+        if docs.ndim != 2 or docs.shape[1] != 3 or docs.dtype != np.int64:
+            raise ValueError(f"{self.path}/{info['documents']} is not an int64 [n, 3] array")
+        return docs
+
+
+class PackedRows:
+    """Random-access rows of `seq_len` inputs (+ shifted targets) cut from the documents of one
+    split, concatenated in a seeded order. Row r covers stream tokens [r*L, r*L + L] inclusive."""
+
+    def __init__(self, store: TokenStore, split: str, seq_len: int, seed: int):
+        self.store, self.seq_len = store, seq_len
+        docs = store.documents(split)
+        self.docs = docs[np.random.default_rng(seed).permutation(len(docs))]
+        self.starts = np.concatenate([[0], np.cumsum(self.docs[:, 2])])  # [documents + 1]
+        total = int(self.starts[-1])
+        self.num_rows = max(total - 1, 0) // seq_len
+        if self.num_rows == 0:
+            raise ValueError(f"the {split!r} split of {store.path} has {total} tokens; one row of "
+                             f"seq_len {seq_len} needs {seq_len + 1}")
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        L = self.seq_len
+        start, stop = r * L, r * L + L + 1
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        last = int(np.searchsorted(self.starts, stop - 1, side="right")) - 1
+        tokens, masks, doc, pos = [], [], [], []
+        for k in range(first, last + 1):
+            shard, offset, _ = self.docs[k]
+            a = max(start, self.starts[k]) - self.starts[k]
+            b = min(stop, self.starts[k + 1]) - self.starts[k]
+            tokens.append(self.store.tokens[shard][offset + a: offset + b])
+            m = self.store.masks[shard]
+            masks.append(np.ones(b - a, np.uint8) if m is None else m[offset + a: offset + b])
+            doc.append(np.full(b - a, k - first + 1, np.int32))
+            pos.append(np.arange(b - a, dtype=np.int32))  # restarts at each document start
+        tokens, masks = np.concatenate(tokens), np.concatenate(masks)  # [L + 1]
+        doc, pos = np.concatenate(doc), np.concatenate(pos)
+        return {
+            "input_ids": tokens[:L].astype(np.int32),  # [L]
+            "targets": tokens[1:].astype(np.int32),  # [L]
+            "segment_ids": doc[:L],
+            "positions": pos[:L],
+            # A target counts when it continues the same document and is marked trainable.
+            "loss_mask": ((doc[:L] == doc[1:]) & (masks[1:] > 0)).astype(np.float32),
+        }
+
+
+def _dataset(store, split, seq_len, batch_size, seed, process_index, process_count, shuffle):
+    import grain
+    if batch_size % process_count:
+        raise ValueError(f"batch_size ({batch_size}) is not divisible by the {process_count} "
+                         f"processes")
+    ds = grain.MapDataset.source(PackedRows(store, split, seq_len, seed))
+    if shuffle:
+        ds = ds.shuffle(seed=seed)  # a fresh permutation each epoch (shuffle before repeat)
+    ds = ds.repeat(None)
+    return ds[process_index::process_count].batch(batch_size // process_count, drop_remainder=True)
+
+
+def train_iterator(store: TokenStore, *, seq_len: int, batch_size: int, seed: int,
+                   process_index: int = 0, process_count: int = 1, threads: int = 2):
+    """Endless iterator of this process's share of each global batch ([batch_size / processes, L]
+    arrays). `get_state()` / `set_state()` save and restore its position."""
+    import grain
+    ds = _dataset(store, "train", seq_len, batch_size, seed, process_index, process_count, True)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                     prefetch_buffer_size=2 * threads)))
+
+
+def eval_batches(store: TokenStore, *, seq_len: int, batch_size: int, num_batches: int,
+                 process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """The first `num_batches` batches of the eval split in a fixed order (the split repeats if it
+    is shorter). Empty when the store has no eval documents."""
+    if store.index["splits"].get("eval", {}).get("num_tokens", 0) <= seq_len:
+        return []
+    ds = _dataset(store, "eval", seq_len, batch_size, 0, process_index, process_count, False)
+    return [ds[i] for i in range(num_batches)]
