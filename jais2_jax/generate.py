@@ -140,7 +140,8 @@ def generate(model: Jais2ForCausalLM, params, input_ids, attention_mask=None, *,
     `jax.random` key: the same key gives the same tokens. A row stops at its first EOS (the
     config's eos ids, or `eos_token_id` which replaces them); later positions hold the pad id (the
     EOS id when the config has no pad). `callback(step, tokens [batch])` is called on the host as
-    each step's tokens are chosen (streaming); each distinct callback compiles the loop once.
+    each step's tokens are chosen (streaming), and all calls have happened when `generate`
+    returns; the loop is compiled once per distinct callback object, so reuse one.
     `cache_length` (default: prompt + max_new_tokens, rounded up) bounds prompt + new tokens.
     """
     config = model.config
@@ -186,4 +187,6 @@ def generate(model: Jais2ForCausalLM, params, input_ids, attention_mask=None, *,
     tokens, _ = _decode_loop(model, params, logits, cache, rng, max_new_tokens=int(max_new_tokens),
                              sampler=sampler, eos_ids=eos_ids, pad_id=int(pad_id),
                              callback=callback)
+    if callback is not None:
+        jax.effects_barrier()  # every step's callback has run when generate returns
     return tokens

@@ -183,3 +183,75 @@ def test_bad_input_is_a_clear_error(ref, kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         generate(Jais2ForCausalLM(config), params, **args)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def cli_folder(tmp_path_factory):
+    """An HF folder as transformers saves it: a tiny model and a byte-level BPE tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+    from test_tokenizer import CHAT_TEMPLATE, _bpe
+    bpe = _bpe()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", chat_template=CHAT_TEMPLATE)
+    hf = hf_model(1, initializer_range=INIT, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                  max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, hf, tok
+
+
+def _hf_reply(hf, tok, ids, n):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):]
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def test_cli_streams_the_greedy_continuation(cli_folder, capsys, tmp_path):
+    from jais2_jax.checkpoint import convert_hf_to_orbax
+    from jais2_jax.cli import main
+    path, hf, tok = cli_folder
+    prompt = "مرحبا بكم في the lazy fox"
+    want = _hf_reply(hf, tok, tok.encode(prompt), 24)
+    orbax = tmp_path / "orbax"
+    convert_hf_to_orbax(path, orbax, progress=False)
+    for folder in (path, orbax):
+        assert main(["generate", "--checkpoint", str(folder), "--prompt", prompt,
+                     "--max-new-tokens", "24"]) == 0
+        assert capsys.readouterr().out == want + "\n"
+
+
+def test_cli_chat_keeps_the_conversation(cli_folder, capsys, monkeypatch):
+    import io
+    from jais2_jax.cli import main
+    path, hf, tok = cli_folder
+    monkeypatch.setattr("sys.stdin", io.StringIO("مرحبا\n\nhow are you?\n"))
+    assert main(["generate", "--checkpoint", str(path), "--chat", "--max-new-tokens", "10"]) == 0
+    messages, want = [], []
+    for line in ("مرحبا", "how are you?"):
+        messages.append({"role": "user", "content": line})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        want.append(_hf_reply(hf, tok, ids, 10))
+        messages.append({"role": "assistant", "content": want[-1]})
+    assert capsys.readouterr().out == "".join(w + "\n" for w in want)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", "hi", "--top-p", "1.5"], "top_p must be in"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+    (["--prompt", "hi", "--max-new-tokens", "300"], "exceeds max_position_embeddings"),
+    (["--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+])
+def test_cli_bad_input(cli_folder, capsys, argv, message):
+    from jais2_jax.cli import main
+    assert main(["generate", "--checkpoint", str(cli_folder[0])] + argv) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_cli_checkpoint_without_tokenizer(cli_folder, capsys, tmp_path):
+    from jais2_jax.cli import main
+    cli_folder[1].save_pretrained(tmp_path)  # the model only
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi"]) == 1
+    assert "has no tokenizer" in capsys.readouterr().err
