@@ -341,23 +341,36 @@ def _streaming_handler(budget_bytes: int, on_block: Callable[[int], None]):
         write (same spec, same 'np.ndarray' type in the metadata: restored by the stock handler)."""
 
         budget: _ByteBudget | None = None
+        one_array: asyncio.Lock | None = None
+        failed: list[BaseException]  # shared by all arrays: after a failure none starts
 
         async def _open_and_write(self, value: _Streamed, tspec: dict, ts_context):
             if self.budget is None:  # made inside Orbax's event loop
-                self.budget = _ByteBudget(budget_bytes)
-            store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+                self.budget, self.one_array = _ByteBudget(budget_bytes), asyncio.Lock()
+                self.failed = []
+            # One array at a time, its blocks pipelined under the byte budget. Every block has
+            # finished before an error leaves here, so nothing writes into a folder being removed.
+            failed = self.failed
+            async with self.one_array:
+                if failed:  # the save is failing already, with that array's error
+                    return
+                store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
 
-            async def write(index, nbytes, read):
-                await self.budget.acquire(nbytes)
-                try:
-                    block = await asyncio.to_thread(read)
-                    await store[index].write(block)
-                    del block
-                    on_block(nbytes)
-                finally:
-                    await self.budget.release(nbytes)
+                async def write(index, nbytes, read):
+                    await self.budget.acquire(nbytes)
+                    try:
+                        if not failed:
+                            block = await asyncio.to_thread(read)
+                            await store[index].write(block)
+                            on_block(nbytes)
+                    except BaseException as e:
+                        failed.append(e)
+                    finally:
+                        await self.budget.release(nbytes)
 
-            await asyncio.gather(*(write(*b) for b in value.blocks))
+                await asyncio.gather(*(write(*b) for b in value.blocks))
+                if failed:
+                    raise failed[0]
 
     return StreamingNumpyHandler()
 
