@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -24,13 +25,17 @@ class Sampler:
 
     def __post_init__(self):
         t, k, p = self.temperature, self.top_k, self.top_p
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not t >= 0:
+        if not isinstance(t, (int, float, np.number)) or isinstance(t, bool) or not t >= 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {t!r}")
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k <= 0):
+        if k is not None and (not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0):
             raise ValueError(f"top_k must be a positive integer or None, got {k!r}")
-        if p is not None and (not isinstance(p, (int, float)) or isinstance(p, bool)
+        if p is not None and (not isinstance(p, (int, float, np.number)) or isinstance(p, bool)
                               or not 0.0 < p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+        # Plain Python numbers: the sampler is a static argument of the compiled loop.
+        object.__setattr__(self, "temperature", float(t))
+        object.__setattr__(self, "top_k", None if k is None else int(k))
+        object.__setattr__(self, "top_p", None if p is None else float(p))
 
     @property
     def greedy(self) -> bool:
