@@ -28,6 +28,9 @@ import subprocess
 import sys
 import time
 
+# Run from a checkout without installing: the package sits one folder up.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 PREFIX = "RESULT "
 SHAPE_8B = dict(vocab_size=150272, hidden_size=3328, intermediate_size=26624, num_hidden_layers=32,
                 num_attention_heads=26, num_key_value_heads=26, max_position_embeddings=8192)
