@@ -90,32 +90,18 @@ def _documents(path: str, text_key: str, progress) -> Iterator[tuple[str, str | 
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def load_tokenizer(path: str):
-    """(tokenizers.Tokenizer, bos_id, eos_id, files to copy) from a directory or tokenizer.json."""
-    from tokenizers import Tokenizer
-    directory = path if os.path.isdir(path) else os.path.dirname(path)
-    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no tokenizer.json at {path}")
-    tok = Tokenizer.from_file(file)
-    special = {}
-    config_file = os.path.join(directory, "tokenizer_config.json")
-    if os.path.isfile(config_file):
-        with open(config_file, encoding="utf-8") as f:
-            special = json.load(f)
-
-    def token_id(key):
-        token = special.get(key)
-        token = token.get("content") if isinstance(token, dict) else token
-        return None if token is None else tok.token_to_id(token)
-    files = [file] + ([config_file] if os.path.isfile(config_file) else [])
-    return tok, token_id("bos_token"), token_id("eos_token"), files
+def _tokenizer_files(directory: str) -> list[str]:
+    """The files of a tokenizer folder worth copying into a store (not model weights)."""
+    keep = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "chat_template.jinja")
+    return [os.path.join(directory, f) for f in sorted(os.listdir(directory))
+            if f in keep or f.endswith(".model")]
 
 
 # --------------------------------------------------------------------------------------- writing
 def prepare_data(inputs: Sequence[str], tokenizer: str, output: str, *, eval_fraction: float = 0.0,
                  seed: int = 0, text_key: str = "text", add_bos: bool = True, add_eos: bool = True,
-                 shard_tokens: int = 1 << 28, overwrite: bool = False, batch_docs: int = 256,
+                 shard_tokens: int = 1 << 28, overwrite: bool = False,
                  show_progress: bool = True) -> dict:
     """Tokenizes text/jsonl `inputs` into a token store at `output`; returns its index.
 
@@ -126,9 +112,11 @@ def prepare_data(inputs: Sequence[str], tokenizer: str, output: str, *, eval_fra
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     if os.path.exists(output) and not overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    from jais2_jax.tokenizer import Tokenizer
     files = _input_files(inputs)
-    tok, bos, eos, tok_files = load_tokenizer(tokenizer)
-    bos, eos = (bos if add_bos else None), (eos if add_eos else None)
+    tok = Tokenizer.from_pretrained(tokenizer)
+    bos = tok.bos_token_id if add_bos else None
+    eos = tok.eos_token_id if add_eos else None
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".prepare-", dir=parent)
@@ -139,13 +127,8 @@ def prepare_data(inputs: Sequence[str], tokenizer: str, output: str, *, eval_fra
         with tqdm(total=total, unit="B", unit_scale=True, desc="prepare-data",
                   disable=not show_progress) as bar:
             for path in files:
-                pending = []
-                for doc in _documents(path, text_key, bar):
-                    pending.append(doc)
-                    if len(pending) == batch_docs:
-                        _encode_into(writer, tok, pending, bos, eos)
-                        pending = []
-                _encode_into(writer, tok, pending, bos, eos)
+                for text, prompt in _documents(path, text_key, bar):
+                    _encode_into(writer, tok, text, prompt, bos, eos)
         documents = writer.close()
         if len(documents) == 0 or documents[:, 2].sum() == 0:
             raise ValueError(f"no text found in {', '.join(files)}")
@@ -161,12 +144,12 @@ def prepare_data(inputs: Sequence[str], tokenizer: str, output: str, *, eval_fra
             splits[name] = {"documents": f"{name}_documents.npy", "num_documents": int(len(docs)),
                             "num_tokens": int(docs[:, 2].sum())}
         os.makedirs(os.path.join(tmp, "tokenizer"))
-        for f in tok_files:
+        for f in _tokenizer_files(tokenizer):
             shutil.copy(f, os.path.join(tmp, "tokenizer", os.path.basename(f)))
         index = {"format": FORMAT, "version": VERSION, "dtype": "uint32",
                  "num_tokens": int(documents[:, 2].sum()), "shards": writer.shards,
                  "splits": splits, "inputs": [os.path.abspath(f) for f in files],
-                 "tokenizer": {"vocab_size": tok.get_vocab_size(), "bos_token_id": bos,
+                 "tokenizer": {"vocab_size": tok.vocab_size, "bos_token_id": bos,
                                "eos_token_id": eos}}
         with open(os.path.join(tmp, "index.json"), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
@@ -179,20 +162,14 @@ def prepare_data(inputs: Sequence[str], tokenizer: str, output: str, *, eval_fra
     return index
 
 
-def _encode_into(writer, tok, docs, bos, eos):
-    if not docs:
-        return
-    texts = tok.encode_batch([text for text, _ in docs], add_special_tokens=False)
-    prompts = [p for _, p in docs if p is not None]
-    prompt_ids = iter(tok.encode_batch(prompts, add_special_tokens=False) if prompts else [])
-    for (_, prompt), enc in zip(docs, texts):
-        head = [] if bos is None else [bos]
-        if prompt is not None:
-            head = head + next(prompt_ids).ids
-        tail = list(enc.ids) + ([] if eos is None else [eos])
-        # The prompt (and bos) are context, never targets; the completion and eos are.
-        mask = None if prompt is None else [0] * len(head) + [1] * len(tail)
-        writer.add(head + tail, mask)
+def _encode_into(writer, tok, text, prompt, bos, eos):
+    head = [] if bos is None else [bos]
+    if prompt is not None:
+        head = head + tok.encode(prompt, add_special_tokens=False)
+    tail = tok.encode(text, add_special_tokens=False) + ([] if eos is None else [eos])
+    # The prompt (and bos) are context, never targets; the completion and eos are.
+    mask = None if prompt is None else [0] * len(head) + [1] * len(tail)
+    writer.add(head + tail, mask)
 
 
 class _ShardWriter:

@@ -163,6 +163,11 @@ def _coerce(name: str, value: Any) -> Any:
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if option is float and isinstance(value, str):
+            try:  # YAML 1.1 reads `3e-4` (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
         if option is str and isinstance(value, str):
             return value
         if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)) and all(

@@ -13,19 +13,27 @@ made with. Every bad input is reported before the first step runs.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+import orbax.checkpoint as ocp
+from tqdm import tqdm
 
+from jais2_jax import data, sharding
 from jais2_jax.config import Jais2Config, preset
+from jais2_jax.distributed import global_batch
+from jais2_jax.model import Jais2ForCausalLM, as_dtype
 from jais2_jax.run_config import RunConfig
+from jais2_jax.training import (flops_per_token, init_state, jit_train_step, make_eval_step,
+                                make_optimizer, make_train_step, peak_tflops, state_shardings)
 
 # `meta` entries that fix the order of the data: a resumed run must keep them.
 DATA_ORDER_KEYS = ("seq_len", "batch_size", "seed")
@@ -89,16 +97,6 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
     Returns {"status": "done" | "stopped" | "preempted" | "nonfinite", "step", "loss",
     "eval_loss", "output_dir"}.
     """
-    import flax.linen as nn
-    import orbax.checkpoint as ocp
-    from tqdm import tqdm
-
-    from jais2_jax import data, sharding
-    from jais2_jax.distributed import global_batch
-    from jais2_jax.model import Jais2ForCausalLM, as_dtype
-    from jais2_jax.training import (flops_per_token, init_state, jit_train_step, make_eval_step,
-                                    make_optimizer, make_train_step, peak_tflops, state_shardings)
-
     # ---------------------------------------------------------------- checks before any work
     config = load_model_config(run.model)
     if run.seq_len > config.max_position_embeddings:
@@ -124,14 +122,8 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
                                    num_batches=run.eval_batches, process_index=process,
                                    process_count=processes) if run.eval_every else [])
 
-    model = Jais2ForCausalLM(config, dtype=as_dtype(run.dtype), param_dtype=as_dtype(run.param_dtype),
-                             remat_policy=run.remat_policy, attention_impl=run.attention_impl)
-    optimizer = make_optimizer(run)
-    params_sh = sharding.param_shardings(config, mesh)
-    abstract_params = nn.meta.unbox(
-        sharding.abstract_params(config, param_dtype=as_dtype(run.param_dtype)))
-    state_sh = state_shardings(optimizer, params_sh, abstract_params)
-    batch_sh = sharding.batch_sharding(mesh, (run.batch_size, run.seq_len))
+    p = _program(config, run.replace(output_dir="", data="", init_from=None), mesh)
+    model, optimizer, state_sh, batch_sh = p.model, p.optimizer, p.state_sh, p.batch_sh
 
     os.makedirs(run.output_dir, exist_ok=True)
     manager = ocp.CheckpointManager(
@@ -146,11 +138,10 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
         latest = manager.latest_step()
         if latest is not None:
             state = _restore(manager, latest, config, run, meta, state_sh, train_iter, optimizer,
-                             abstract_params)
+                             p.abstract_params)
         else:
-            state = _new_state(run, config, model, optimizer, params_sh, state_sh)
-        step_fn = jit_train_step(make_train_step(model, optimizer, run), state_sh, batch_sh)
-        eval_fn = jax.jit(make_eval_step(model, run), in_shardings=(params_sh, batch_sh))
+            state = _new_state(run, config, model, optimizer, mesh, state_sh)
+    step_fn, eval_fn = p.train_step, p.eval_step
 
     def save(step: int):
         manager.save(step, force=True, args=ocp.args.Composite(
@@ -234,6 +225,33 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
             "output_dir": run.output_dir}
 
 
+class _Program(NamedTuple):
+    model: Jais2ForCausalLM
+    optimizer: Any
+    abstract_params: Any
+    state_sh: Any
+    batch_sh: Any
+    train_step: Any  # jitted
+    eval_step: Any  # jitted
+
+
+@functools.lru_cache(maxsize=4)
+def _program(config: Jais2Config, run: RunConfig, mesh) -> _Program:
+    """Model, optimizer, shardings and jitted steps; cached so that a process running several
+    runs of one shape (a notebook, a resumed run, the tests) compiles the steps once."""
+    model = Jais2ForCausalLM(config, dtype=as_dtype(run.dtype), param_dtype=as_dtype(run.param_dtype),
+                             remat_policy=run.remat_policy, attention_impl=run.attention_impl)
+    optimizer = make_optimizer(run)
+    params_sh = sharding.param_shardings(config, mesh)
+    abstract_params = nn.meta.unbox(
+        sharding.abstract_params(config, param_dtype=as_dtype(run.param_dtype)))
+    state_sh = state_shardings(optimizer, params_sh, abstract_params)
+    batch_sh = sharding.batch_sharding(mesh, (run.batch_size, run.seq_len))
+    step = jit_train_step(make_train_step(model, optimizer, run), state_sh, batch_sh)
+    evaluate = jax.jit(make_eval_step(model, run), in_shardings=(params_sh, batch_sh))
+    return _Program(model, optimizer, abstract_params, state_sh, batch_sh, step, evaluate)
+
+
 def _log_line(step: int, v: dict) -> str:
     parts = [f"step {step}", f"loss {v['loss']:.4f}", f"lr {v['lr']:.3e}",
              f"grad_norm {v['grad_norm']:.3f}"]
@@ -246,11 +264,8 @@ def _log_line(step: int, v: dict) -> str:
     return ", ".join(parts)
 
 
-def _new_state(run, config, model, optimizer, params_sh, state_sh):
+def _new_state(run, config, model, optimizer, mesh, state_sh):
     """Random init or `init_from` (continued training), created directly in the state's shards."""
-    import flax.linen as nn
-    from jais2_jax.model import as_dtype
-    from jais2_jax.training import init_state
     param_dtype = as_dtype(run.param_dtype)
     if run.init_from is None:
         def fresh(key):
@@ -258,18 +273,14 @@ def _new_state(run, config, model, optimizer, params_sh, state_sh):
             return init_state(params, optimizer, run.seed)
         return jax.jit(fresh, out_shardings=state_sh)(jax.random.PRNGKey(run.seed))
     from jais2_jax import load_checkpoint
-    loaded_config, params = load_checkpoint(run.init_from)
+    loaded_config, params = load_checkpoint(run.init_from, dtype=param_dtype, mesh=mesh)
     if loaded_config != config:
         raise ValueError(f"init_from {run.init_from}: its model config differs from {run.model} "
                          f"in {_config_diff(loaded_config.to_dict(), config.to_dict())}")
-    params = jax.device_put(jax.tree_util.tree_map(lambda a: jnp.asarray(a, param_dtype), params),
-                            params_sh)
     return jax.jit(lambda p: init_state(p, optimizer, run.seed), out_shardings=state_sh)(params)
 
 
 def _restore(manager, step, config, run, meta, state_sh, train_iter, optimizer, abstract_params):
-    import orbax.checkpoint as ocp
-    from jais2_jax.training import init_state
     saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     saved_config = Jais2Config.from_dict(saved["model_config"])
     if saved_config != config:
@@ -293,3 +304,27 @@ def _restore(manager, step, config, run, meta, state_sh, train_iter, optimizer, 
 def _config_diff(a: dict, b: dict) -> str:
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "dtype")
     return ", ".join(f"{k}: {a.get(k)!r} (checkpoint) vs {b.get(k)!r} (run)" for k in keys)
+
+
+def load_trained(output_dir: str, step: int | None = None) -> tuple[Jais2Config, dict, int]:
+    """(model config, params, step) of a run's checkpoint (default: the latest), on one device."""
+    directory = os.path.abspath(os.path.join(output_dir, "checkpoints"))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints in {output_dir}")
+    with ocp.CheckpointManager(directory, item_names=("state", "data", "meta")) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoints in {output_dir}")
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        config = Jais2Config.from_dict(meta["model_config"])
+        run = RunConfig.from_dict(meta["run"])
+        abstract_params = nn.meta.unbox(
+            sharding.abstract_params(config, param_dtype=as_dtype(run.param_dtype)))
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.eval_shape(lambda p: init_state(p, make_optimizer(run), run.seed),
+                                  abstract_params)
+        target = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+        state = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))["state"]
+    return config, state.params, step

@@ -146,7 +146,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
             zero = jnp.zeros((), jnp.float32)
             (grads, ce, z), _ = jax.lax.scan(body, (zeros, zero, zero), micro)
         loss = ce / count
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(z)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
