@@ -64,9 +64,9 @@ def initialize(mode: str = "auto", *, coordinator_address: str | None = None,
                              f"{'is' if len(missing) == 1 else 'are'} not")
         num_processes = int(env["JAX_NUM_PROCESSES"]) if num_processes is None else num_processes
         process_id = int(env["JAX_PROCESS_ID"]) if process_id is None else process_id
-    if jax.default_backend() == "cpu" or env.get("JAX_PLATFORMS", "").startswith("cpu"):
-        # CPU devices of different processes talk through gloo (tests, CPU clusters).
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU devices of different processes talk through gloo (tests, CPU clusters); it only touches
+    # the CPU client, and asking for the backend here would start it before the runtime.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     log.info("starting jax.distributed (%s)", launch or "explicit")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id,

@@ -138,14 +138,14 @@ def make_mesh(shape: str | Sequence[int] = "fsdp", axis_names: Sequence[str] = M
             raise ValueError(f"mesh shape {tuple(shape)} has {math.prod(shape)} devices, but "
                              f"{len(devices)} are available")
         return jax.make_mesh(tuple(shape), tuple(axis_names), devices=devices, axis_types=axis_types)
-    if dcn_shape is None:
+    if dcn_shape is None or all(s == 1 for s in parse_mesh(dcn_shape)):
         shape = mesh_shape(shape, len(devices))
         return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=axis_types)
 
-    # Multi-slice: each granule (a TPU slice, or a process where devices carry no slice index)
-    # holds an ICI mesh; granules are laid out over the DCN mesh.
+    # Multi-slice: each granule (a TPU slice; a process where there is a single slice, as on GPU
+    # hosts) holds an ICI mesh; granules are laid out over the DCN mesh.
     from jax.experimental import mesh_utils
-    by_slice = hasattr(devices[0], "slice_index")
+    by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
     granules = {getattr(d, "slice_index" if by_slice else "process_index") for d in devices}
     dcn = mesh_shape(dcn_shape, len(granules))
     ici = mesh_shape(shape, len(devices) // len(granules))
@@ -212,6 +212,13 @@ def abstract_params(config: Jais2Config, *, param_dtype=jnp.float32, scan_layers
     return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
 
 
+def unboxed_shapes(abstract):
+    """ShapeDtypeStructs of a boxed abstract tree. (`nn.meta.unbox` would add sharding constraints
+    when called under a mesh with rules, which fails on abstract values.)"""
+    return jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
+                                  abstract, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def param_logical_axes(config: Jais2Config, scan_layers: bool = True):
     """The pytree of logical axis names (PartitionSpec of names) of the parameters, from eval_shape."""
     return nn.get_partition_spec(abstract_params(config, scan_layers=scan_layers))
@@ -221,7 +228,7 @@ def param_shardings(config: Jais2Config, mesh, scan_layers: bool = True, rules=L
     """NamedSharding of every parameter (same tree as the params), checked for divisibility."""
     abstract = abstract_params(config, scan_layers=scan_layers)
     logical = nn.get_partition_spec(abstract)
-    shapes = nn.meta.unbox(abstract)
+    shapes = unboxed_shapes(abstract)
     return jax.tree_util.tree_map_with_path(
         lambda path, spec, leaf: _sharding(mesh, tuple(spec), leaf.shape,
                                            "parameter " + jax.tree_util.keystr(path), rules),
