@@ -154,10 +154,10 @@ def run_ours(args) -> None:
     guard(prefill_case)
 
 
-def guard(fn, *a):
+def guard(fn, *a, **kw):
     """One failed measurement is reported, not fatal to the rest."""
     try:
-        fn(*a)
+        fn(*a, **kw)
     except Exception as e:  # noqa: BLE001
         emit(what=a[0] if a else fn.__name__, side="error", error=f"{type(e).__name__}: {e}"[:300])
 
