@@ -136,6 +136,35 @@ def _map_bits(fn: Callable, x: np.ndarray) -> np.ndarray:
     return fn(_as_bits(x)).view(x.dtype)
 
 
+def _transpose(x: np.ndarray) -> np.ndarray:
+    """[R, C] -> [C, R], copied in slabs of 64 rows: ~10x faster than numpy's strided copy of a
+    large matrix (0.07 s vs 0.9 s for [26624, 3328] uint16 on one core)."""
+    out = np.empty(x.shape[::-1], x.dtype)
+    for r in range(0, x.shape[0], 64):
+        out[:, r:r + 64] = x[r:r + 64].T
+    return out
+
+
+def _is_linear(spec: TensorSpec) -> bool:
+    return len(spec.hf_shape) == 2 and spec.to_ours is not hf_mapping._identity
+
+
+def _to_ours(spec: TensorSpec, x: np.ndarray) -> np.ndarray:
+    """spec.to_ours (one whole HF tensor), with the fast transpose for linear weights."""
+    if _is_linear(spec):
+        return _transpose(_as_bits(x)).reshape(spec.our_shape).view(x.dtype)
+    return _map_bits(spec.to_ours, x)
+
+
+def _to_hf(spec: TensorSpec, x: np.ndarray) -> np.ndarray:
+    """spec.to_hf (one whole tensor of ours), with the fast transpose for linear weights."""
+    if _is_linear(spec):
+        k = _hf_row_axis(spec)
+        flat = _as_bits(x).reshape(math.prod(x.shape[:k]), -1)  # [prod(in), prod(out)]
+        return _transpose(flat).view(x.dtype)
+    return _map_bits(spec.to_hf, x)
+
+
 def _flat_indices(box: Sequence[slice], shape: Sequence[int]) -> np.ndarray:
     """Row-major flat index in `shape` of every element of `box`: an int array of the box's shape."""
     grids = np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij")
@@ -147,18 +176,18 @@ def _one_to_ours(spec: TensorSpec, t: _Tensor, box: tuple[slice, ...]) -> np.nda
     reading only the HF rows the box needs."""
     hf, ours = spec.hf_shape, spec.our_shape
     if all((s.start, s.stop) == (0, n) for s, n in zip(box, ours)) or len(hf) == 1:
-        return _map_bits(spec.to_ours, _read_rows(t, 0, hf[0]))[box]
+        return _to_ours(spec, _read_rows(t, 0, hf[0]))[box]
     if spec.to_ours is hf_mapping._identity:
         return _read_rows(t, box[0].start, box[0].stop)[:, box[1]]
-    # A linear weight: HF [prod(out), prod(in)] <-> ours [*in, *out] (hf_mapping._linear). Size-1
-    # dims make the split point ambiguous, but they do not change any flat index.
-    k = next(k for k in range(1, len(ours))
-             if math.prod(ours[:k]) == hf[1] and math.prod(ours[k:]) == hf[0])
+    # A linear weight: HF [prod(out), prod(in)] <-> ours [*in, *out] (hf_mapping._linear).
+    k = _hf_row_axis(spec)
     rows, cols = _flat_indices(box[k:], ours[k:]), _flat_indices(box[:k], ours[:k])
-    r0 = int(rows.min())
-    block = _as_bits(_read_rows(t, r0, int(rows.max()) + 1))  # [rows, prod(in)]
-    sub = block[(rows - r0).reshape(-1)][:, cols.reshape(-1)]  # [n_out, n_in]
-    return np.ascontiguousarray(sub.T).reshape(cols.shape + rows.shape).view(t.dtype)
+    r0, r1 = int(rows.min()), int(rows.max()) + 1
+    block = _as_bits(_read_rows(t, r0, r1))  # [r1 - r0, prod(in)]
+    if rows.size != r1 - r0:  # rows are contiguous unless the box cuts an inner `out` axis
+        block = block[(rows - r0).reshape(-1)]
+    sub = block if cols.size == hf[1] else block[:, cols.reshape(-1)]  # [n_out, n_in]
+    return _transpose(sub).reshape(cols.shape + rows.shape).view(t.dtype)
 
 
 # ------------------------------------------------------------------------------- HF checkpoints
@@ -297,10 +326,12 @@ def _progress(total: int, desc: str, enabled: bool):
 # ------------------------------------------------------------------------- Orbax (write side)
 @dataclasses.dataclass(eq=False)
 class _Streamed:
-    """An array Orbax writes block by block: `blocks` are (index into the array, bytes, read)."""
+    """An array Orbax writes in blocks along `axis`: `read(box)` gives any box of it."""
     shape: tuple[int, ...]
     dtype: np.dtype
-    blocks: list[tuple[tuple[slice, ...], int, Callable[[], np.ndarray]]]
+    axis: int  # blocks split this axis; reading along it is cheap (layers, or HF rows)
+    read: Callable[[tuple[slice, ...]], np.ndarray]
+    chunk_bytes: int | None  # Orbax chunk size (None: one chunk per index of `axis`)
 
     @property
     def size(self) -> int:
@@ -310,8 +341,21 @@ class _Streamed:
     def ndim(self) -> int:
         return len(self.shape)
 
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
     def __deepcopy__(self, memo):  # Orbax copies host arrays before writing; nothing to copy here
         return self
+
+    def blocks(self, chunk: Sequence[int], target_bytes: int) -> list[tuple[slice, ...]]:
+        """Boxes of whole chunks along `axis`, about `target_bytes` each."""
+        step = chunk[self.axis]
+        per_index = self.nbytes // self.shape[self.axis]
+        step *= max(1, target_bytes // (per_index * step))
+        full = [slice(0, n) for n in self.shape]
+        return [tuple(full[:self.axis] + [slice(a, min(a + step, self.shape[self.axis]))]
+                      + full[self.axis + 1:]) for a in range(0, self.shape[self.axis], step)]
 
 
 class _ByteBudget:
@@ -355,20 +399,26 @@ def _streaming_handler(budget_bytes: int, on_block: Callable[[int], None]):
                 if failed:  # the save is failing already, with that array's error
                     return
                 store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+                # Blocks of whole chunks: a partly written chunk would be read back and rewritten.
+                chunk = store.chunk_layout.write_chunk.shape
+                blocks = value.blocks(chunk, min(budget_bytes // 4, 256 << 20))
 
-                async def write(index, nbytes, read):
+                async def write(box):
+                    nbytes = math.prod(b.stop - b.start for b in box) * value.dtype.itemsize
                     await self.budget.acquire(nbytes)
                     try:
                         if not failed:
-                            block = await asyncio.to_thread(read)
-                            await store[index].write(block)
+                            block = await asyncio.to_thread(value.read, box)
+                            await store[box].write(block,
+                                                   can_reference_source_data_indefinitely=True)
+                            del block
                             on_block(nbytes)
                     except BaseException as e:
                         failed.append(e)
                     finally:
                         await self.budget.release(nbytes)
 
-                await asyncio.gather(*(write(*b) for b in value.blocks))
+                await asyncio.gather(*(write(box) for box in blocks))
                 if failed:
                     raise failed[0]
 
@@ -381,42 +431,47 @@ def _tree_set(tree: dict, path: Sequence[str], value) -> None:
     tree[path[-1]] = value
 
 
-def _save_streamed(directory: str, tree: dict, stacked: dict, progress_desc: str,
-                   progress: bool, budget_bytes: int = _BLOCK_BUDGET_BYTES) -> None:
-    """Orbax PyTree checkpoint of a tree of `_Streamed` leaves; `stacked` (same tree of bools)
-    marks `[layers, ...]` arrays, stored in chunks of one layer."""
+def _save_streamed(directory: str, tree: dict, progress_desc: str, progress: bool,
+                   budget_bytes: int = _BLOCK_BUDGET_BYTES) -> None:
+    """An Orbax PyTree checkpoint of a tree of `_Streamed` leaves, written block by block."""
     import orbax.checkpoint as ocp
-    total = sum(b[1] for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, _Streamed))
-                for b in leaf.blocks)
-    with _progress(total, progress_desc, progress) as bar:
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, _Streamed))
+    with _progress(sum(x.nbytes for x in leaves), progress_desc, progress) as bar:
         handler = _streaming_handler(budget_bytes, bar.update)
         registry = ocp.type_handlers.create_type_handler_registry(
             (_Streamed, handler), (jax.Array, ocp.type_handlers.ArrayHandler()))
-        save_args = jax.tree.map(lambda s: ocp.SaveArgs(shard_axes=(0,) if s else ()), stacked)
-        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ck:
+        save_args = jax.tree.map(
+            lambda x: ocp.SaveArgs(chunk_byte_size=x.chunk_bytes) if x.chunk_bytes
+            else ocp.SaveArgs(shard_axes=(x.axis,)), tree,
+            is_leaf=lambda x: isinstance(x, _Streamed))
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
+                type_handler_registry=registry, use_compression=False)) as ck:
             ck.save(directory, args=ocp.args.PyTreeSave(tree, save_args=save_args))
 
 
-def _hf_to_streamed(ckpt: HFCheckpoint, dtype: np.dtype) -> tuple[dict, dict]:
-    n = ckpt.config.num_hidden_layers
-    tree, stacked = {}, {}
-    for spec in ckpt.specs:
-        shape = spec.full_shape(n)
+def _hf_row_axis(spec: TensorSpec) -> int:
+    """The axis of our (one-layer) array that runs along HF rows: cheap to read in blocks."""
+    hf, ours = spec.hf_shape, spec.our_shape
+    if len(hf) == 1 or spec.to_ours is hf_mapping._identity:
+        return 0
+    # A linear weight, ours [*in, *out]: the first `out` axis. Size-1 dims make the split point
+    # ambiguous, but they do not change any flat index.
+    return next(k for k in range(1, len(ours))
+                if math.prod(ours[:k]) == hf[1] and math.prod(ours[k:]) == hf[0])
 
-        def read(spec=spec, box=None):
+
+def _hf_to_streamed(ckpt: HFCheckpoint, dtype: np.dtype) -> dict:
+    n = ckpt.config.num_hidden_layers
+    tree: dict = {}
+    for spec in ckpt.specs:
+        def read(box, spec=spec):
             return ckpt.read(spec, box).astype(dtype, copy=False)
 
-        if spec.stacked:
-            rest = tuple(slice(0, d) for d in spec.our_shape)
-            layer_bytes = math.prod(spec.our_shape) * dtype.itemsize
-            blocks = [((slice(i, i + 1),), layer_bytes,
-                       lambda i=i, read=read, rest=rest: read(box=(slice(i, i + 1),) + rest))
-                      for i in range(n)]
-        else:
-            blocks = [((), math.prod(shape) * dtype.itemsize, read)]
-        _tree_set(tree, spec.path, _Streamed(shape, dtype, blocks))
-        _tree_set(stacked, spec.path, spec.stacked)
-    return tree, stacked
+        # Stacked: one chunk per layer. Others (embedding, lm_head): chunks of ~64 MB.
+        leaf = (_Streamed(spec.full_shape(n), dtype, 0, read, None) if spec.stacked else
+                _Streamed(spec.our_shape, dtype, _hf_row_axis(spec), read, 64 << 20))
+        _tree_set(tree, spec.path, leaf)
+    return tree
 
 
 def convert_hf_to_orbax(hf_dir, orbax_dir, *, dtype=None, force: bool = False,
@@ -427,11 +482,11 @@ def convert_hf_to_orbax(hf_dir, orbax_dir, *, dtype=None, force: bool = False,
         raise FileExistsError(f"{target} exists; pass --force to replace it")
     ckpt = HFCheckpoint(hf_dir)  # every check happens before anything is written
     dtype = ckpt.dtype if dtype is None else np.dtype(as_dtype(dtype))
-    tree, stacked = _hf_to_streamed(ckpt, dtype)
+    tree = _hf_to_streamed(ckpt, dtype)
     with staged_output(target, force) as tmp:
         _config_with_dtype(ckpt.config, dtype).save(tmp)
         _copy_tokenizer_files(ckpt.folder, tmp)
-        _save_streamed(os.path.join(tmp, PARAMS_DIR), tree, stacked, "convert", progress)
+        _save_streamed(os.path.join(tmp, PARAMS_DIR), tree, "convert", progress)
 
 
 # -------------------------------------------------------------------------- Orbax (read side)
@@ -584,7 +639,7 @@ def export_orbax_to_hf(orbax_dir, hf_dir, *, max_shard_size="5GB", dtype=None,
         _, spec, layer = order[i]
         store = stores[spec.path]
         ours = (store if layer is None else store[layer]).read().result()
-        return _map_bits(spec.to_hf, np.asarray(ours)).astype(entries[i][2], copy=False)
+        return _to_hf(spec, np.asarray(ours)).astype(entries[i][2], copy=False)
 
     written_dtypes = {dt for _, _, dt in entries}
     with staged_output(target, force) as tmp, _progress(sum(sizes), "export", progress) as bar:

@@ -303,9 +303,19 @@ def test_partial_reads_match_full_reads(hf_src):
     """What one process of a multi-host mesh reads (a box of each parameter, from only the HF rows
     it needs) equals the same box of the whole parameter."""
     ckpt = ckpt_lib.HFCheckpoint(hf_src)
+    state = {}
+    for f in os.listdir(hf_src):
+        if f.endswith(".safetensors"):
+            state.update(load_file(hf_src / f))
     rng = np.random.RandomState(0)
     for spec in ckpt.specs:
         full = ckpt.read(spec)
+        # The reader's fast transposes agree with hf_mapping, and back.
+        layers = spec.hf_names(ckpt.config.num_hidden_layers)
+        assert np.array_equal(full, np.stack([spec.to_ours(state[n]) for n in layers]) if
+                              spec.stacked else spec.to_ours(state[spec.hf_name])), spec.path
+        assert np.array_equal(ckpt_lib._to_hf(spec, full[0] if spec.stacked else full),
+                              state[layers[0]]), spec.path
         for _ in range(3):
             box = []
             for n in full.shape:
