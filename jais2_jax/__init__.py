@@ -6,6 +6,9 @@ distributed runtime is started, nothing is read from disk or the network.
 
 from jais2_jax.cache import KVCache, init_cache
 from jais2_jax.config import Jais2Config
+# Imported here, not on first use: the function shares its name with its module, and a lazy import
+# would leave the module bound to `jais2_jax.generate` (so `from jais2_jax import generate` gave it).
+from jais2_jax.generate import generate
 from jais2_jax.model import Jais2ForCausalLM, init_params, stack_layers, unstack_layers
 
 __version__ = "0.1.0"
@@ -19,9 +22,6 @@ def __getattr__(name):
     if name == "load_checkpoint":
         from jais2_jax.checkpoint import load_checkpoint
         return load_checkpoint
-    if name == "generate":
-        from jais2_jax.generate import generate
-        return generate
     if name == "Tokenizer":
         from jais2_jax.tokenizer import Tokenizer
         return Tokenizer
