@@ -189,6 +189,8 @@ def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh, what: str,
         nearest = min(fits, key=lambda d: (abs(d - size), -d))
         rule = f" (rule {logical[i]!r} -> {axes!r} in LOGICAL_AXIS_RULES)" if logical[i] else ""
         axis_hint = f"{names[0]}={nearest}" if len(names) == 1 else f"a product of {nearest}"
+        if logical[i] == "batch":  # the data, not the mesh, is what usually changes
+            axis_hint = f"a batch of {-(-dim // size) * size} (a multiple of {size})"
         raise ValueError(
             f"{what}: dimension {i} of size {dim}{rule} is sharded over mesh axes {names} of total "
             f"size {size}, which does not divide {dim}; nearest workable choice: {axis_hint}")

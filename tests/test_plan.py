@@ -1,0 +1,81 @@
+"""`jais2 plan`: per-device bytes equal those of real sharded arrays on 8 fake devices; the
+activation count follows the remat policy; the command prints a plan or a one-line error."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from helpers import TINY
+from jais2_jax import Jais2Config, init_cache
+from jais2_jax import plan as P
+from jais2_jax import sharding as S
+from jais2_jax.cli import main
+from jais2_jax.run_config import RunConfig
+from jais2_jax.training import make_optimizer
+
+SHAPE = (2, 2, 2)
+CONFIG_8B = os.path.join(os.path.dirname(__file__), "..", "configs", "jais2-8b.json")
+CONFIG = Jais2Config(**{**TINY, "max_position_embeddings": 128})
+
+
+def _device0_bytes(tree) -> int:
+    """Bytes the first device really holds of a tree of sharded arrays."""
+    dev = jax.devices()[0]
+    return sum(s.data.nbytes for x in jax.tree_util.tree_leaves(tree)
+               for s in x.addressable_shards if s.device == dev)
+
+
+def test_counts_equal_real_sharded_arrays():
+    mesh = S.make_mesh(SHAPE)
+    abstract = S.abstract_mesh(SHAPE, 8)
+    train = P.make_plan(CONFIG, abstract, batch=8, seq=128, mode="train", remat="full")
+    params = S.init_params_sharded(CONFIG, mesh, jax.random.key(0))
+    assert train.params == _device0_bytes(params) == train.grads
+    optimizer = make_optimizer(RunConfig(model="-", data="-", output_dir="-"))
+    opt_sh = S.opt_state_shardings(optimizer, S.param_shardings(CONFIG, mesh), params)
+    assert train.opt_state == _device0_bytes(jax.jit(optimizer.init, out_shardings=opt_sh)(params))
+
+    decode = P.make_plan(CONFIG, abstract, batch=8, seq=64, mode="decode", param_dtype="bfloat16")
+    cache = jax.device_put(init_cache(CONFIG, 8, 64, dtype=jnp.bfloat16),
+                           S.cache_shardings(CONFIG, mesh, 8, 64))
+    assert decode.kv_cache == _device0_bytes(cache)
+    assert decode.params * 2 == train.params  # bfloat16 vs float32
+
+
+def test_activations_follow_remat_policy():
+    mesh = S.abstract_mesh(SHAPE, 8)  # 8 rows over data*fsdp = 4: 2 rows per device
+
+    def saved(layers, remat):
+        config = CONFIG.replace(num_hidden_layers=layers)
+        return P.make_plan(config, mesh, batch=8, seq=128, remat=remat).activations_saved
+
+    # Full remat keeps exactly each layer's input: [2 rows, 128, hidden 64] in bfloat16.
+    assert saved(3, "full") - saved(2, "full") == 2 * 128 * 64 * 2
+    assert saved(2, "none") > saved(2, "dots") > saved(2, "full")
+    # Without remat nothing is rebuilt in the backward pass; with it, one layer at a time is.
+    assert P.make_plan(CONFIG, mesh, batch=8, seq=128, remat="none").activations_layer == 0
+    assert P.make_plan(CONFIG, mesh, batch=8, seq=128, remat="full").activations_layer > 0
+
+
+def test_hardware_names():
+    assert P.hardware("v5p-32") == P.Hardware("v5p-32", 16, 95e9, 4)  # 32 TensorCores, 16 chips
+    assert P.hardware("v5e-256").devices == 256
+    assert P.hardware("8xH100") == P.Hardware("8xH100", 8, 80e9, 8)
+    with pytest.raises(ValueError, match="unknown hardware 'v9-1'"):
+        P.hardware("v9-1")
+
+
+def test_plan_command(capsys):
+    rc = main(["plan", "--model", CONFIG_8B, "--hardware", "v5p-32", "--batch", "16",
+               "--seq", "2048", "--remat", "full"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "fsdp=16" in out and "of 95 GB: fits" in out
+    # 8B's 26 heads over tensor=16: one line naming the rule and the nearest choice.
+    rc = main(["plan", "--model", "jais2-8b", "--devices", "16", "--mesh", "tp", "--batch", "16",
+               "--seq", "2048"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "size 26" in err and "tensor=2" in err and len(err.strip().splitlines()) == 1
+    rc = main(["plan", "--model", "jais2-8b", "--devices", "16", "--batch", "12", "--seq", "2048"])
+    assert rc == 1 and "a batch of 16" in capsys.readouterr().err
