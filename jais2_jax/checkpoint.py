@@ -4,15 +4,17 @@ Layouts on disk:
 - HF folder: `config.json`, `model.safetensors` or shards named by `model.safetensors.index.json`,
   tokenizer files. Tensor names and the [out, in] <-> ours reshapes live in `hf_mapping` only.
 - Orbax folder (ours): `config.json`, tokenizer files, and `params/`: one Orbax PyTree checkpoint
-  of our scanned parameter tree (`ocp.StandardCheckpointer().restore(dir / "params")` reads it).
-  Stacked `[layers, ...]` arrays are stored in chunks of one layer each.
+  (OCDBT, zarr, uncompressed: zstd on weights costs more time than the ~10% it saves) of our scanned
+  parameter tree; `ocp.StandardCheckpointer().restore(dir / "params")` reads it. Stacked
+  `[layers, ...]` arrays are stored in chunks of one layer, the embedding and lm_head in ~64 MB
+  chunks, so either can be read (and exported) a block at a time.
 
-Memory stays bounded: safetensors files are read with `preadv` at the offsets of their header (not
-mmap-ed: pages of a mapped file count in the resident set until unmapped, so a 4 GB shard would
-show 4 GB), one tensor or one layer of a stacked parameter at a time, and written the same way: a
-custom Orbax type handler writes each `[layers, ...]` array one layer at a time, under a byte
-budget for the blocks in flight. Outputs go to a temporary folder beside the target and are renamed
-into place when complete.
+Memory stays bounded (about 2 GB for the 8B model, whatever its size): safetensors files are read
+with `preadv` at the offsets of their header (not mmap-ed: pages of a mapped file count in the
+resident set until unmapped, so a 4 GB shard would show 4 GB), a block of whole chunks at a time,
+and a custom Orbax type handler writes each array block by block, under a byte budget for the
+blocks in flight. Outputs go to a temporary folder beside the target and are renamed into place
+when complete.
 """
 
 from __future__ import annotations
@@ -143,6 +145,17 @@ def _transpose(x: np.ndarray) -> np.ndarray:
     for r in range(0, x.shape[0], 64):
         out[:, r:r + 64] = x[r:r + 64].T
     return out
+
+
+def _hf_row_axis(spec: TensorSpec) -> int:
+    """The axis of our (one-layer) array that runs along HF rows: cheap to read in blocks."""
+    hf, ours = spec.hf_shape, spec.our_shape
+    if len(hf) == 1 or spec.to_ours is hf_mapping._identity:
+        return 0
+    # A linear weight, ours [*in, *out]: the first `out` axis. Size-1 dims make the split point
+    # ambiguous, but they do not change any flat index.
+    return next(k for k in range(1, len(ours))
+                if math.prod(ours[:k]) == hf[1] and math.prod(ours[k:]) == hf[0])
 
 
 def _is_linear(spec: TensorSpec) -> bool:
@@ -449,17 +462,6 @@ def _save_streamed(directory: str, tree: dict, progress_desc: str, progress: boo
             ck.save(directory, args=ocp.args.PyTreeSave(tree, save_args=save_args))
 
 
-def _hf_row_axis(spec: TensorSpec) -> int:
-    """The axis of our (one-layer) array that runs along HF rows: cheap to read in blocks."""
-    hf, ours = spec.hf_shape, spec.our_shape
-    if len(hf) == 1 or spec.to_ours is hf_mapping._identity:
-        return 0
-    # A linear weight, ours [*in, *out]: the first `out` axis. Size-1 dims make the split point
-    # ambiguous, but they do not change any flat index.
-    return next(k for k in range(1, len(ours))
-                if math.prod(ours[:k]) == hf[1] and math.prod(ours[k:]) == hf[0])
-
-
 def _hf_to_streamed(ckpt: HFCheckpoint, dtype: np.dtype) -> dict:
     n = ckpt.config.num_hidden_layers
     tree: dict = {}
@@ -672,6 +674,12 @@ def _process_box(sharding, shape) -> tuple[slice, ...]:
     return tuple(box)
 
 
+def _local_part(part: np.ndarray, box: tuple[slice, ...], index: tuple[slice, ...], shape):
+    """A device's `index` of the whole array, cut from `part` (the process's `box` of it)."""
+    return part[tuple(slice(s.indices(n)[0] - b.start, s.indices(n)[1] - b.start)
+                      for s, b, n in zip(index, box, shape))]
+
+
 def _load_hf(path, dtype, shardings) -> tuple[Jais2Config, dict]:
     ckpt = HFCheckpoint(path)
     n = ckpt.config.num_hidden_layers
@@ -684,11 +692,9 @@ def _load_hf(path, dtype, shardings) -> tuple[Jais2Config, dict]:
         if dtype is not None:
             part = part.astype(dtype, copy=False)
 
-        def local(index, part=part, box=box):
-            return part[tuple(slice(s.indices(n)[0] - b.start, s.indices(n)[1] - b.start)
-                              for s, b, n in zip(index, box, shape))]
-
-        _tree_set(params, spec.path, jax.make_array_from_callback(shape, sharding, local))
+        _tree_set(params, spec.path, jax.make_array_from_callback(
+            shape, sharding, lambda index, part=part, box=box, shape=shape:
+            _local_part(part, box, index, shape)))
         del part
     return ckpt.config, params
 
@@ -708,11 +714,9 @@ def load_checkpoint(path, *, dtype=None, mesh=None) -> tuple[Jais2Config, dict]:
         from jais2_jax.sharding import param_shardings
         shardings = param_shardings(config, mesh)
     else:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shapes = {}
+        shardings = {}
         for s in tensor_specs(config):
-            _tree_set(shapes, s.path, device)
-        shardings = shapes
+            _tree_set(shardings, s.path, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     if is_orbax_folder(folder):
         ckpt = OrbaxCheckpoint(folder)
         return ckpt.config, ckpt.restore(shardings, dtype)

@@ -3,6 +3,7 @@
 2x2x2 mesh of fake CPU devices; every kind of bad input fails clearly and leaves nothing behind."""
 
 import json
+import math
 import os
 import shutil
 
@@ -322,3 +323,32 @@ def test_partial_reads_match_full_reads(hf_src):
                 a = rng.randint(0, n)
                 box.append(slice(a, rng.randint(a + 1, n + 1)))
             assert np.array_equal(ckpt.read(spec, tuple(box)), full[tuple(box)]), spec.path
+
+
+def test_process_reads_only_its_part(hf_src):
+    """A process of a 2x2x2 mesh holding the devices of fsdp index 0 (as if the mesh spanned two
+    hosts along fsdp) reads half of every fsdp-sharded parameter, and serves its devices right."""
+    ckpt = ckpt_lib.HFCheckpoint(hf_src)
+    mesh = make_mesh((2, 2, 2))
+    local = set(mesh.devices[:, 0, :].reshape(-1))
+    shardings = param_shardings(ckpt.config, mesh)
+    halved = 0
+    for spec in ckpt.specs:
+        shape = spec.full_shape(ckpt.config.num_hidden_layers)
+        sharding = ckpt_lib._tree_get(shardings, spec.path)
+        owned = {d: i for d, i in sharding.devices_indices_map(shape).items() if d in local}
+
+        class ThisProcess:  # sees only its own devices
+            def addressable_devices_indices_map(self, shape):
+                return owned
+        box = ckpt_lib._process_box(ThisProcess(), shape)
+        part, full = ckpt.read(spec, box), ckpt.read(spec)
+        for index in owned.values():
+            assert np.array_equal(ckpt_lib._local_part(part, box, index, shape), full[index])
+        size = math.prod(b.stop - b.start for b in box)
+        if "fsdp" in sharding.spec:
+            assert size * 2 == math.prod(shape), spec.path
+            halved += 1
+        else:
+            assert size == math.prod(shape), spec.path
+    assert halved >= 8
