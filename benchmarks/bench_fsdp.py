@@ -1,0 +1,179 @@
+"""FSDP scaling: training throughput over 2 GPUs vs 1 GPU, same process, same step (issue 5).
+
+    python benchmarks/bench_fsdp.py                 # 2B shape; 1 GPU, then FSDP over 2 (goal >= 1.9x)
+    python benchmarks/bench_fsdp.py --per-device-batch 4,6 --remat dots,full
+    python benchmarks/bench_fsdp.py --tiny          # CPU smoke test on 2 fake devices
+
+Shape: hidden 2048, intermediate 16384, 16 layers, 16 heads, vocab 150272, seq 2048 (the 2B shape
+of benchmarks/bench_train.py). Step: jais2_jax.training's (float32 params, bf16 compute, chunked
+float32 loss, clipping + AdamW, state donated), jitted with the shardings of jais2_jax.sharding on
+a (data=1, fsdp=N, tensor=1) mesh. Weak scaling: each device gets the same per-device batch, so
+N devices process N times the tokens per step; speed-up = tok/s(N) / tok/s(1).
+
+Each configuration is warmed up (compilation), then timed step by step with block_until_ready;
+the median is reported. The compiled N-device step's collectives are counted (FSDP should
+all-gather weights and reduce-scatter gradients). Prints one JSON line per measurement, then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # runs from a checkout without install
+
+SHAPES = {
+    "2b": dict(vocab_size=150272, hidden_size=2048, intermediate_size=16384, num_hidden_layers=16,
+               num_attention_heads=16, num_key_value_heads=16, seq=2048),
+    "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, seq=128),
+}
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def model_config(shape: str):
+    from jais2_jax import Jais2Config
+    kw = {k: v for k, v in SHAPES[shape].items() if k != "seq"}
+    return Jais2Config(**kw, max_position_embeddings=SHAPES[shape]["seq"], bos_token_id=0,
+                       eos_token_id=1, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+
+
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def _collectives(hlo: str) -> dict:
+    # Count instructions ("= all-gather(" or async "all-gather-start("), not metadata mentions.
+    return {c: hlo.count(f" {c}(") + hlo.count(f" {c}-start(") for c in COLLECTIVES
+            if f" {c}(" in hlo or f" {c}-start(" in hlo}
+
+
+def measure(config, seq, n_devices, per_device_batch, remat, args):
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jais2_jax import sharding, training
+    from jais2_jax.model import Jais2ForCausalLM
+    from jais2_jax.run_config import RunConfig
+
+    batch = per_device_batch * n_devices
+    devices = jax.devices()[:n_devices]
+    mesh = sharding.make_mesh((1, n_devices, 1), devices=devices)
+    run = RunConfig(model="", data="", output_dir="", seq_len=seq, batch_size=batch,
+                    loss_chunk=args.loss_chunk, dtype="float32" if args.tiny else "bfloat16",
+                    param_dtype="float32", remat_policy=remat, warmup_steps=10, total_steps=1000)
+    model = Jais2ForCausalLM(config, dtype=jnp.dtype(run.dtype), param_dtype=jnp.float32,
+                             remat_policy=remat)
+    optimizer = training.make_optimizer(run)
+    params_sh = sharding.param_shardings(config, mesh)
+    abstract = sharding.unboxed_shapes(sharding.abstract_params(config))
+    state_sh = training.state_shardings(optimizer, params_sh, abstract)
+    batch_sh = sharding.batch_sharding(mesh, (batch, seq))
+    step = training.jit_train_step(training.make_train_step(model, optimizer, run), state_sh,
+                                   batch_sh)
+
+    def fresh(key):  # created in its shards: never whole on one device
+        params = nn.meta.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+        return training.init_state(params, optimizer, 0)
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, config.vocab_size, (batch, seq + 1)).astype(np.int32)
+    data = jax.device_put({"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+                           "loss_mask": np.ones((batch, seq), np.float32)}, batch_sh)
+    with sharding.use_mesh(mesh):
+        state = jax.jit(fresh, out_shardings=state_sh)(jax.random.PRNGKey(0))
+        compiled = step.lower(state, data).compile()
+        collectives = _collectives(compiled.as_text()) if n_devices > 1 else {}
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            state, metrics = compiled(state, data)
+        jax.block_until_ready(metrics)
+        warm_s = time.perf_counter() - t0
+        times = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            state, metrics = compiled(state, data)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t)
+    step_s = _median(times)
+    tok_s = batch * seq / step_s
+    peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices)
+    return dict(devices=n_devices, batch=batch, remat=remat, step_s=step_s, tok_s=tok_s,
+                tflops_per_device=training.flops_per_token(config, seq) * tok_s / n_devices / 1e12,
+                loss=float(metrics["loss"]), warmup_s=warm_s, peak_gb=peak / 1e9,
+                collectives=collectives)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny shape on 2 fake CPU devices")
+    p.add_argument("--devices", type=int, default=2, help="FSDP width compared with 1 device")
+    p.add_argument("--per-device-batch", default=None, help="comma-separated (default 6)")
+    p.add_argument("--remat", default="dots", help="remat policies, comma-separated")
+    p.add_argument("--loss-chunk", type=int, default=512)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    args = p.parse_args()
+    shape = "tiny" if args.tiny else "2b"
+    if args.tiny:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}")
+        args.loss_chunk = min(args.loss_chunk, SHAPES["tiny"]["seq"])
+    import jax
+    if len(jax.devices()) < args.devices:
+        sys.exit(f"need {args.devices} devices, found {len(jax.devices())}")
+    emit(what="device", name=jax.devices()[0].device_kind, count=len(jax.devices()),
+         jax=jax.__version__)
+    config, seq = model_config(shape), SHAPES[shape]["seq"]
+    rows = []
+    for remat in args.remat.split(","):
+        for pdb in map(int, (args.per_device_batch or ("2" if args.tiny else "6")).split(",")):
+            for n in (1, args.devices):
+                try:
+                    row = measure(config, seq, n, pdb, remat, args)
+                except Exception as e:  # noqa: BLE001  (OOM is an XlaRuntimeError; keep going)
+                    oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+                    row = dict(devices=n, batch=pdb * n, remat=remat,
+                               error="OOM" if oom else f"{type(e).__name__}: {str(e)[:300]}")
+                finally:
+                    jax.clear_caches()
+                emit(**row)
+                rows.append(row)
+    _table(rows, shape, args)
+
+
+def _table(rows, shape, args):
+    s = SHAPES[shape]
+    print(f"\nFSDP train step, {shape} shape (hidden {s['hidden_size']}, {s['num_hidden_layers']} "
+          f"layers, vocab {s['vocab_size']}, seq {s['seq']}); median of {args.steps} steps")
+    print(f"{'devices':>7}{'batch':>6}{'remat':>8}{'tok/s':>10}{'TFLOP/s/dev':>12}{'step ms':>9}"
+          f"{'peak GB':>9}  speed-up / collectives")
+    base = {}
+    for r in rows:
+        if "tok_s" not in r:
+            print(f"{r['devices']:>7}{r['batch']:>6}{r['remat']:>8}  {r['error']}")
+            continue
+        key = (r["remat"], r["batch"] // r["devices"])
+        note = ""
+        if r["devices"] == 1:
+            base[key] = r["tok_s"]
+        elif key in base:
+            note = f"{r['tok_s'] / base[key]:.2f}x (goal >= {0.95 * r['devices']:.1f}x)  "
+        note += " ".join(f"{k}:{v}" for k, v in r["collectives"].items())
+        print(f"{r['devices']:>7}{r['batch']:>6}{r['remat']:>8}{r['tok_s']:>10.0f}"
+              f"{r['tflops_per_device']:>12.1f}{1e3 * r['step_s']:>9.1f}{r['peak_gb']:>9.1f}  {note}")
+
+
+if __name__ == "__main__":
+    main()
