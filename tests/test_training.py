@@ -291,3 +291,20 @@ def test_resuming_with_another_model_config_is_an_error(store, straight_run, tmp
         train(_loop_run(store, out, model=str(tmp_path / "other.json"), total_steps=8),
               show_progress=False)
     assert max(_losses(out)) == 6
+
+
+# Devices each shipped run config is written for.
+RUN_CONFIG_DEVICES = {"tiny-cpu": 1, "jais2-8b-h100x8": 8, "jais2-8b-v5p": 32, "jais2-70b-pod": 512}
+
+
+@pytest.mark.parametrize("name", sorted(RUN_CONFIG_DEVICES))
+def test_shipped_run_configs_fit_their_meshes(name):
+    from jais2_jax import sharding
+    from jais2_jax.trainer import load_model_config
+    run = RunConfig.from_yaml(os.path.join(ROOT, "configs", f"{name}.yaml"))
+    config = load_model_config(run.model)
+    assert run.seq_len <= config.max_position_embeddings
+    mesh = sharding.abstract_mesh(run.mesh, RUN_CONFIG_DEVICES[name])
+    sharding.param_shardings(config, mesh)  # raises if a sharded dimension does not divide
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    assert (run.batch_size // run.grad_accum_steps) % dp == 0
