@@ -352,3 +352,21 @@ def test_process_reads_only_its_part(hf_src):
         else:
             assert size == math.prod(shape), spec.path
     assert halved >= 8
+
+
+def test_dtype_options(hf_src, tmp_path):
+    """convert --dtype bfloat16 stores bf16 (config.json says so); export --dtype float32 writes the
+    same values back as float32."""
+    from transformers import Jais2ForCausalLM as HFModel
+    assert main(["convert", str(hf_src), str(tmp_path / "ob"), "--dtype", "bfloat16",
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "ob" / "config.json").read_text())["dtype"] == "bfloat16"
+    _, params = load_checkpoint(tmp_path / "ob")
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("bfloat16")}
+    assert main(["export", str(tmp_path / "ob"), str(tmp_path / "hf"), "--dtype", "float32",
+                 "--quiet"]) == 0
+    sd = HFModel.from_pretrained(hf_src).state_dict()
+    sd2 = HFModel.from_pretrained(tmp_path / "hf").state_dict()
+    for k in sd:
+        assert sd2[k].dtype == torch.float32
+        assert torch.equal(sd2[k], sd[k].to(torch.bfloat16).float()), k
