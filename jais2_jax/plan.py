@@ -65,6 +65,7 @@ class Plan:
     mode: str
     batch: int
     seq: int
+    prefill: int  # decode: prompt tokens per row prefilled at once (train: seq)
     remat: str
     params: int
     grads: int
@@ -135,10 +136,11 @@ def _activation_bytes(config, *, batch, seq, remat, dtype, param_dtype, attentio
 def make_plan(config: Jais2Config, mesh, *, batch: int, seq: int, mode: str = "train",
               remat: str = "dots", param_dtype="float32", dtype="bfloat16",
               cache_dtype="bfloat16", attention: str = "flash", optimizer=None,
-              loss_chunk: int = 512) -> Plan:
+              loss_chunk: int = 512, prefill: int | None = None) -> Plan:
     """Bytes per device for training (`mode="train"`: params, grads, optimizer state, activations)
     or decoding (`mode="decode"`: params, KV cache of `batch` rows x `seq` slots, one layer's
-    prefill activations). `mesh`: a Mesh or an AbstractMesh (`sharding.abstract_mesh`)."""
+    activations while prefilling `prefill` (default `seq`) prompt tokens of every row at once).
+    `mesh`: a Mesh or an AbstractMesh (`sharding.abstract_mesh`)."""
     from jais2_jax.cache import init_cache
     from jais2_jax.model import REMAT_POLICIES, as_dtype
     if mode not in ("train", "decode"):
@@ -160,8 +162,11 @@ def make_plan(config: Jais2Config, mesh, *, batch: int, seq: int, mode: str = "t
     sharding.batch_sharding(mesh, (batch, seq))  # the batch must split over data * fsdp
     local_batch = batch // (mesh.shape["data"] * mesh.shape["fsdp"])
     local = _local_config(config, mesh.shape["tensor"])
-    acts = dict(batch=local_batch, seq=seq, remat=remat, dtype=dtype, param_dtype=param_dtype,
-                attention=attention, mode=mode, loss_chunk=loss_chunk if seq % loss_chunk == 0 else seq)
+    if mode == "decode" and prefill is not None and not 0 < prefill <= seq:
+        raise ValueError(f"prefill {prefill} must be in [1, seq={seq}]")
+    act_seq = prefill if mode == "decode" and prefill else seq
+    acts = dict(batch=local_batch, seq=act_seq, remat=remat, dtype=dtype, param_dtype=param_dtype,
+                attention=attention, mode=mode, loss_chunk=loss_chunk if act_seq % loss_chunk == 0 else act_seq)
     grads = opt = cache = 0
     if mode == "train":
         if optimizer is None:  # the trainer's: clipping + AdamW (two float32 moments)
@@ -179,7 +184,7 @@ def make_plan(config: Jais2Config, mesh, *, batch: int, seq: int, mode: str = "t
         saved, layer = _activation_bytes(local, **acts)
         # Prefill keeps only the last position's float32 logits: [batch, vocab / tensor].
         layer += local_batch * local.vocab_size * 4
-    return Plan(mesh=dict(mesh.shape), mode=mode, batch=batch, seq=seq, remat=remat,
+    return Plan(mesh=dict(mesh.shape), mode=mode, batch=batch, seq=seq, prefill=act_seq, remat=remat,
                 params=params, grads=grads, opt_state=opt, activations_saved=saved,
                 activations_layer=layer, kv_cache=cache)
 
@@ -193,11 +198,13 @@ def format_plan(plan: Plan, hbm: float | None = None, title: str = "") -> str:
                  (f"activations saved (remat {plan.remat})", plan.activations_saved),
                  ("activations, one layer's backward", plan.activations_layer)]
     else:
-        rows += [("KV cache", plan.kv_cache), ("activations, one prefill layer", plan.activations_layer)]
+        rows += [("KV cache", plan.kv_cache),
+                 (f"activations, one layer of a {plan.prefill}-token prefill", plan.activations_layer)]
     lines = [title] if title else []
     lines.append(f"mesh {mesh}; {plan.mode}, batch {plan.batch} x seq {plan.seq}; per device:")
-    lines += [f"  {name:<38}{gb(b)}" for name, b in rows]
-    total = f"  {'total':<38}{gb(plan.total)}"
+    width = max(len(name) for name, _ in rows) + 2
+    lines += [f"  {name:<{width}}{gb(b)}" for name, b in rows]
+    total = f"  {'total':<{width}}{gb(plan.total)}"
     if hbm:
         verdict = "fits" if plan.total <= hbm else "does NOT fit"
         total += f"  of {hbm / 1e9:.0f} GB: {verdict} ({100 * plan.total / hbm:.0f}%)"

@@ -1,7 +1,8 @@
 """`jais2 plan`: bytes per device for a model, mesh, batch and sequence length (see jais2_jax.plan).
 
     jais2 plan --model jais2-70b --hardware v5p-128 --mesh fsdp --batch 64 --seq 4096 --remat full
-    jais2 plan --model configs/jais2-70b.json --hardware 8xh100 --mesh tp --mode decode --batch 8 --seq 4096
+    jais2 plan --model configs/jais2-70b.json --hardware 8xh100 --mesh tp --mode decode --batch 8 \
+        --seq 8192 --prefill 2048
 
 Needs no accelerator: the mesh is abstract (`--hardware` or `--devices` give its size).
 """
@@ -23,6 +24,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seq", type=int, required=True,
                         help="sequence length (decode: KV cache slots per row)")
     parser.add_argument("--mode", choices=("train", "decode"), default="train")
+    parser.add_argument("--prefill", type=int, default=None,
+                        help="decode: prompt tokens per row prefilled at once (default --seq)")
     parser.add_argument("--remat", default="dots", help="none, full, dots, dots_no_batch (train)")
     parser.add_argument("--param-dtype", default=None,
                         help="default float32 for train, bfloat16 for decode")
@@ -55,7 +58,8 @@ def run(args) -> int:
     param_dtype = args.param_dtype or ("float32" if args.mode == "train" else "bfloat16")
     result = plan.make_plan(config, mesh, batch=args.batch, seq=args.seq, mode=args.mode,
                             remat=args.remat, param_dtype=param_dtype, dtype=args.dtype,
-                            cache_dtype=args.cache_dtype, attention=args.attention)
+                            cache_dtype=args.cache_dtype, attention=args.attention,
+                            prefill=args.prefill)
     where = args.hardware or f"{devices} devices"
     title = (f"{args.model} ({config.num_parameters() / 1e9:.2f}B parameters, {param_dtype}) on "
              f"{where}, compute {args.dtype}")
