@@ -61,10 +61,10 @@ def decode_step(model: Jais2ForCausalLM, params, tokens: Array,
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampler", "eos_ids",
-                                             "pad_id", "callback"),
+                                             "pad_id", "callback", "ordered"),
                    donate_argnames=("cache",))
 def _decode_loop(model, params, logits, cache, rng, *, max_new_tokens: int, sampler: Sampler,
-                 eos_ids: tuple[int, ...], pad_id: int, callback):
+                 eos_ids: tuple[int, ...], pad_id: int, callback, ordered: bool = True):
     """Samples from the prefill logits, then decodes until every row is done.
 
     Returns the tokens [B, N] int32 and the cache (returned so that the donated buffer is the
@@ -76,7 +76,7 @@ def _decode_loop(model, params, logits, cache, rng, *, max_new_tokens: int, samp
         key = None if sampler.greedy else jax.random.fold_in(rng, step)
         tokens = jnp.where(done, pad_id, sample(logits, key, sampler))  # [B]
         if callback is not None:
-            jax.debug.callback(callback, step, tokens, ordered=True)
+            jax.debug.callback(callback, step, tokens, ordered=ordered)
         return tokens, done | jnp.isin(tokens, eos)
 
     tokens, done = pick(0, logits, jnp.zeros((batch,), bool))
@@ -108,6 +108,16 @@ def _eos_ids(config, eos_token_id) -> tuple[int, ...]:
         if not 0 <= int(t) < config.vocab_size:
             raise ValueError(f"eos_token_id {t} is outside the vocabulary [0, {config.vocab_size})")
     return tuple(int(t) for t in ids)
+
+
+def _on_one_device(params) -> bool:
+    """JAX orders host callbacks only in single-device programs; on a mesh the decode steps still
+    run one after another, and each call's `step` says which one it is."""
+    devices = set()
+    for x in jax.tree_util.tree_leaves(params):
+        if isinstance(x, jax.Array):
+            devices |= x.sharding.device_set
+    return len(devices) <= 1
 
 
 def right_align(input_ids, attention_mask=None) -> tuple[np.ndarray, np.ndarray]:
@@ -186,7 +196,7 @@ def generate(model: Jais2ForCausalLM, params, input_ids, attention_mask=None, *,
     logits, cache = prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), cache)
     tokens, _ = _decode_loop(model, params, logits, cache, rng, max_new_tokens=int(max_new_tokens),
                              sampler=sampler, eos_ids=eos_ids, pad_id=int(pad_id),
-                             callback=callback)
+                             callback=callback, ordered=_on_one_device(params))
     if callback is not None:
         jax.effects_barrier()  # every step's callback has run when generate returns
     return tokens
