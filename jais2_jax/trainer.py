@@ -144,6 +144,8 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
     step_fn, eval_fn = p.train_step, p.eval_step
 
     def save(step: int):
+        if step in manager.all_steps():  # e.g. SIGTERM right after a periodic save
+            return
         manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(train_iter.get_state()),
             meta=ocp.args.JsonSave(meta)))

@@ -156,8 +156,8 @@ def _loop_run(store, out, **kw):
     # 8 fake CPU devices (conftest): the default "fsdp" mesh shards over all of them.
     base = dict(model="jais2-tiny", data=store, output_dir=str(out), seq_len=32, batch_size=8,
                 loss_chunk=16, dtype="float32", remat_policy="none", lr=3e-3, warmup_steps=2,
-                total_steps=6, log_every=1, eval_every=0, checkpoint_every=100,
-                async_checkpointing=False, data_threads=1)
+                total_steps=6, log_every=1, eval_every=0, checkpoint_every=2,
+                data_threads=1)  # async checkpoints while stepping (state donated)
     base.update(kw)
     return RunConfig(**base)
 
@@ -168,7 +168,8 @@ def _losses(out):
 
 
 def test_loss_falls_on_the_bundled_text(store, tmp_path):
-    result = train(_loop_run(store, tmp_path / "run", total_steps=40, eval_every=40),
+    result = train(_loop_run(store, tmp_path / "run", total_steps=40, eval_every=40,
+                             checkpoint_every=40),
                    show_progress=False)
     losses = _losses(tmp_path / "run")
     assert result["status"] == "done" and result["step"] == 40
@@ -308,3 +309,14 @@ def test_shipped_run_configs_fit_their_meshes(name):
     sharding.param_shardings(config, mesh)  # raises if a sharded dimension does not divide
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     assert (run.batch_size // run.grad_accum_steps) % dp == 0
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    from jais2_jax.cli import main
+    out = tmp_path / "demo"
+    rc = main(["demo", "--output-dir", str(out), "--set", "total_steps=3", "--set", "warmup_steps=1",
+               "--set", "eval_every=3", "--max-new-tokens", "3", "--no-progress"])
+    assert rc == 0
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "samples.txt").read_text(encoding="utf-8").count("\n\n") == 4
+    assert (out / "train" / "checkpoints" / "3").is_dir()
