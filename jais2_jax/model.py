@@ -15,6 +15,7 @@ LayerNorm statistics, RoPE, softmax and the logits are float32.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -60,8 +61,36 @@ def _constrain(x, axes):
     return nn.with_logical_constraint(x, axes)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dot_f32(x: Array, w: Array, contract) -> Array:
+    """dot_general of x and w (same dtype) accumulated and returned in float32.
+
+    The backward pass runs its two GEMMs in the inputs' dtype (the cotangent is cast down first):
+    differentiating the float32 output naively would hand XLA float32 x bf16 products, which it
+    runs as float32 GEMMs, several times slower than bf16 on GPU and TPU. The GEMM units still
+    accumulate in float32; only dx and dw are rounded to the input dtype, as in torch autocast.
+    """
+    return jax.lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_f32_fwd(x, w, contract):
+    return dot_f32(x, w, contract), (x, w)
+
+
+def _dot_f32_bwd(contract, res, g):
+    x, w = res
+    _, vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, (contract, ((), ())),
+                                                      preferred_element_type=x.dtype), x, w)
+    return vjp(g.astype(x.dtype))
+
+
+dot_f32.defvjp(_dot_f32_fwd, _dot_f32_bwd)
+
+
 class Linear(nn.Module):
-    """y = x . W (+ b), contracting the trailing `len(in_axes)` dims of x, accumulating in float32."""
+    """y = x . W (+ b), contracting the trailing `len(in_axes)` dims of x, accumulating in float32.
+
+    The bias is added in float32; the result is cast to `dtype` unless `float32_output`."""
     features: tuple[int, ...]
     in_axes: tuple[str, ...]  # logical names of the contracted input dims
     out_axes: tuple[str, ...]  # logical names of the output dims
@@ -69,6 +98,7 @@ class Linear(nn.Module):
     dtype: Any
     param_dtype: Any
     init_std: float
+    float32_output: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -80,14 +110,13 @@ class Linear(nn.Module):
                                          self.in_axes + self.out_axes),
             in_shape + self.features, self.param_dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
-                                preferred_element_type=jnp.float32)
+        y = dot_f32(x.astype(self.dtype), kernel.astype(self.dtype), contract)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                    self.out_axes),
                               self.features, self.param_dtype)
             y = y + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
+        return y if self.float32_output else y.astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -238,7 +267,7 @@ class Jais2ForCausalLM(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = Linear((c.vocab_size,), ("embed",), ("vocab",), use_bias=False,
                                   dtype=self.dtype, param_dtype=self.param_dtype,
-                                  init_std=c.initializer_range)
+                                  init_std=c.initializer_range, float32_output=True)
 
     def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None,
                  cache: KVCache | None = None, prefill: bool = False):
@@ -301,8 +330,8 @@ class Jais2ForCausalLM(nn.Module):
         """[..., D] -> float32 logits [..., V]."""
         if self.config.tie_word_embeddings:
             table = self.embed_tokens.embedding  # [V, D]
-            logits = jnp.einsum("...d,vd->...v", hidden, table.astype(self.dtype),
-                                preferred_element_type=jnp.float32)
+            logits = dot_f32(hidden.astype(self.dtype), table.astype(self.dtype),
+                             ((hidden.ndim - 1,), (1,)))
         else:
             logits = self.lm_head(hidden.astype(self.dtype))
         return _constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
