@@ -130,14 +130,9 @@ def make_mesh(shape: str | Sequence[int] = "fsdp", axis_names: Sequence[str] = M
     """
     devices = list(jax.devices() if devices is None else devices)
     axis_types = (AxisType.Auto,) * len(axis_names)
-    if tuple(axis_names) != MESH_AXES:  # custom axes: plain sizes only
-        shape = [int(s) for s in shape]
-        if shape.count(-1) == 1:
-            shape[shape.index(-1)] = len(devices) // math.prod(s for s in shape if s != -1)
-        if math.prod(shape) != len(devices):
-            raise ValueError(f"mesh shape {tuple(shape)} has {math.prod(shape)} devices, but "
-                             f"{len(devices)} are available")
-        return jax.make_mesh(tuple(shape), tuple(axis_names), devices=devices, axis_types=axis_types)
+    if tuple(axis_names) != MESH_AXES:
+        raise ValueError(f"mesh axes must be {MESH_AXES} (the names LOGICAL_AXIS_RULES maps to), "
+                         f"got {tuple(axis_names)}")
     if dcn_shape is None or all(s == 1 for s in parse_mesh(dcn_shape)):
         shape = mesh_shape(shape, len(devices))
         return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=axis_types)
