@@ -21,6 +21,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jais2_jax.attention import dot_product_attention
 from jais2_jax.cache import KVCache
@@ -38,11 +39,18 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "silu": jax.nn.silu,
 }
 
+# Every projection's output is tagged with its Linear's name (q_proj ... down_proj) and the attention
+# output with "attention" (jax.ad_checkpoint.checkpoint_name). Policies save tags, not primitives:
+# the dots sit inside a custom_vjp (dot_f32) and cuDNN attention is a custom call, so jax's
+# primitive-based policies (checkpoint_dots) would see nothing to save.
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+_save = jax.checkpoint_policies.save_only_these_names
 REMAT_POLICIES: dict[str, Any] = {
-    "none": None,  # no rematerialisation
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "none": None,  # keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
+    "dots": _save(*_PROJECTIONS, "attention"),  # recompute only norms, RoPE, activation
+    "dots_no_batch": _save(*_PROJECTIONS),  # as jax's: projections, not the attention
+    "dots_no_mlp": _save("q_proj", "k_proj", "v_proj", "o_proj", "attention", "down_proj"),
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -116,7 +124,9 @@ class Linear(nn.Module):
                                                                    self.out_axes),
                               self.features, self.param_dtype)
             y = y + bias.astype(jnp.float32)
-        return y if self.float32_output else y.astype(self.dtype)
+        if self.float32_output:
+            return y
+        return checkpoint_name(y.astype(self.dtype), self.name)  # remat policies save by name
 
 
 class LayerNorm(nn.Module):
@@ -184,7 +194,7 @@ class Attention(nn.Module):
                     q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), q_offset=start,
                     kv_lengths=start + q.shape[1], implementation=self.attention_impl)
             new_cache = (k_cache, v_cache)
-        out = _constrain(out, ("batch", "length", "heads", "head_dim"))
+        out = checkpoint_name(_constrain(out, ("batch", "length", "heads", "head_dim")), "attention")
         y = Linear((c.hidden_size,), ("heads", "head_dim"), ("embed",), name="o_proj", **kw)(out)
         return y, new_cache
 
