@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mode", choices=("train", "decode"), default="train")
     parser.add_argument("--prefill", type=int, default=None,
                         help="decode: prompt tokens per row prefilled at once (default --seq)")
-    parser.add_argument("--remat", default="dots", help="none, full, dots, dots_no_batch (train)")
+    parser.add_argument("--remat", default="dots", help="a policy of jais2_jax.model.REMAT_POLICIES: none, full, dots, ... (train)")
     parser.add_argument("--param-dtype", default=None,
                         help="default float32 for train, bfloat16 for decode")
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype")
