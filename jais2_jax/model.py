@@ -98,7 +98,8 @@ dot_f32.defvjp(_dot_f32_fwd, _dot_f32_bwd)
 class Linear(nn.Module):
     """y = x . W (+ b), contracting the trailing `len(in_axes)` dims of x, accumulating in float32.
 
-    The bias is added in float32; the result is cast to `dtype` unless `float32_output`."""
+    The result is in `dtype`, or float32 with `float32_output` (the logits); the bias is added in
+    float32."""
     features: tuple[int, ...]
     in_axes: tuple[str, ...]  # logical names of the contracted input dims
     out_axes: tuple[str, ...]  # logical names of the output dims
@@ -118,15 +119,23 @@ class Linear(nn.Module):
                                          self.in_axes + self.out_axes),
             in_shape + self.features, self.param_dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = dot_f32(x.astype(self.dtype), kernel.astype(self.dtype), contract)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if self.float32_output:
+            y = dot_f32(x, kernel, contract)
+        else:
+            # Output in the compute dtype; the GEMM still accumulates in float32 (cuBLAS, the TPU
+            # MXU and XLA:CPU all do). Measured on an H200, the float32 output plus a separate
+            # cast cost up to 15% on the decode GEMVs and 10% on prefill GEMMs.
+            y = jax.lax.dot_general(x, kernel, (contract, ((), ())),
+                                    preferred_element_type=self.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                    self.out_axes),
                               self.features, self.param_dtype)
-            y = y + bias.astype(jnp.float32)
+            y = (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(y.dtype)
         if self.float32_output:
             return y
-        return checkpoint_name(y.astype(self.dtype), self.name)  # remat policies save by name
+        return checkpoint_name(y, self.name)  # remat policies save by name
 
 
 class LayerNorm(nn.Module):
