@@ -176,9 +176,11 @@ def make_eval_step(model: nn.Module, run: RunConfig) -> Callable[[Any, Batch], d
 
 
 def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-    zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
-                      rng=jax.random.PRNGKey(seed), nonfinite_in_a_row=zero, nonfinite_total=zero)
+    def zero():  # one buffer per field: the state is donated, and a shared buffer can't be donated twice
+        return jnp.zeros((), jnp.int32)
+    return TrainState(step=zero(), params=params, opt_state=optimizer.init(params),
+                      rng=jax.random.PRNGKey(seed), nonfinite_in_a_row=zero(),
+                      nonfinite_total=zero())
 
 
 def state_shardings(optimizer, params_shardings, abstract_params_) -> TrainState:

@@ -320,3 +320,15 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "samples.txt").read_text(encoding="utf-8").count("\n\n") == 4
     assert (out / "train" / "checkpoints" / "3").is_dir()
+
+
+def test_fresh_state_can_be_donated():
+    """Each scalar field owns its buffer: a state built outside jit is donated to the train step,
+    and one buffer shared by several fields would be 'donated twice'."""
+    import optax
+    from jais2_jax.training import init_state
+    state = jax.device_put(init_state({"w": jnp.ones(3)}, optax.adamw(1e-3), 0))
+    leaves = jax.tree_util.tree_leaves(state)
+    assert len({x.unsafe_buffer_pointer() for x in leaves}) == len(leaves)
+    out = jax.jit(lambda s: s.replace(step=s.step + 1), donate_argnums=0)(state)
+    assert int(out.step) == 1
