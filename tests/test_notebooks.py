@@ -4,7 +4,8 @@ Each notebook is executed with nbclient in a fresh kernel (which inherits confte
 devices). A cell inserted after the `parameters` cell overrides parameters, and a cell appended at
 the end prints the values the test checks, as JSON. The notebooks assert their own claims too
 (a failing assert fails the run); here the values are checked against references computed outside
-the notebook: transformers' `generate` and tokenizer, the state dict's tensor count.
+the notebook: transformers' `generate` and tokenizer, the state dict's tensor count, the training
+run's own evaluation and `generate` on the run's checkpoint.
 """
 
 from __future__ import annotations
