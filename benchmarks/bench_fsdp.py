@@ -25,25 +25,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # runs from a checkout without install
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from bench_train import SHAPES, model_config  # noqa: E402  (one definition of the 2B shape)
 
-SHAPES = {
-    "2b": dict(vocab_size=150272, hidden_size=2048, intermediate_size=16384, num_hidden_layers=16,
-               num_attention_heads=16, num_key_value_heads=16, seq=2048),
-    "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=4, seq=128),
-}
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 
 def emit(**kw):
     print(json.dumps(kw), flush=True)
-
-
-def model_config(shape: str):
-    from jais2_jax import Jais2Config
-    kw = {k: v for k, v in SHAPES[shape].items() if k != "seq"}
-    return Jais2Config(**kw, max_position_embeddings=SHAPES[shape]["seq"], bos_token_id=0,
-                       eos_token_id=1, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
 
 
 def _median(xs):
