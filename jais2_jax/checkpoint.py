@@ -56,6 +56,8 @@ _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 _MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 _BLOCK_BUDGET_BYTES = 1 << 30  # blocks read and not yet written (convert)
+_SLAB_BYTES = 8 << 20  # rows read at a time before their transpose
+_DATA_FILE_BYTES = 16 << 20  # OCDBT target data file size (convert)
 
 
 # ------------------------------------------------------------------------------ safetensors files
@@ -110,19 +112,46 @@ def _read_safetensors_header(path: str) -> dict[str, _Tensor]:
     return tensors
 
 
+def _pread(fd: int, path: str, out: np.ndarray, offset: int) -> None:
+    """Fills the contiguous array `out` with the file's bytes from `offset` (GIL released)."""
+    buf = memoryview(out.reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(buf):
+        got = os.preadv(fd, [buf[done:]], offset + done)
+        if got == 0:
+            raise ValueError(f"{path}: file ended early (truncated safetensors file)")
+        done += got
+
+
+def _row_bytes(t: _Tensor) -> int:
+    return math.prod(t.shape[1:]) * t.dtype.itemsize
+
+
 def _read_rows(t: _Tensor, r0: int, r1: int) -> np.ndarray:
     """Rows r0..r1 of a tensor (contiguous bytes): [r1 - r0, *shape[1:]]."""
-    row = math.prod(t.shape[1:]) * t.dtype.itemsize
     out = np.empty((r1 - r0,) + t.shape[1:], t.dtype)
-    buf = memoryview(out.reshape(-1).view(np.uint8))
     fd = os.open(t.path, os.O_RDONLY)
     try:
-        done, offset = 0, t.offset + r0 * row
-        while done < len(buf):
-            got = os.preadv(fd, [buf[done:]], offset + done)
-            if got == 0:
-                raise ValueError(f"{t.path}: file ended early (truncated safetensors file)")
-            done += got
+        _pread(fd, t.path, out, t.offset + r0 * _row_bytes(t))
+    finally:
+        os.close(fd)
+    return out
+
+
+def _read_rows_transposed(t: _Tensor, r0: int, r1: int) -> np.ndarray:
+    """Rows r0..r1 of a 2-D tensor, transposed: [shape[1], r1 - r0], as unsigned-integer bits.
+    Read a slab of rows at a time into one small buffer, so the untransposed rows are never
+    all in memory: one full-size array per call instead of two."""
+    bits = np.dtype(_UINT[t.dtype.itemsize])
+    out = np.empty((t.shape[1], r1 - r0), bits)
+    step = max(64, _SLAB_BYTES // _row_bytes(t) // 64 * 64)  # whole 64-row transpose slabs
+    slab = np.empty((min(step, r1 - r0), t.shape[1]), bits)
+    fd = os.open(t.path, os.O_RDONLY)
+    try:
+        for a in range(r0, r1, step):
+            part = slab[:min(step, r1 - a)]
+            _pread(fd, t.path, part, t.offset + a * _row_bytes(t))
+            _transpose(part, out[:, a - r0:a - r0 + len(part)])
     finally:
         os.close(fd)
     return out
@@ -138,10 +167,10 @@ def _map_bits(fn: Callable, x: np.ndarray) -> np.ndarray:
     return fn(_as_bits(x)).view(x.dtype)
 
 
-def _transpose(x: np.ndarray) -> np.ndarray:
-    """[R, C] -> [C, R], copied in slabs of 64 rows: ~10x faster than numpy's strided copy of a
-    large matrix (0.07 s vs 0.9 s for [26624, 3328] uint16 on one core)."""
-    out = np.empty(x.shape[::-1], x.dtype)
+def _transpose(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """[R, C] -> [C, R] (into `out` if given), copied in slabs of 64 rows: ~10x faster than
+    numpy's strided copy of a large matrix (0.07 s vs 0.9 s for [26624, 3328] uint16 on one core)."""
+    out = np.empty(x.shape[::-1], x.dtype) if out is None else out
     for r in range(0, x.shape[0], 64):
         out[:, r:r + 64] = x[r:r + 64].T
     return out
@@ -160,13 +189,6 @@ def _hf_row_axis(spec: TensorSpec) -> int:
 
 def _is_linear(spec: TensorSpec) -> bool:
     return len(spec.hf_shape) == 2 and spec.to_ours is not hf_mapping._identity
-
-
-def _to_ours(spec: TensorSpec, x: np.ndarray) -> np.ndarray:
-    """spec.to_ours (one whole HF tensor), with the fast transpose for linear weights."""
-    if _is_linear(spec):
-        return _transpose(_as_bits(x)).reshape(spec.our_shape).view(x.dtype)
-    return _map_bits(spec.to_ours, x)
 
 
 def _to_hf(spec: TensorSpec, x: np.ndarray) -> np.ndarray:
@@ -188,14 +210,16 @@ def _one_to_ours(spec: TensorSpec, t: _Tensor, box: tuple[slice, ...]) -> np.nda
     """One HF tensor (one layer) in our layout, restricted to `box` (slices of spec.our_shape),
     reading only the HF rows the box needs."""
     hf, ours = spec.hf_shape, spec.our_shape
-    if all((s.start, s.stop) == (0, n) for s, n in zip(box, ours)) or len(hf) == 1:
-        return _to_ours(spec, _read_rows(t, 0, hf[0]))[box]
-    if spec.to_ours is hf_mapping._identity:
-        return _read_rows(t, box[0].start, box[0].stop)[:, box[1]]
+    if not _is_linear(spec):
+        if all((s.start, s.stop) == (0, n) for s, n in zip(box, ours)) or len(hf) == 1:
+            return _map_bits(spec.to_ours, _read_rows(t, 0, hf[0]))[box]
+        return _read_rows(t, box[0].start, box[0].stop)[:, box[1]]  # identity (embedding)
     # A linear weight: HF [prod(out), prod(in)] <-> ours [*in, *out] (hf_mapping._linear).
     k = _hf_row_axis(spec)
     rows, cols = _flat_indices(box[k:], ours[k:]), _flat_indices(box[:k], ours[:k])
     r0, r1 = int(rows.min()), int(rows.max()) + 1
+    if rows.size == r1 - r0 and cols.size == hf[1]:  # whole HF rows: the whole tensor, lm_head
+        return _read_rows_transposed(t, r0, r1).reshape(cols.shape + rows.shape).view(t.dtype)
     block = _as_bits(_read_rows(t, r0, r1))  # [r1 - r0, prod(in)]
     if rows.size != r1 - r0:  # rows are contiguous unless the box cuts an inner `out` axis
         block = block[(rows - r0).reshape(-1)]
@@ -279,6 +303,8 @@ class HFCheckpoint:
         if not spec.stacked:
             return _one_to_ours(spec, self.tensors[spec.hf_name], box)
         layers = range(box[0].start, box[0].stop)
+        if len(layers) == 1:  # no copy into a stacked array
+            return _one_to_ours(spec, self.tensors[spec.hf_name.format(i=layers[0])], box[1:])[None]
         out = None
         for j, i in enumerate(layers):
             part = _one_to_ours(spec, self.tensors[spec.hf_name.format(i=i)], box[1:])
@@ -372,21 +398,28 @@ class _Streamed:
 
 
 class _ByteBudget:
-    """At most `limit` bytes of blocks in flight (a single larger block is let through alone)."""
+    """At most `limit` bytes of blocks in flight (a single larger block is let through alone);
+    also counts the holders, so a failure can wait until nothing is in flight any more."""
 
     def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
+        self.limit, self.used, self.holders = limit, 0, 0
         self.cond = asyncio.Condition()
 
     async def acquire(self, n: int):
         async with self.cond:
             await self.cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
             self.used += n
+            self.holders += 1
 
     async def release(self, n: int):
         async with self.cond:
             self.used -= n
+            self.holders -= 1
             self.cond.notify_all()
+
+    async def drained(self):
+        async with self.cond:
+            await self.cond.wait_for(lambda: self.holders == 0)
 
 
 def _streaming_handler(budget_bytes: int, on_block: Callable[[int], None]):
@@ -398,42 +431,52 @@ def _streaming_handler(budget_bytes: int, on_block: Callable[[int], None]):
         write (same spec, same 'np.ndarray' type in the metadata: restored by the stock handler)."""
 
         budget: _ByteBudget | None = None
-        one_array: asyncio.Lock | None = None
-        failed: list[BaseException]  # shared by all arrays: after a failure none starts
+        failed: list[BaseException]  # shared by all arrays: after a failure nothing starts
 
         async def _open_and_write(self, value: _Streamed, tspec: dict, ts_context):
             if self.budget is None:  # made inside Orbax's event loop
-                self.budget, self.one_array = _ByteBudget(budget_bytes), asyncio.Lock()
-                self.failed = []
-            # One array at a time, its blocks pipelined under the byte budget. Every block has
-            # finished before an error leaves here, so nothing writes into a folder being removed.
-            failed = self.failed
-            async with self.one_array:
-                if failed:  # the save is failing already, with that array's error
-                    return
-                store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
-                # Blocks of whole chunks: a partly written chunk would be read back and rewritten.
-                chunk = store.chunk_layout.write_chunk.shape
-                blocks = value.blocks(chunk, min(budget_bytes // 4, 256 << 20))
+                self.budget, self.failed = _ByteBudget(budget_bytes), []
+            # Orbax starts every array at once: their blocks (read + transpose in a thread, then
+            # the TensorStore write) share the byte budget, so reading, transposing and writing
+            # of several arrays overlap. After a failure no block starts, and the error leaves
+            # only once nothing is in flight, so nothing writes into a folder being removed.
+            budget, failed = self.budget, self.failed
 
-                async def write(box):
+            async def guarded(nbytes: int, work: Callable):
+                await budget.acquire(nbytes)
+                try:
+                    if not failed:
+                        await work()
+                except BaseException as e:
+                    failed.append(e)
+                finally:
+                    await budget.release(nbytes)
+
+            store = []
+
+            async def open_store():
+                store.append(await ts.open(ts.Spec(tspec), create=True, open=True,
+                                           context=ts_context))
+            await guarded(0, open_store)
+            if store:
+                # Blocks of whole chunks: a partly written chunk would be read back and rewritten.
+                chunk = store[0].chunk_layout.write_chunk.shape
+                blocks = value.blocks(chunk, min(budget_bytes // 16, 64 << 20))
+
+                def write(box):
                     nbytes = math.prod(b.stop - b.start for b in box) * value.dtype.itemsize
-                    await self.budget.acquire(nbytes)
-                    try:
-                        if not failed:
-                            block = await asyncio.to_thread(value.read, box)
-                            await store[box].write(block,
-                                                   can_reference_source_data_indefinitely=True)
-                            del block
-                            on_block(nbytes)
-                    except BaseException as e:
-                        failed.append(e)
-                    finally:
-                        await self.budget.release(nbytes)
+
+                    async def work():
+                        block = await asyncio.to_thread(value.read, box)
+                        await store[0][box].write(block,
+                                                  can_reference_source_data_indefinitely=True)
+                        on_block(nbytes)
+                    return guarded(nbytes, work)
 
                 await asyncio.gather(*(write(box) for box in blocks))
-                if failed:
-                    raise failed[0]
+            if failed:
+                await budget.drained()
+                raise failed[0]
 
     return StreamingNumpyHandler()
 
@@ -459,7 +502,10 @@ def _save_streamed(directory: str, tree: dict, progress_desc: str, progress: boo
             is_leaf=lambda x: isinstance(x, _Streamed))
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
                 type_handler_registry=registry, use_compression=False)) as ck:
-            ck.save(directory, args=ocp.args.PyTreeSave(tree, save_args=save_args))
+            # Small OCDBT data files: each large chunk is flushed to its own file as soon as it is
+            # written, in parallel (with Orbax's 2 GB target, one flush at a time, all serial).
+            ck.save(directory, args=ocp.args.PyTreeSave(
+                tree, save_args=save_args, ocdbt_target_data_file_size=_DATA_FILE_BYTES))
 
 
 def _hf_to_streamed(ckpt: HFCheckpoint, dtype: np.dtype) -> dict:
