@@ -10,13 +10,15 @@ the work and peak RSS, VmHWM, of that child; mapped file pages count as resident
 Goal: ours peak RSS <= 4 GB and wall <= 1.5x copy. Files are warm in the page cache for all three
 (they were just written); each output is deleted before the next runs (disk: about 2x the model).
 
-    python benchmarks/bench_convert.py            # 8B shape: ~33 GB of disk under /tmp, minutes
+    python benchmarks/bench_convert.py --methods copy,ours   # 8B shape, ~1 minute on a fast host
+    python benchmarks/bench_convert.py            # + naive: ~52 GB of RAM, minutes
     python benchmarks/bench_convert.py --tiny     # seconds, for CPU checks
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -58,18 +60,24 @@ def make_hf_checkpoint(folder: str, config: Jais2Config, shards: int) -> int:
         groups[-1].append(i)
         acc += size
 
+    starts = rng.integers(0, pool.size, len(entries))
+
     def tensor(i):
         n = sizes[i] // 2
-        start = int(rng.integers(0, pool.size))
-        reps = -(-(n + start) // pool.size)
-        return np.tile(pool, reps)[start:start + n].reshape(entries[i][1])
+        reps = -(-(n + starts[i]) // pool.size)
+        return np.tile(pool, reps)[starts[i]:starts[i] + n].reshape(entries[i][1])
 
-    weight_map = {}
-    for k, members in enumerate(groups):
+    def write_shard(k):
+        members = groups[k]
         name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         _write_safetensors(os.path.join(folder, name), [entries[i] for i in members],
                            (tensor(i) for i in members), lambda n: None)
-        weight_map.update({entries[i][0]: name for i in members})
+        return {entries[i][0]: name for i in members}
+
+    weight_map = {}
+    with concurrent.futures.ThreadPoolExecutor(len(groups)) as executor:  # shards in parallel
+        for part in executor.map(write_shard, range(len(groups))):
+            weight_map.update(part)
     with open(os.path.join(folder, INDEX_FILE), "w") as f:
         json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f)
     config.replace(hf_metadata={"dtype": "bfloat16", "architectures": ["Jais2ForCausalLM"]}).save(

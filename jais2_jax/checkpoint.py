@@ -9,12 +9,15 @@ Layouts on disk:
   `[layers, ...]` arrays are stored in chunks of one layer, the embedding and lm_head in ~64 MB
   chunks, so either can be read (and exported) a block at a time.
 
-Memory stays bounded (about 2 GB for the 8B model, whatever its size): safetensors files are read
-with `preadv` at the offsets of their header (not mmap-ed: pages of a mapped file count in the
-resident set until unmapped, so a 4 GB shard would show 4 GB), a block of whole chunks at a time,
-and a custom Orbax type handler writes each array block by block, under a byte budget for the
-blocks in flight. Outputs go to a temporary folder beside the target and are renamed into place
-when complete.
+Memory stays bounded (about 2.5 GB for the 8B model, whatever its size): safetensors files are
+read with `preadv` at the offsets of their header (not mmap-ed: pages of a mapped file count in the
+resident set until unmapped, so a 4 GB shard would show 4 GB), a block of whole chunks at a time
+(linear weights a slab of rows at a time, transposed into the block), and a custom Orbax type
+handler writes every array block by block, all arrays at once, under one byte budget for the blocks
+in flight (each also holds TensorStore's encoded copy until its commit: about 2x the budget). The
+blocks' reads and transposes run in threads while earlier blocks are written; OCDBT flushes each
+large chunk to its own data file, so the (fsync-ed) file writes run in parallel too. Outputs go to
+a temporary folder beside the target and are renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -468,8 +471,10 @@ def _streaming_handler(budget_bytes: int, on_block: Callable[[int], None]):
 
                     async def work():
                         block = await asyncio.to_thread(value.read, box)
-                        await store[0][box].write(block,
-                                                  can_reference_source_data_indefinitely=True)
+                        written = store[0][box].write(block,
+                                                      can_reference_source_data_indefinitely=True)
+                        del block
+                        await written
                         on_block(nbytes)
                     return guarded(nbytes, work)
 
