@@ -60,7 +60,7 @@ def median_time(fn, reps: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------- ours
-def random_params(config, dtype, seed=0):
+def random_params(config, dtype, fuse_qkv=True, seed=0):
     """Per-layer (scan_layers=False) parameters, random normal (std 0.02; norms near 1), made
     on the device one array at a time. Zeros would hide bugs and can time differently."""
     import flax.linen as nn
@@ -68,7 +68,8 @@ def random_params(config, dtype, seed=0):
     import jax.numpy as jnp
     from jais2_jax import Jais2ForCausalLM
 
-    model = Jais2ForCausalLM(config, dtype=dtype, param_dtype=dtype, scan_layers=False)
+    model = Jais2ForCausalLM(config, dtype=dtype, param_dtype=dtype, scan_layers=False,
+                             fuse_qkv=fuse_qkv)
     shapes = nn.meta.unbox(jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"])
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
@@ -100,7 +101,7 @@ def run_ours(args) -> None:
     config = Jais2Config(**p["shape"], bos_token_id=0, eos_token_id=1, pad_token_id=0)
     emit(what="device", side="jax", name=str(jax.devices()[0].device_kind), jax=jax.__version__)
     t = time.perf_counter()
-    model, params = random_params(config, dtype)
+    model, params = random_params(config, dtype, fuse_qkv=not args.unfused_qkv)
     jax.block_until_ready(params)
     if args.attention:
         model = model.clone(attention_impl=args.attention)
@@ -154,8 +155,13 @@ def run_ours(args) -> None:
     guard(prefill_case)
 
 
+ONLY: set[str] | None = None  # --only
+
+
 def guard(fn, *a, **kw):
-    """One failed measurement is reported, not fatal to the rest."""
+    """One failed measurement is reported, not fatal to the rest; figures not in --only are skipped."""
+    if ONLY is not None and (a[0] if a else "prefill") not in ONLY:
+        return
     try:
         fn(*a, **kw)
     except Exception as e:  # noqa: BLE001
@@ -268,11 +274,18 @@ def main() -> int:
                         help="skip transformers' static cache + torch.compile (about 40 s)")
     parser.add_argument("--attention", choices=("xla", "cudnn"), default=None,
                         help="force our attention implementation (default: by backend)")
+    parser.add_argument("--unfused-qkv", action="store_true",
+                        help="separate q/k/v GEMMs (the default fuses them, as jais2 generate does)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated figures to measure (decode_b1,decode_b16,decode_b64,"
+                             "decode_long_b1,prefill); default all")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--hf-reps", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write all results to this file")
     parser.add_argument("--side", choices=("jax", "hf"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global ONLY
+    ONLY = None if args.only is None else set(args.only.split(","))
     if args.tiny:
         args.hf_static = False
     if args.side == "jax":

@@ -163,18 +163,25 @@ class Attention(nn.Module):
     dtype: Any
     param_dtype: Any
     attention_impl: str | None
+    fuse_qkv: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache):
         c = self.config
         kw = dict(use_bias=c.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                   init_std=c.initializer_range)
-        q = Linear((c.num_attention_heads, c.head_dim), ("embed",), ("heads", "head_dim"),
-                   name="q_proj", **kw)(x)  # [B, T, H, hd]
-        k = Linear((c.num_key_value_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"),
-                   name="k_proj", **kw)(x)  # [B, T, KV, hd]
-        v = Linear((c.num_key_value_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"),
-                   name="v_proj", **kw)(x)
+        h, kv = c.num_attention_heads, c.num_key_value_heads
+        if self.fuse_qkv:  # one GEMM (see unstack_layers(fuse_qkv=True))
+            qkv = Linear((h + 2 * kv, c.head_dim), ("embed",), ("qkv_heads", "head_dim"),
+                         name="qkv_proj", **kw)(x)  # [B, T, H + 2 KV, hd]
+            q, k, v = jnp.split(qkv, (h, h + kv), axis=2)
+        else:
+            q = Linear((h, c.head_dim), ("embed",), ("heads", "head_dim"),
+                       name="q_proj", **kw)(x)  # [B, T, H, hd]
+            k = Linear((kv, c.head_dim), ("embed",), ("kv_heads", "head_dim"),
+                       name="k_proj", **kw)(x)  # [B, T, KV, hd]
+            v = Linear((kv, c.head_dim), ("embed",), ("kv_heads", "head_dim"),
+                       name="v_proj", **kw)(x)
         q = _constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = _constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         v = _constrain(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -228,6 +235,7 @@ class DecoderLayer(nn.Module):
     dtype: Any
     param_dtype: Any
     attention_impl: str | None = None
+    fuse_qkv: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache):
@@ -235,7 +243,7 @@ class DecoderLayer(nn.Module):
         norm = dict(eps=c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         x = _constrain(x, ("batch", "length", "embed"))
         h = LayerNorm(name="input_layernorm", **norm)(x)
-        h, new_cache = Attention(c, self.dtype, self.param_dtype, self.attention_impl,
+        h, new_cache = Attention(c, self.dtype, self.param_dtype, self.attention_impl, self.fuse_qkv,
                                  name="self_attn")(h, cos, sin, mask, layer_cache)
         x = x + h
         h = LayerNorm(name="post_attention_layernorm", **norm)(x)
@@ -257,6 +265,9 @@ class Jais2ForCausalLM(nn.Module):
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str | None = None  # None: by backend (cuDNN on GPU for bf16, XLA otherwise)
+    # Inference on one device: q/k/v as one GEMM over params from unstack_layers(fuse_qkv=True).
+    # The fused heads axis is replicated by the sharding rules, so keep it off under tensor parallelism.
+    fuse_qkv: bool = False
 
     def setup(self):
         c = self.config
@@ -271,8 +282,11 @@ class Jais2ForCausalLM(nn.Module):
         if self.remat_policy != "none":
             layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[self.remat_policy],
                                  prevent_cse=not self.scan_layers)
+        if self.fuse_qkv and self.scan_layers:
+            raise ValueError("fuse_qkv is an inference layout: use it with scan_layers=False and "
+                             "unstack_layers(params, fuse_qkv=True)")
         layer_kw = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype,
-                        attention_impl=self.attention_impl)
+                        attention_impl=self.attention_impl, fuse_qkv=self.fuse_qkv)
         if self.scan_layers:
             self.layers = nn.scan(
                 layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -357,21 +371,47 @@ class Jais2ForCausalLM(nn.Module):
 
 
 # ------------------------------------------------------------------------------ parameter layout
-def unstack_layers(params: dict) -> dict:
-    """The per-layer view of a scanned tree (`layers` -> `layers_0..N-1`), for scan_layers=False."""
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def unstack_layers(params: dict, *, fuse_qkv: bool = False) -> dict:
+    """The per-layer view of a scanned tree (`layers` -> `layers_0..N-1`), for scan_layers=False.
+
+    With `fuse_qkv`, each layer's q/k/v kernels [D, H|KV, hd] (and biases) are concatenated along
+    the heads axis into one `qkv_proj` [D, H + 2 KV, hd], for Jais2ForCausalLM(fuse_qkv=True):
+    one GEMM instead of three, which matters most when decoding a few rows at a time.
+    """
     params = dict(params)
     stacked = params.pop("layers")
     n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
     for i in range(n):
-        params[f"layers_{i}"] = jax.tree_util.tree_map(lambda a: a[i], stacked)
+        layer = jax.tree_util.tree_map(lambda a: a[i], stacked)
+        if fuse_qkv:
+            attn = dict(layer["self_attn"])
+            parts = [attn.pop(name) for name in _QKV]
+            attn["qkv_proj"] = {key: jnp.concatenate([p[key] for p in parts], axis=-2)
+                                for key in parts[0]}  # kernel [D, *, hd], bias [*, hd]
+            layer = {**layer, "self_attn": attn}
+        params[f"layers_{i}"] = layer
     return params
 
 
-def stack_layers(params: dict) -> dict:
-    """Inverse of `unstack_layers`."""
+def stack_layers(params: dict, config: Jais2Config | None = None) -> dict:
+    """Inverse of `unstack_layers`; a fused qkv_proj needs the config to be split again."""
     params = dict(params)
     names = sorted((k for k in params if k.startswith("layers_")), key=lambda k: int(k[7:]))
     layers = [params.pop(k) for k in names]
+    if layers and "qkv_proj" in layers[0]["self_attn"]:
+        if config is None:
+            raise ValueError("these layers hold a fused qkv_proj: pass the config to split it")
+        bounds = (config.num_attention_heads, config.num_attention_heads + config.num_key_value_heads)
+        for j, layer in enumerate(layers):
+            attn = dict(layer["self_attn"])
+            fused = attn.pop("qkv_proj")
+            split = {key: jnp.split(value, bounds, axis=-2) for key, value in fused.items()}
+            for i, name in enumerate(_QKV):
+                attn[name] = {key: parts[i] for key, parts in split.items()}
+            layers[j] = {**layer, "self_attn": attn}
     params["layers"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)
     return params
 

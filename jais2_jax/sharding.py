@@ -41,6 +41,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
+    ("qkv_heads", None),  # fused q/k/v of the inference view: replicated (see model.fuse_qkv)
     ("head_dim", None),
     ("mlp", "tensor"),
     ("layers", None),

@@ -147,3 +147,26 @@ def test_remat_policies_keep_gradients_and_trade_memory():
         for a, b in zip(jax.tree_util.tree_leaves(grads[policy]), jax.tree_util.tree_leaves(grads["none"])):
             assert rel_err(a, b) < 1e-6
     assert temp["none"] > temp["dots"] > temp["dots_no_mlp"] > temp["full"], temp
+
+
+def test_fused_qkv_inference_view():
+    """unstack_layers(fuse_qkv=True) + Jais2ForCausalLM(fuse_qkv=True): same logits as transformers,
+    same greedy tokens through the KV cache as the unfused view, and stack_layers undoes it."""
+    from jais2_jax import generate, stack_layers
+    hf = hf_model(seed=7, num_key_value_heads=2)
+    config = our_config(hf)
+    params = our_params(hf, config)
+    fused = unstack_layers(params, fuse_qkv=True)
+    assert set(fused["layers_0"]["self_attn"]) == {"qkv_proj", "o_proj"}
+    ids = np.random.RandomState(6).randint(3, config.vocab_size, (2, 9))
+    model = Jais2ForCausalLM(config, scan_layers=False, fuse_qkv=True)
+    assert rel_err(model.apply({"params": fused}, jnp.asarray(ids)), _hf_logits(hf, ids)) <= TOL
+    plain = Jais2ForCausalLM(config, scan_layers=False)
+    want = generate(plain, unstack_layers(params), ids, max_new_tokens=6, eos_token_id=[])
+    got = generate(model, fused, ids, max_new_tokens=6, eos_token_id=[])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    back = stack_layers(fused, config)
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="scan_layers=False"):
+        Jais2ForCausalLM(config, fuse_qkv=True).apply({"params": params}, jnp.asarray(ids))
