@@ -136,7 +136,13 @@ def make_mesh(shape: str | Sequence[int] = "fsdp", axis_names: Sequence[str] = M
                          f"got {tuple(axis_names)}")
     if dcn_shape is None or all(s == 1 for s in parse_mesh(dcn_shape)):
         shape = mesh_shape(shape, len(devices))
-        return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=axis_types)
+        try:
+            return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=axis_types)
+        except NotImplementedError:
+            # An axis that is no product of TPU torus axes (tensor=8 on a 4x4x4 v5p) splits one.
+            from jax.experimental import mesh_utils
+            array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+            return Mesh(array, MESH_AXES, axis_types=axis_types)
 
     # Multi-slice: each granule (a TPU slice; a process where there is a single slice, as on GPU
     # hosts) holds an ICI mesh; granules are laid out over the DCN mesh.
