@@ -23,7 +23,7 @@ import os
 def add_arguments(parser) -> None:
     parser.add_argument("--model",
                         help="preset name (jais2-8b, jais2-70b), a config.json, or a checkpoint dir")
-    parser.add_argument("--mesh", default="fsdp",
+    parser.add_argument("--mesh", default=None,
                         help="preset (fsdp, dp, tp, fsdp+tp), '2,-1,4' or 'data=2,fsdp=-1,tensor=4'")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--hardware", help="v5p-32, v5p-128, v5e-256, v4-64, v6e-16, 8xh100, 8xh200, ...")
@@ -73,7 +73,7 @@ def _fill_from_run(args):
                         ("param_dtype", "param_dtype")):
         if getattr(args, flag) is None:
             setattr(args, flag, getattr(run, field))
-    if args.mesh == "fsdp" and run.mesh != "fsdp":
+    if args.mesh is None:
         args.mesh = run.mesh
     if args.dcn_mesh is None:
         args.dcn_mesh = run.dcn_mesh
@@ -89,6 +89,7 @@ def run(args) -> int:
     if missing:
         raise ValueError(f"{', '.join(missing)} required (or --run CONFIG.yaml)")
     args.remat = args.remat or "dots"
+    args.mesh = args.mesh or "fsdp"
     config = _config(args.model)
     if args.topology:
         return _run_topology(args, config, run_config)
