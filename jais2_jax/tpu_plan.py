@@ -336,7 +336,7 @@ class _Estimator:
         return self._cache[key]
 
 
-def _candidates(s: Setting, mode: str, chips: int, policies):
+def _candidates(s: Setting, mode: str, policies):
     """Settings near `s`, nearest first: (distance, description of the change, setting)."""
     data, fsdp, tensor = s.mesh
     meshes = [(s.mesh, None)]
@@ -435,12 +435,12 @@ def suggest(config: Jais2Config, result: Result, *, run=None, param_dtype=None, 
                                   ("float32" if mode == "train" else "bfloat16"))
     estimator = _Estimator(config, mode, param_dtype, dtype, cache_dtype, run)
     ratio = max(result.total / result.estimate, 1.0) if result.total and result.estimate else 1.0
-    policies = sorted(REMAT_POLICIES, key=lambda r: -_try(estimator, dataclasses.replace(s, remat=r),
-                                                            topo.chips)[0])
     dcn = (topo.num_slices, 1, 1) if topo.num_slices > 1 else None
-    per_slice = topo.chips // topo.num_slices
+    policies = [] if mode != "train" else sorted(  # the policy keeping most first
+        REMAT_POLICIES, key=lambda r: -_try(estimator, _global(dataclasses.replace(s, remat=r), dcn),
+                                            topo.chips)[0])
 
-    def first_fit(topology, setting, candidates):
+    def first_fit(topology, candidates):
         for _, change, cand in candidates:
             try:
                 if estimator.state(_global(cand, dcn), topology.chips) > topology.hbm:
@@ -452,7 +452,7 @@ def suggest(config: Jais2Config, result: Result, *, run=None, param_dtype=None, 
                 yield change, cand, int(total * ratio)
 
     tried = 0
-    for change, cand, estimate in first_fit(topo, s, _candidates(s, mode, per_slice, policies)):
+    for change, cand, estimate in first_fit(topo, _candidates(s, mode, policies)):
         suggestion = Suggestion(change, cand, topo, estimate)
         if tried >= verify:
             return suggestion
@@ -480,9 +480,9 @@ def suggest(config: Jais2Config, result: Result, *, run=None, param_dtype=None, 
         change = f"topology {bigger.name} with mesh 1,-1,{s.mesh[2]}" + (
             f", batch {batch}" if batch != s.batch else "")
         options = [(0, change, base)]
-        options += [(d, f"{change}, {c}", cs) for d, c, cs in _candidates(base, mode, n, policies)
+        options += [(d, f"{change}, {c}", cs) for d, c, cs in _candidates(base, mode, policies)
                     if "batch" not in c]
-        for change, cand, estimate in first_fit(bigger, base, options):
+        for change, cand, estimate in first_fit(bigger, options):
             return Suggestion(change, cand, bigger, estimate)
     return None
 
