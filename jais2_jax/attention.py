@@ -64,10 +64,14 @@ def dot_product_attention(
     kv_len = k.shape[1]
     scale = q.shape[-1] ** -0.5
     impl = implementation or _default_implementation(q)
-    if impl.startswith("splash") and causal and q_offset is None and kv_lengths is None \
-            and q_len == kv_len:
-        if segment_ids is None and kv_mask is not None:
-            segment_ids = kv_mask.astype(jnp.int32)  # padding = its own segment; causal keeps rows non-empty
+    if impl.startswith("splash") and causal and q_offset is None and q_len == kv_len \
+            and (segment_ids is None or (kv_mask is None and kv_lengths is None)):
+        # Key padding becomes its own segment (0); causality keeps every query row non-empty.
+        if kv_mask is not None:
+            segment_ids = kv_mask.astype(jnp.int32)
+        if kv_lengths is not None:  # right padding, e.g. the prefill of a cache
+            valid = jnp.arange(kv_len)[None, :] < kv_lengths[:, None]
+            segment_ids = valid.astype(jnp.int32) if segment_ids is None else segment_ids * valid
         return splash_attention(q, k, v, segment_ids, interpret=impl == "splash_interpret")
     if impl == "cudnn" and _cudnn_supports(q, causal, q_offset, kv_mask, segment_ids, q_len, kv_len):
         lengths = kv_lengths
