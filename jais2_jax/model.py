@@ -325,14 +325,17 @@ class Jais2ForCausalLM(nn.Module):
             real = (jnp.ones((batch, length), jnp.int32) if attention_mask is None
                     else attention_mask.astype(jnp.int32))
             positions = cache.lengths[:, None] + jnp.arange(length)[None, :]
+            # Padded columns of the chunk must not count as length (dynamic/longrope RoPE).
+            rope_len = jnp.max(cache.lengths + real.sum(axis=1))
             mask = {"cache_lengths": cache.lengths}
             if prefill:
                 mask["chunk_lengths"] = real.sum(axis=1)
         else:
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(length)[None, :], (batch, length))
+            rope_len = None  # max(positions) + 1, as transformers' forward
             mask = {"kv_mask": attention_mask, "segment_ids": segment_ids}
-        cos, sin = rope_cos_sin(self.config, positions)  # [B, T, head_dim] float32
+        cos, sin = rope_cos_sin(self.config, positions, rope_len)  # [B, T, head_dim] float32
 
         layer_caches = None if cache is None else (cache.k, cache.v)
         if self.scan_layers and cache is not None and cache.per_layer:

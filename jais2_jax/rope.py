@@ -104,14 +104,19 @@ def _longrope(config: Jais2Config, ext_factors) -> tuple[np.ndarray, float]:
     return inv.astype(np.float32), float(attention_factor)
 
 
-def inv_freq_for_positions(config: Jais2Config, positions: jax.Array) -> tuple[jax.Array, float]:
-    """The inverse frequencies [head_dim // 2] for a call whose positions are `positions`."""
+def inv_freq_for_positions(config: Jais2Config, positions: jax.Array,
+                           seq_len: jax.Array | None = None) -> tuple[jax.Array, float]:
+    """The inverse frequencies [head_dim // 2] for a call whose positions are `positions`.
+
+    `seq_len` (default max(positions) + 1) is what dynamic/longrope compare with their lengths;
+    callers whose positions include padding pass the real length."""
     inv_freq, scaling = static_inv_freq(config)
     rope = config.rope_parameters
     rope_type = rope["rope_type"]
     if rope_type not in ("dynamic", "longrope"):
         return jnp.asarray(inv_freq), scaling
-    seq_len = jnp.max(positions) + 1
+    if seq_len is None:
+        seq_len = jnp.max(positions) + 1
     if rope_type == "longrope":
         long_inv, _ = _longrope(config, rope["long_factor"])
         long_ = seq_len > config.rope_original_max_position_embeddings
@@ -124,9 +129,10 @@ def inv_freq_for_positions(config: Jais2Config, positions: jax.Array) -> tuple[j
     return (1.0 / (base ** exponents)).astype(jnp.float32), scaling
 
 
-def rope_cos_sin(config: Jais2Config, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+def rope_cos_sin(config: Jais2Config, positions: jax.Array,
+                 seq_len: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """cos, sin: [batch, length, head_dim] float32 for integer positions [batch, length]."""
-    inv_freq, scaling = inv_freq_for_positions(config, positions)
+    inv_freq, scaling = inv_freq_for_positions(config, positions, seq_len)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, head_dim // 2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling

@@ -170,3 +170,21 @@ def test_fused_qkv_inference_view():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="scan_layers=False"):
         Jais2ForCausalLM(config, fuse_qkv=True).apply({"params": params}, jnp.asarray(ids))
+
+
+def test_longrope_generation_counts_real_tokens_not_padded_width():
+    """generate pads the prompt to a multiple of 64 columns; a 30-token prompt must still use
+    longrope's short factors (30 + 6 < original 40), as transformers does, not the long ones."""
+    from jais2_jax import generate
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 40,
+            "short_factor": [1.0 + 0.3 * i for i in range(8)],
+            "long_factor": [4.0 + 2.0 * i for i in range(8)]}
+    hf = hf_model(seed=8, max_position_embeddings=128, rope_parameters=rope, initializer_range=0.2)
+    config = our_config(hf)
+    params = our_params(hf, config)
+    ids = np.random.RandomState(7).randint(3, config.vocab_size, (1, 30))
+    with torch.no_grad():
+        want = hf.generate(torch.tensor(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                           eos_token_id=None, pad_token_id=0).numpy()[:, 30:]
+    got = generate(Jais2ForCausalLM(config), params, ids, max_new_tokens=6, eos_token_id=[])
+    np.testing.assert_array_equal(np.asarray(got), want)
