@@ -194,8 +194,9 @@ class Jais2Config:
     def replace(self, **changes) -> "Jais2Config":
         return dataclasses.replace(self, **changes)
 
-    def __hash__(self):
-        return hash(json.dumps(self.to_dict(), sort_keys=True))
+    def __hash__(self):  # over the compared fields only, as __eq__
+        return hash(json.dumps([(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                                if f.compare], sort_keys=True, default=str))
 
     # --------------------------------------------------------------------------------- HF json i/o
     @classmethod

@@ -279,7 +279,9 @@ def _new_state(run, config, model, optimizer, mesh, state_sh):
     if loaded_config != config:
         raise ValueError(f"init_from {run.init_from}: its model config differs from {run.model} "
                          f"in {_config_diff(loaded_config.to_dict(), config.to_dict())}")
-    return jax.jit(lambda p: init_state(p, optimizer, run.seed), out_shardings=state_sh)(params)
+    # Donated: the loaded params become the state's, rather than a second copy beside it.
+    return jax.jit(lambda p: init_state(p, optimizer, run.seed), out_shardings=state_sh,
+                   donate_argnums=0)(params)
 
 
 def _restore(manager, step, config, run, meta, state_sh, train_iter, optimizer, abstract_params):

@@ -48,7 +48,8 @@ def run(args) -> int:
     start = time.perf_counter()
     result = train(run_config, show_progress=not args.no_progress)
     print(f"      {result['status']} at step {result['step']} in {time.perf_counter() - start:.0f} s; "
-          f"loss {result['loss']:.3f}, eval loss {result['eval_loss']:.3f}")
+          f"loss {result['loss']:.3f}, eval loss "
+          + ("n/a" if result["eval_loss"] is None else f"{result['eval_loss']:.3f}"))
 
     print("[3/4] sample from the trained checkpoint")
     samples = _sample(run_config.output_dir, os.path.join(store, "tokenizer"), args.max_new_tokens)
@@ -76,7 +77,8 @@ def _sample(train_dir: str, tokenizer_dir: str, max_new_tokens: int) -> list[tup
     # Prompts start like the training documents: bos, then text.
     rows = [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in PROMPTS]
     width = max(map(len, rows))
-    ids = [[config.pad_token_id] * (width - len(r)) + r for r in rows]  # left-padded, like HF
+    pad = config.pad_token_id or 0  # masked out anyway
+    ids = [[pad] * (width - len(r)) + r for r in rows]  # left-padded, like HF
     mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
     new = generate(model, params, jax.numpy.asarray(ids), attention_mask=jax.numpy.asarray(mask),
                    max_new_tokens=max_new_tokens, temperature=0.7, top_k=40,
