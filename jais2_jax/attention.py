@@ -20,8 +20,6 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
@@ -93,7 +91,8 @@ def _default_implementation(q: Array) -> str:
     return "xla"
 
 
-def _splash_block_sizes(length: int) -> splash.BlockSizes:
+def _splash_block_sizes(length: int):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     b = min(512, length)
     return splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                              block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
@@ -101,6 +100,9 @@ def _splash_block_sizes(length: int) -> splash.BlockSizes:
 
 def _splash_local(q, k, v, segment_ids, *, interpret):
     """Splash on one device's shard: q [b, T, h, hd], k/v [b, T, kv, hd] (GQA native)."""
+    # Imported here: Pallas/Mosaic stay out of `import jais2_jax` on CPU and GPU.
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
     length, heads = q.shape[1], q.shape[2]
     if length % 128 and not interpret:
         raise ValueError(f"splash attention needs a sequence length divisible by 128, got {length}")

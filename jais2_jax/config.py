@@ -169,10 +169,6 @@ class Jais2Config:
 
     # ------------------------------------------------------------------------------ derived values
     @property
-    def num_kv_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         eos = self.eos_token_id
         return () if eos is None else (eos if isinstance(eos, tuple) else (eos,))

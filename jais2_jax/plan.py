@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 

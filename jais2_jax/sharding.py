@@ -170,10 +170,6 @@ def use_mesh(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
 
 
 # ----------------------------------------------------------------------------- logical -> mesh
-def logical_to_spec(axes: Sequence[str | None], rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
-    return nn.logical_to_mesh_axes(tuple(axes), rules)
-
-
 def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh, what: str,
                     logical: Sequence[str | None] | None = None) -> None:
     """ValueError naming the dimension, the rule, the mesh axes and the nearest workable size."""
@@ -221,11 +217,6 @@ def unboxed_shapes(abstract):
     when called under a mesh with rules, which fails on abstract values.)"""
     return jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
                                   abstract, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-
-
-def param_logical_axes(config: Jais2Config, scan_layers: bool = True):
-    """The pytree of logical axis names (PartitionSpec of names) of the parameters, from eval_shape."""
-    return nn.get_partition_spec(abstract_params(config, scan_layers=scan_layers))
 
 
 def param_shardings(config: Jais2Config, mesh, scan_layers: bool = True, rules=LOGICAL_AXIS_RULES):
