@@ -99,6 +99,9 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
     """
     # ---------------------------------------------------------------- checks before any work
     config = load_model_config(run.model)
+    if config.attention_dropout:
+        raise ValueError(f"attention_dropout {config.attention_dropout} is not implemented; training "
+                         "would silently run without it (set it to 0.0, as the released configs do)")
     if run.seq_len > config.max_position_embeddings:
         raise ValueError(f"seq_len {run.seq_len} exceeds the model's max_position_embeddings "
                          f"({config.max_position_embeddings})")

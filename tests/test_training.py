@@ -271,6 +271,15 @@ def test_seq_len_beyond_max_position_embeddings(store, tmp_path):
     assert _no_step_ran(tmp_path / "o")
 
 
+def test_attention_dropout_is_refused_not_ignored(store, tmp_path):
+    from jais2_jax.config import preset
+    preset("jais2-tiny").replace(attention_dropout=0.1).save(tmp_path / "model")
+    with pytest.raises(ValueError, match="attention_dropout 0.1 is not implemented"):
+        train(_loop_run(store, tmp_path / "o", model=str(tmp_path / "model" / "config.json")),
+              show_progress=False)
+    assert _no_step_ran(tmp_path / "o")
+
+
 def test_empty_or_unreadable_dataset(store, tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare-data"):
         train(_loop_run(str(tmp_path / "missing"), tmp_path / "o"), show_progress=False)
