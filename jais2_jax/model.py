@@ -322,6 +322,11 @@ class Jais2ForCausalLM(nn.Module):
         if cache is not None:
             if segment_ids is not None:
                 raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
+            if length > cache.max_length:
+                raise ValueError(f"a chunk of {length} tokens does not fit a cache of "
+                                 f"{cache.max_length} slots")
+            # Writes past max_length would be clamped onto the last slot (dynamic_update_slice):
+            # callers keep lengths + new tokens <= max_length, as `generate` checks up front.
             real = (jnp.ones((batch, length), jnp.int32) if attention_mask is None
                     else attention_mask.astype(jnp.int32))
             positions = cache.lengths[:, None] + jnp.arange(length)[None, :]

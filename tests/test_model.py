@@ -188,3 +188,14 @@ def test_longrope_generation_counts_real_tokens_not_padded_width():
                            eos_token_id=None, pad_token_id=0).numpy()[:, 30:]
     got = generate(Jais2ForCausalLM(config), params, ids, max_new_tokens=6, eos_token_id=[])
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_chunk_larger_than_cache_is_an_error():
+    from jais2_jax import init_cache
+    from jais2_jax.config import preset
+    config = preset("jais2-tiny")
+    model = Jais2ForCausalLM(config)
+    cache = init_cache(config, 1, 8, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="does not fit a cache of 8 slots"):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 9), jnp.int32),
+                                          cache=cache))
