@@ -69,12 +69,20 @@ class _StopFlag:
 class _Metrics:
     """metrics.jsonl and TensorBoard, written by process 0 only."""
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, start_step: int):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
-        self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(output_dir, "metrics.jsonl")
+        if os.path.exists(path):
+            # A resumed run repeats the steps after its checkpoint: drop their earlier records.
+            with open(path, encoding="utf-8") as f:
+                kept = [line for line in f if json.loads(line).get("step", 0) <= start_step]
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+        self.file = open(path, "a", encoding="utf-8")
         self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
 
     def write(self, step: int, values: dict[str, float]):
@@ -166,7 +174,7 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
     tokens_per_step = run.batch_size * run.seq_len
     peak = run.peak_tflops_per_device or peak_tflops(jax.devices()[0])
     flops_token = flops_per_token(config, run.seq_len)
-    metrics_log = _Metrics(run.output_dir)
+    metrics_log = _Metrics(run.output_dir, step)
     status, last, loss, eval_loss = "done", None, None, None
     timer = None  # (time, step) after the first step of this session: compilation excluded
     bar = tqdm(total=run.total_steps, initial=step, desc="train", disable=not show_progress,

@@ -191,8 +191,13 @@ def test_resume_is_bitwise_identical(store, straight_run, tmp_path):
     straight, split = straight_run, tmp_path / "split"
     first = train(_loop_run(store, split), until_step=3, show_progress=False)
     assert first["status"] == "stopped" and first["step"] == 3
+    with open(split / "metrics.jsonl", "a", encoding="utf-8") as f:  # as if killed after step 4
+        f.write(json.dumps({"step": 4, "loss": -1.0}) + "\n")
     second = train(_loop_run(store, split), show_progress=False)
     assert second["status"] == "done" and second["step"] == 6
+    with open(split / "metrics.jsonl", encoding="utf-8") as f:
+        logged = [r["step"] for r in map(json.loads, f) if "loss" in r]
+    assert logged == sorted(set(logged)), logged  # the resumed steps are not logged twice
     a, b = _losses(straight), _losses(split)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert all(a[s] == b[s] for s in a), (a, b)
