@@ -79,3 +79,17 @@ def test_plan_command(capsys):
     assert rc == 1 and "size 26" in err and "tensor=2" in err and len(err.strip().splitlines()) == 1
     rc = main(["plan", "--model", "jais2-8b", "--devices", "16", "--batch", "12", "--seq", "2048"])
     assert rc == 1 and "a batch of 16" in capsys.readouterr().err
+
+
+def test_cli_grad_accum_keeps_one_micro_batch_of_activations(capsys):
+    from jais2_jax.cli import main
+
+    def saved(*extra):
+        # The 8B shape so that the figures (printed in GB) are large; nothing is compiled.
+        assert main(["plan", "--model", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "jais2-8b.json"),
+                     "--hardware", "8xh100", "--mesh", "fsdp", "--batch", "16", "--seq", "4096",
+                     "--remat", "dots", *extra]) == 0
+        line = next(l for l in capsys.readouterr().out.splitlines() if "activations saved" in l)
+        return float(line.split()[-2])
+    whole, half = saved(), saved("--grad-accum", "2")
+    assert abs(half / whole - 0.5) < 0.01, (whole, half)

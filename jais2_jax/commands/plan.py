@@ -104,7 +104,12 @@ def run(args) -> int:
         devices = jax.device_count()
     mesh = sharding.abstract_mesh(args.mesh, devices, per_host)
     param_dtype = args.param_dtype or ("float32" if args.mode == "train" else "bfloat16")
-    result = plan.make_plan(config, mesh, batch=args.batch, seq=args.seq, mode=args.mode,
+    accum = args.grad_accum or 1
+    if args.mode == "train" and args.batch % accum:
+        raise ValueError(f"batch {args.batch} is not divisible by grad_accum {accum}")
+    # With accumulation the backward pass keeps one micro-batch's activations at a time.
+    batch = args.batch // accum if args.mode == "train" else args.batch
+    result = plan.make_plan(config, mesh, batch=batch, seq=args.seq, mode=args.mode,
                             remat=args.remat, param_dtype=param_dtype, dtype=args.dtype,
                             cache_dtype=args.cache_dtype, attention=args.attention,
                             prefill=args.prefill)
