@@ -713,6 +713,40 @@ def export_orbax_to_hf(orbax_dir, hf_dir, *, max_shard_size="5GB", dtype=None,
                 f.write("\n")
 
 
+def save_model(folder, config: Jais2Config, params, *, tokenizer_dir=None,
+               force: bool = False) -> None:
+    """In-memory params (our scanned tree) -> our Orbax model folder (what `jais2 convert` writes):
+    config.json, params/ and the tokenizer files of `tokenizer_dir`. One process; the whole tree is
+    written at once (for models that fit a host)."""
+    import orbax.checkpoint as ocp
+    hf_mapping.check_params(config, params)
+    with staged_output(folder, force) as tmp:
+        config.save(tmp)
+        if tokenizer_dir is not None:
+            _copy_tokenizer_files(os.fspath(tokenizer_dir), tmp)
+        with ocp.StandardCheckpointer() as ck:
+            ck.save(os.path.join(tmp, PARAMS_DIR), params)
+
+
+def export_run_to_hf(run_dir, hf_dir, *, step=None, max_shard_size="5GB", dtype=None,
+                     force: bool = False, progress: bool = True) -> int:
+    """A training run's checkpoint (default: the latest step) -> HF folder, through a temporary
+    Orbax model folder. Returns the exported step."""
+    from jais2_jax.trainer import load_trained, run_tokenizer_dir
+    config, params, step = load_trained(os.fspath(run_dir), step)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(os.fspath(hf_dir)))) as t:
+        model_dir = os.path.join(t, "model")
+        save_model(model_dir, config, jax.device_get(params),
+                   tokenizer_dir=run_tokenizer_dir(os.fspath(run_dir)))
+        export_orbax_to_hf(model_dir, hf_dir, max_shard_size=max_shard_size, dtype=dtype,
+                           force=force, progress=progress)
+    return step
+
+
+def is_training_run(path) -> bool:
+    return os.path.isdir(os.path.join(os.fspath(path), "checkpoints"))
+
+
 # --------------------------------------------------------------------------------- load either
 def is_orbax_folder(path) -> bool:
     return os.path.isdir(os.path.join(os.fspath(path), PARAMS_DIR))

@@ -142,6 +142,27 @@ def _get(tree: Mapping, path: tuple[str, ...]):
     return tree
 
 
+def check_params(config: Jais2Config, params: Mapping) -> None:
+    """ValueError naming every parameter of our tree that is missing, unexpected or misshapen."""
+    n = config.num_hidden_layers
+    expected = {"/".join(s.path): s.full_shape(n) for s in tensor_specs(config)}
+    flat = {}
+
+    def walk(tree, prefix):
+        for key, value in tree.items():
+            if isinstance(value, Mapping):
+                walk(value, prefix + (key,))
+            else:
+                flat["/".join(prefix + (key,))] = tuple(np.shape(value))
+    walk(params, ())
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(flat))]
+    problems += [f"unexpected {k}" for k in sorted(set(flat) - set(expected))]
+    problems += [f"{k} has shape {flat[k]}, the config implies {expected[k]}"
+                 for k in sorted(set(flat) & set(expected)) if flat[k] != expected[k]]
+    if problems:
+        raise ValueError("parameters do not match the config: " + "; ".join(problems[:8]))
+
+
 def params_from_state_dict(config: Jais2Config, state_dict: Mapping[str, np.ndarray],
                            dtype=None) -> dict:
     """HF state dict (numpy arrays) -> our scanned params tree of numpy arrays."""

@@ -321,6 +321,18 @@ def _config_diff(a: dict, b: dict) -> str:
     return ", ".join(f"{k}: {a.get(k)!r} (checkpoint) vs {b.get(k)!r} (run)" for k in keys)
 
 
+def run_tokenizer_dir(output_dir: str) -> str | None:
+    """The tokenizer the run trained with (the copy inside its token store), if it is there."""
+    directory = os.path.abspath(os.path.join(output_dir, "checkpoints"))
+    with ocp.CheckpointManager(directory, item_names=("state", "data", "meta")) as manager:
+        step = manager.latest_step()
+        if step is None:
+            return None
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    path = os.path.join(RunConfig.from_dict(meta["run"]).data, "tokenizer")
+    return path if os.path.isdir(path) else None
+
+
 def load_trained(output_dir: str, step: int | None = None) -> tuple[Jais2Config, dict, int]:
     """(model config, params, step) of a run's checkpoint (default: the latest), on one device."""
     directory = os.path.abspath(os.path.join(output_dir, "checkpoints"))

@@ -346,3 +346,25 @@ def test_fresh_state_can_be_donated():
     assert len({x.unsafe_buffer_pointer() for x in leaves}) == len(leaves)
     out = jax.jit(lambda s: s.replace(step=s.step + 1), donate_argnums=0)(state)
     assert int(out.step) == 1
+
+
+def test_export_a_training_run_to_transformers(straight_run, tmp_path):
+    """`jais2 export RUN_DIR HF_DIR`: transformers loads the trained model (with the run's
+    tokenizer) and its float32 logits equal ours from the run's checkpoint."""
+    import torch
+    from transformers import AutoTokenizer
+    from transformers import Jais2ForCausalLM as HFModel
+    from jais2_jax.cli import main
+    out = tmp_path / "hf"
+    assert main(["export", str(straight_run), str(out), "--quiet"]) == 0
+    config, params, step = load_trained(str(straight_run))
+    assert step == 6
+    hf = HFModel.from_pretrained(out).eval()
+    ids = np.random.RandomState(0).randint(0, config.vocab_size, (2, 12))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    ours = Jais2ForCausalLM(config).apply({"params": params}, jnp.asarray(ids))
+    assert rel_err(ours, ref) <= 1e-5
+    text = "The desert at dawn. الصحراء عند الفجر"
+    assert (AutoTokenizer.from_pretrained(out)(text).input_ids ==
+            AutoTokenizer.from_pretrained(os.path.join(ROOT, "data", "tokenizer"))(text).input_ids)
