@@ -97,7 +97,8 @@ def run_copy(src: str, out: str) -> None:
 
 
 def run_ours(src: str, out: str) -> None:
-    from jais2_jax.checkpoint import convert_hf_to_orbax
+    from jais2_jax.checkpoint import convert_hf_to_orbax, return_freed_memory_to_os
+    return_freed_memory_to_os()  # as `jais2 convert` does
     convert_hf_to_orbax(src, out, progress=False)
 
 

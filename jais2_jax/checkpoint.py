@@ -318,6 +318,24 @@ class HFCheckpoint:
 
 
 # ----------------------------------------------------------------------------- staged outputs
+def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
+    """Serve every allocation >= `threshold` bytes from mmap, so that freeing it returns it to the OS.
+
+    glibc keeps freed heap blocks in per-thread arenas (up to 8 per core) for reuse; streaming
+    many-MB blocks through a pool of reader threads leaves that retained memory in RSS. Measured on
+    2 cores (`benchmarks/bench_convert.py --layers 6 --methods ours`): peak RSS 1.97-2.24 GB
+    without, 1.44-1.48 GB with, same wall time. Process-wide and permanent, so the `jais2 convert`
+    and `jais2 export` commands call it; library functions do not. False where it is unavailable.
+    """
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold = -3  # glibc's M_MMAP_THRESHOLD; setting it also stops its dynamic growth
+    return bool(libc.mallopt(m_mmap_threshold, threshold))
+
+
 @contextlib.contextmanager
 def staged_output(target, force: bool) -> Iterator[str]:
     """A temporary folder beside `target`, renamed to it when the block completes; removed if it

@@ -15,7 +15,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from jais2_jax.checkpoint import convert_hf_to_orbax
+    from jais2_jax.checkpoint import convert_hf_to_orbax, return_freed_memory_to_os
+    return_freed_memory_to_os()  # a process of its own: bound RSS (see the function)
     convert_hf_to_orbax(args.hf_dir, args.orbax_dir, dtype=args.dtype, force=args.force,
                         progress=not args.quiet)
     print(f"wrote {args.orbax_dir}")

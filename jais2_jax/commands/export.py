@@ -23,7 +23,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from jais2_jax.checkpoint import export_orbax_to_hf, export_run_to_hf, is_training_run
+    from jais2_jax.checkpoint import (export_orbax_to_hf, export_run_to_hf, is_training_run,
+                                      return_freed_memory_to_os)
+    return_freed_memory_to_os()  # a process of its own: bound RSS (see the function)
     if is_training_run(args.orbax_dir):
         step = export_run_to_hf(args.orbax_dir, args.hf_dir, step=args.step,
                                 max_shard_size=args.max_shard_size, dtype=args.dtype,
