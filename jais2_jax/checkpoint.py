@@ -507,12 +507,6 @@ def _streaming_handler(budget_bytes: int, on_block: Callable[[int], None]):
     return StreamingNumpyHandler()
 
 
-def _tree_set(tree: dict, path: Sequence[str], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 def _save_streamed(directory: str, tree: dict, progress_desc: str, progress: bool,
                    budget_bytes: int = _BLOCK_BUDGET_BYTES) -> None:
     """An Orbax PyTree checkpoint of a tree of `_Streamed` leaves, written block by block."""
@@ -544,7 +538,7 @@ def _hf_to_streamed(ckpt: HFCheckpoint, dtype: np.dtype) -> dict:
         # Stacked: one chunk per layer. Others (embedding, lm_head): chunks of ~64 MB.
         leaf = (_Streamed(spec.full_shape(n), dtype, 0, read, None) if spec.stacked else
                 _Streamed(spec.our_shape, dtype, _hf_row_axis(spec), read, 64 << 20))
-        _tree_set(tree, spec.path, leaf)
+        hf_mapping.tree_set(tree, spec.path, leaf)
     return tree
 
 
@@ -615,17 +609,11 @@ class OrbaxCheckpoint:
         target = {}
         for spec in self.specs:
             m = self.metadata(spec)
-            _tree_set(target, spec.path, jax.ShapeDtypeStruct(
+            hf_mapping.tree_set(target, spec.path, jax.ShapeDtypeStruct(
                 tuple(m.shape), m.dtype if dtype is None else dtype,
-                sharding=_tree_get(shardings, spec.path)))
+                sharding=hf_mapping.tree_get(shardings, spec.path)))
         with ocp.StandardCheckpointer() as ck:
             return ck.restore(self.params_dir, target)
-
-
-def _tree_get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 # ------------------------------------------------------------------------------ HF (write side)
@@ -792,13 +780,13 @@ def _load_hf(path, dtype, shardings) -> tuple[Jais2Config, dict]:
     params: dict = {}
     for spec in ckpt.specs:
         shape = spec.full_shape(n)
-        sharding = _tree_get(shardings, spec.path)
+        sharding = hf_mapping.tree_get(shardings, spec.path)
         box = _process_box(sharding, shape)
         part = ckpt.read(spec, box)
         if dtype is not None:
             part = part.astype(dtype, copy=False)
 
-        _tree_set(params, spec.path, jax.make_array_from_callback(
+        hf_mapping.tree_set(params, spec.path, jax.make_array_from_callback(
             shape, sharding, lambda index, part=part, box=box, shape=shape:
             _local_part(part, box, index, shape)))
         del part
@@ -821,8 +809,9 @@ def load_checkpoint(path, *, dtype=None, mesh=None) -> tuple[Jais2Config, dict]:
         shardings = param_shardings(config, mesh)
     else:
         shardings = {}
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         for s in tensor_specs(config):
-            _tree_set(shardings, s.path, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+            hf_mapping.tree_set(shardings, s.path, device)
     if is_orbax_folder(folder):
         ckpt = OrbaxCheckpoint(folder)
         return ckpt.config, ckpt.restore(shardings, dtype)

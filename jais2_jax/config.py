@@ -261,6 +261,13 @@ class Jais2Config:
         return path
 
 
+def load_model_config(spec: str) -> Jais2Config:
+    """A preset name (configs/<name>.json) or a path to config.json / a checkpoint directory."""
+    if os.path.exists(spec):
+        return Jais2Config.from_json_file(spec)
+    return preset(spec)
+
+
 def preset(name: str) -> Jais2Config:
     """A config from `configs/<name>.json` (e.g. "jais2-8b", "jais2-70b", "jais2-tiny")."""
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

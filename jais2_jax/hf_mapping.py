@@ -130,13 +130,13 @@ def check_hf_shape(spec: TensorSpec, name: str, shape) -> None:
                          f"{spec.hf_shape}")
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
+def tree_set(tree: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
 
 
-def _get(tree: Mapping, path: tuple[str, ...]):
+def tree_get(tree: Mapping, path: tuple[str, ...]):
     for key in path:
         tree = tree[key]
     return tree
@@ -175,7 +175,7 @@ def params_from_state_dict(config: Jais2Config, state_dict: Mapping[str, np.ndar
             check_hf_shape(spec, name, t.shape)
             parts.append(spec.to_ours(t))
         arr = np.stack(parts) if spec.stacked else parts[0]
-        _set(params, spec.path, arr if dtype is None else arr.astype(dtype))
+        tree_set(params, spec.path, arr if dtype is None else arr.astype(dtype))
     return params
 
 
@@ -183,7 +183,7 @@ def state_dict_from_params(config: Jais2Config, params: Mapping, dtype=None) -> 
     """Our scanned params tree -> HF state dict (numpy arrays), tied weights omitted as HF does."""
     out = {}
     for spec in tensor_specs(config):
-        arr = np.asarray(_get(params, spec.path))
+        arr = np.asarray(tree_get(params, spec.path))
         if dtype is not None:
             arr = arr.astype(dtype)
         names = spec.hf_names(config.num_hidden_layers)

@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from jais2_jax import data, sharding
-from jais2_jax.config import Jais2Config, preset
+from jais2_jax.config import Jais2Config, load_model_config
 from jais2_jax.distributed import global_batch
 from jais2_jax.model import Jais2ForCausalLM, as_dtype
 from jais2_jax.run_config import RunConfig
@@ -37,13 +37,6 @@ from jais2_jax.training import (flops_per_token, init_state, jit_train_step, mak
 
 # `meta` entries that fix the order of the data: a resumed run must keep them.
 DATA_ORDER_KEYS = ("seq_len", "batch_size", "seed")
-
-
-def load_model_config(spec: str) -> Jais2Config:
-    """A preset name (configs/<name>.json) or a path to config.json / a checkpoint directory."""
-    if os.path.exists(spec):
-        return Jais2Config.from_json_file(spec)
-    return preset(spec)
 
 
 class _StopFlag:

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 from helpers import hf_model, rel_err
 from jais2_jax import Jais2ForCausalLM
 from jais2_jax import checkpoint as ckpt_lib
+from jais2_jax import hf_mapping
 from jais2_jax.checkpoint import load_checkpoint, parse_size
 from jais2_jax.cli import main
 from jais2_jax.sharding import LOGICAL_AXIS_RULES, make_mesh, param_shardings
@@ -335,7 +336,7 @@ def test_process_reads_only_its_part(hf_src):
     halved = 0
     for spec in ckpt.specs:
         shape = spec.full_shape(ckpt.config.num_hidden_layers)
-        sharding = ckpt_lib._tree_get(shardings, spec.path)
+        sharding = hf_mapping.tree_get(shardings, spec.path)
         owned = {d: i for d, i in sharding.devices_indices_map(shape).items() if d in local}
 
         class ThisProcess:  # sees only its own devices

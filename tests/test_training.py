@@ -315,7 +315,7 @@ RUN_CONFIG_DEVICES = {"tiny-cpu": 1, "jais2-8b-h100x8": 8, "jais2-8b-v5p": 32, "
 @pytest.mark.parametrize("name", sorted(RUN_CONFIG_DEVICES))
 def test_shipped_run_configs_fit_their_meshes(name):
     from jais2_jax import sharding
-    from jais2_jax.trainer import load_model_config
+    from jais2_jax.config import load_model_config
     run = RunConfig.from_yaml(os.path.join(ROOT, "configs", f"{name}.yaml"))
     config = load_model_config(run.model)
     assert run.seq_len <= config.max_position_embeddings

@@ -17,7 +17,6 @@ fits):
 
 from __future__ import annotations
 
-import os
 
 
 def add_arguments(parser) -> None:
@@ -55,13 +54,6 @@ def add_arguments(parser) -> None:
                         help="flash: splash/cuDNN kernels keep no [T, T] scores (default)")
 
 
-def _config(model: str):
-    from jais2_jax.config import Jais2Config, preset
-    if os.path.exists(model):
-        return Jais2Config.from_json_file(model)
-    return preset(model)
-
-
 def _fill_from_run(args):
     """--run: a RunConfig; flags given on the command line take precedence over its values."""
     if not args.run:
@@ -90,7 +82,8 @@ def run(args) -> int:
         raise ValueError(f"{', '.join(missing)} required (or --run CONFIG.yaml)")
     args.remat = args.remat or "dots"
     args.mesh = args.mesh or "fsdp"
-    config = _config(args.model)
+    from jais2_jax.config import load_model_config
+    config = load_model_config(args.model)
     if args.topology:
         return _run_topology(args, config, run_config)
     hbm, per_host = None, None
