@@ -27,7 +27,6 @@ import re
 import tempfile
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -236,25 +235,17 @@ def _run_config(run, s: Setting):
 
 
 def compile_train(config: Jais2Config, mesh, s: Setting, run=None) -> list[Compiled]:
-    """The trainer's own step (`make_train_step` + `jit_train_step`, as `jais2 train` jits it)."""
-    from jais2_jax.model import Jais2ForCausalLM, as_dtype
-    from jais2_jax.training import (init_state, jit_train_step, make_optimizer, make_train_step,
-                                    state_shardings)
+    """The trainer's own step, built and jitted by `trainer._program` as `jais2 train` does."""
+    from jais2_jax.trainer import _program
+    from jais2_jax.training import init_state
     run = _run_config(run, s)
-    param_dtype = as_dtype(run.param_dtype)
-    model = Jais2ForCausalLM(config, dtype=as_dtype(run.dtype), param_dtype=param_dtype,
-                             remat_policy=run.remat_policy, attention_impl=run.attention_impl)
-    optimizer = make_optimizer(run)
-    abstract_params = nn.meta.unbox(sharding.abstract_params(config, param_dtype=param_dtype))
-    state_sh = state_shardings(optimizer, sharding.param_shardings(config, mesh), abstract_params)
-    batch_sh = sharding.batch_sharding(mesh, (s.batch, s.seq))
-    step = jit_train_step(make_train_step(model, optimizer, run), state_sh, batch_sh)
-    state = _with_shardings(jax.eval_shape(lambda p: init_state(p, optimizer, run.seed),
-                                           abstract_params), state_sh)
-    batch = {k: jax.ShapeDtypeStruct((s.batch, s.seq), dt, sharding=batch_sh)
+    program = _program(config, run, mesh)
+    state = _with_shardings(jax.eval_shape(lambda p: init_state(p, program.optimizer, run.seed),
+                                           program.abstract_params), program.state_sh)
+    batch = {k: jax.ShapeDtypeStruct((s.batch, s.seq), dt, sharding=program.batch_sh)
              for k, dt in _BATCH_DTYPES.items()}
     with sharding.use_mesh(mesh):
-        return [_compile("train step", lambda: step.lower(state, batch))]
+        return [_compile("train step", lambda: program.train_step.lower(state, batch))]
 
 
 def compile_decode(config: Jais2Config, mesh, s: Setting, param_dtype="bfloat16",
