@@ -1,0 +1,191 @@
+"""Where the time goes: trace the 2B train step and the 8B prefill with jax.profiler, sum the GPU
+kernel time by kernel and by kind (GEMM, attention, fusion, copy, ...), print a short table.
+
+    python benchmarks/profile_gpu.py --out $OUT            # GPU: train step and prefill
+    python benchmarks/profile_gpu.py --what train --batch 16 --remat dots_no_batch
+    python benchmarks/profile_gpu.py --tiny                # CPU: checks the script
+
+The trace is jax.profiler's Perfetto JSON (`perfetto_trace.json.gz`, plain Chrome trace events);
+GPU kernels sit on the device process's stream threads. Kernel time is summed over the traced
+calls and divided by their number; the gap to the wall time per call is host/launch time.
+The compiled HLO of each program is written beside the summary so fusion names can be looked up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+KINDS = [  # first match wins; lower-case substrings of kernel names
+    ("gemm", ("gemm", "xmma", "cutlass", "cublas", "sm90_", "matmul", "dot", "triton_gemm")),
+    ("attention", ("flash", "fmha", "cudnn", "sdpa", "attention")),
+    ("reduce", ("reduce", "reduction")),
+    ("copy/transpose", ("copy", "transpose", "memcpy", "memset", "dynamic_update_slice",
+                        "dynamic-update-slice", "concatenate")),
+    ("fusion/elementwise", ("fusion", "loop_", "input_", "convert", "multiply", "add")),
+]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def summarize(trace_dir: str, calls: int, wall_s: float, top: int = 25) -> str:
+    paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        return f"no perfetto trace under {trace_dir}"
+    with gzip.open(sorted(paths)[-1], "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    procs, threads = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            procs[e["pid"]] = e["args"]["name"]
+        if e.get("ph") == "M" and e.get("name") == "thread_name":
+            threads[(e["pid"], e["tid"])] = e["args"]["name"]
+    gpu_pids = {p for p, n in procs.items() if "gpu" in n.lower() or "device" in n.lower()}
+    # Stream threads hold kernels; "XLA Ops"/"XLA Modules"/name-scope lines would double count.
+    by_thread = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
+            continue
+        by_thread[threads.get((e["pid"], e["tid"]), str(e["tid"]))].append(e)
+    lines = [f"threads on the device: " + ", ".join(
+        f"{t} ({len(v)} events, {sum(x.get('dur', 0) for x in v) / 1e3 / calls:.2f} ms/call)"
+        for t, v in sorted(by_thread.items()))]
+    streams = {t: v for t, v in by_thread.items() if "stream" in t.lower()} or by_thread
+    per_name, per_kind = collections.Counter(), collections.Counter()
+    count = collections.Counter()
+    for v in streams.values():
+        for e in v:
+            per_name[e["name"]] += e.get("dur", 0)
+            per_kind[kind_of(e["name"])] += e.get("dur", 0)
+            count[e["name"]] += 1
+    total = sum(per_name.values())
+    lines.append(f"wall {wall_s / calls * 1e3:.2f} ms/call; kernel time {total / 1e3 / calls:.2f} "
+                 f"ms/call ({len(per_name)} distinct kernels)")
+    lines.append(f"{'kind':<22}{'ms/call':>10}{'share':>8}")
+    for k, d in per_kind.most_common():
+        lines.append(f"{k:<22}{d / 1e3 / calls:>10.2f}{d / max(total, 1):>8.1%}")
+    lines.append(f"\n{'top kernels':<90}{'ms/call':>9}{'n/call':>8}{'share':>8}")
+    for n, d in per_name.most_common(top):
+        lines.append(f"{n[:88]:<90}{d / 1e3 / calls:>9.2f}{count[n] / calls:>8.1f}"
+                     f"{d / max(total, 1):>8.1%}")
+    return "\n".join(lines)
+
+
+def trace(fn, calls: int, out: str, label: str):
+    import jax
+    jax.block_until_ready(fn())  # warm (compiled already by the caller's warm-up)
+    d = os.path.join(out, f"trace_{label}")
+    jax.profiler.start_trace(d, create_perfetto_trace=True)
+    t = time.perf_counter()
+    for _ in range(calls):
+        r = fn()
+        jax.block_until_ready(r)
+    wall = time.perf_counter() - t
+    jax.profiler.stop_trace()
+    return d, wall
+
+
+def profile_train(args):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import bench_train
+    from jais2_jax.run_config import RunConfig
+    from jais2_jax.sharding import make_mesh, use_mesh
+    from jais2_jax.trainer import _program
+
+    shape = "tiny" if args.tiny else "2b"
+    config = bench_train.model_config(shape)
+    seq = bench_train.SHAPES[shape]["seq"]
+    batch = 2 if args.tiny else args.batch
+    mesh = make_mesh("fsdp", devices=jax.devices()[:1])
+    run = RunConfig(model="", data="", output_dir="", seq_len=seq, batch_size=batch,
+                    loss_chunk=args.loss_chunk, dtype="float32" if args.tiny else "bfloat16",
+                    param_dtype="float32", remat_policy=args.remat, warmup_steps=10,
+                    total_steps=1000)
+    program = _program(config, run, mesh)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, config.vocab_size, (batch, seq + 1)), jnp.int32)
+    data = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+            "loss_mask": jnp.ones((batch, seq), jnp.float32)}
+    box = {}
+    with use_mesh(mesh):
+        box["state"] = bench_train._init(program, config, run)
+        hlo = program.train_step.lower(box["state"], data).compile().as_text()
+        with gzip.open(os.path.join(args.out, "train_step.hlo.txt.gz"), "wt") as f:
+            f.write(hlo)
+
+        def step():
+            box["state"], metrics = program.train_step(box["state"], data)
+            return metrics
+        for _ in range(2):
+            jax.block_until_ready(step())
+        d, wall = trace(step, args.calls, args.out, "train")
+    return (f"== train step: 2B shape, batch {batch}, seq {seq}, remat {args.remat}, "
+            f"tok/s {batch * seq * args.calls / wall:,.0f}\n" + summarize(d, args.calls, wall))
+
+
+def profile_prefill(args):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import bench_generate
+    from jais2_jax import Jais2Config, init_cache
+    from jais2_jax.generate import prefill
+    from jais2_jax.model import as_dtype
+
+    p = bench_generate.plan(args.tiny)
+    dtype = as_dtype(p["dtype"])
+    config = Jais2Config(**p["shape"], bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    model, params = bench_generate.random_params(config, dtype, fuse_qkv=True)
+    ids = jnp.asarray(np.random.RandomState(0).randint(2, config.vocab_size, (1, p["prefill"])),
+                      jnp.int32)
+    mask = jnp.ones_like(ids)
+
+    def once():
+        cache = init_cache(config, 1, p["prefill"], dtype=dtype, per_layer=True)
+        return prefill(model, params, ids, mask, cache)
+    for _ in range(2):
+        jax.block_until_ready(once())
+    d, wall = trace(once, args.calls, args.out, "prefill")
+    return f"== prefill 1 x {p['prefill']}\n" + summarize(d, args.calls, wall)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--what", default="train,prefill")
+    p.add_argument("--out", default="/tmp/jais2_profile")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--remat", default="dots_no_batch")
+    p.add_argument("--loss-chunk", type=int, default=512)
+    p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--tiny", action="store_true")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    reports = []
+    for what in args.what.split(","):
+        reports.append({"train": profile_train, "prefill": profile_prefill}[what](args))
+        print(reports[-1], flush=True)
+    with open(os.path.join(args.out, "profile.txt"), "w") as f:
+        f.write("\n\n".join(reports) + "\n")
+
+
+if __name__ == "__main__":
+    main()
