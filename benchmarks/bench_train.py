@@ -73,14 +73,16 @@ def run_jax(args):
     emit(side="jax", what="device", name=jax.devices()[0].device_kind, jax=jax.__version__)
     dtype = "float32" if args.tiny else "bfloat16"
     start = time.perf_counter()
-    for remat in args.remat.split(","):
+    for variant in args.remat.split(","):
+        remat, _, layout = variant.partition(":")  # "dots_no_batch:unrolled" -> scan_layers=False
         for batch in map(int, args.batch.split(",")):
             if time.perf_counter() - start > args.budget_s:
-                emit(side="jax", batch=batch, remat=remat, skipped="time budget")
+                emit(side="jax", batch=batch, remat=variant, skipped="time budget")
                 continue
             run = RunConfig(model="", data="", output_dir="", seq_len=seq, batch_size=batch,
                             loss_chunk=args.loss_chunk, dtype=dtype, param_dtype="float32",
-                            remat_policy=remat, warmup_steps=10, total_steps=1000)
+                            remat_policy=remat, warmup_steps=10, total_steps=1000,
+                            scan_layers=layout != "unrolled")
             try:
                 program = _program(config, run, mesh)
                 rng = np.random.default_rng(0)
@@ -103,13 +105,13 @@ def run_jax(args):
                 step_s = _median(times)
                 tok_s = batch * seq / step_s
                 stats = jax.devices()[0].memory_stats() or {}
-                emit(side="jax", batch=batch, remat=remat, step_s=step_s, tok_s=tok_s,
+                emit(side="jax", batch=batch, remat=variant, step_s=step_s, tok_s=tok_s,
                      tflops=flops_per_token(config, seq) * tok_s / 1e12,
                      loss=float(metrics["loss"]), warmup_s=warm_s,
                      peak_gb=stats.get("peak_bytes_in_use", 0) / 1e9)
             except Exception as e:  # noqa: BLE001  (OOM is an XlaRuntimeError; keep sweeping)
                 oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
-                emit(side="jax", batch=batch, remat=remat,
+                emit(side="jax", batch=batch, remat=variant,
                      error="OOM" if oom else f"{type(e).__name__}: {str(e)[:300]}")
             finally:
                 state = metrics = None
@@ -201,7 +203,8 @@ def main():
     p.add_argument("--tiny", action="store_true", help="tiny shape on the CPU (smoke test)")
     p.add_argument("--batch", default=None, help="our batch sizes, comma-separated (default 6,8,12)")
     p.add_argument("--remat", default=None,
-                   help="remat policies: none, dots, dots_no_batch, full (default dots,dots_no_batch)")
+                   help="remat policies: none, dots, dots_no_batch, full (default dots,dots_no_batch); "
+                        "a ':unrolled' suffix runs the layers unrolled (run.scan_layers=False)")
     p.add_argument("--hf-batch", default=None, help="transformers batch sizes (default 2); '' skips")
     p.add_argument("--loss-chunk", type=int, default=512, help="sequence chunk of the loss")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
@@ -243,7 +246,7 @@ def _table(rows, args):
     for r in rows:
         if r.get("what") == "device":
             print(f"  {r['side']}: {r['name']}")
-    print(f"{'impl':<14}{'batch':>6}{'remat':>15}{'tok/s':>10}{'TFLOP/s':>9}{'step ms':>9}"
+    print(f"{'impl':<14}{'batch':>6}{'remat':>24}{'tok/s':>10}{'TFLOP/s':>9}{'step ms':>9}"
           f"{'peak GB':>9}  note")
     best_hf = max((r["tok_s"] for r in rows if r.get("side") == "hf" and "tok_s" in r), default=None)
     for r in rows:
@@ -252,10 +255,10 @@ def _table(rows, args):
         impl = "transformers" if r["side"] == "hf" else "jais2-jax"
         if "tok_s" in r:
             note = f"{r['tok_s'] / best_hf:.2f}x HF" if best_hf and r["side"] == "jax" else ""
-            print(f"{impl:<14}{r['batch']:>6}{r['remat']:>15}{r['tok_s']:>10.0f}{r['tflops']:>9.1f}"
+            print(f"{impl:<14}{r['batch']:>6}{r['remat']:>24}{r['tok_s']:>10.0f}{r['tflops']:>9.1f}"
                   f"{1e3 * r['step_s']:>9.1f}{r['peak_gb']:>9.1f}  {note}")
         else:
-            print(f"{impl:<14}{r['batch']:>6}{r['remat']:>15}{'':>37}  "
+            print(f"{impl:<14}{r['batch']:>6}{r['remat']:>24}{'':>37}  "
                   f"{r.get('error') or r.get('skipped')}")
 
 

@@ -27,8 +27,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 KINDS = [  # first match wins; lower-case substrings of kernel names
-    ("gemm", ("gemm", "xmma", "cutlass", "cublas", "sm90_", "matmul", "dot", "triton_gemm")),
     ("attention", ("flash", "fmha", "cudnn", "sdpa", "attention")),
+    ("gemm", ("gemm", "xmma", "cutlass", "cublas", "nvjet", "sm90_", "matmul", "dot")),
     ("reduce", ("reduce", "reduction")),
     ("copy/transpose", ("copy", "transpose", "memcpy", "memset", "dynamic_update_slice",
                         "dynamic-update-slice", "concatenate")),
@@ -48,6 +48,9 @@ def summarize(trace_dir: str, calls: int, wall_s: float, top: int = 25) -> str:
     paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not paths:
         return f"no perfetto trace under {trace_dir}"
+    import shutil  # a copy at the top of the output folder (nested folders may not travel)
+    shutil.copy(sorted(paths)[-1], os.path.join(os.path.dirname(trace_dir.rstrip("/")),
+                                                os.path.basename(trace_dir) + ".json.gz"))
     with gzip.open(sorted(paths)[-1], "rt") as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -119,7 +122,7 @@ def profile_train(args):
     run = RunConfig(model="", data="", output_dir="", seq_len=seq, batch_size=batch,
                     loss_chunk=args.loss_chunk, dtype="float32" if args.tiny else "bfloat16",
                     param_dtype="float32", remat_policy=args.remat, warmup_steps=10,
-                    total_steps=1000)
+                    total_steps=1000, scan_layers=not args.unrolled)
     program = _program(config, run, mesh)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, config.vocab_size, (batch, seq + 1)), jnp.int32)
@@ -139,6 +142,7 @@ def profile_train(args):
             jax.block_until_ready(step())
         d, wall = trace(step, args.calls, args.out, "train")
     return (f"== train step: 2B shape, batch {batch}, seq {seq}, remat {args.remat}, "
+            f"{'unrolled' if args.unrolled else 'scanned'} layers, "
             f"tok/s {batch * seq * args.calls / wall:,.0f}\n" + summarize(d, args.calls, wall))
 
 
@@ -176,6 +180,7 @@ def main():
     p.add_argument("--remat", default="dots_no_batch")
     p.add_argument("--loss-chunk", type=int, default=512)
     p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--unrolled", action="store_true", help="train step with scan_layers=False")
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)

@@ -367,6 +367,13 @@ class Jais2ForCausalLM(nn.Module):
                                 lengths=cache.lengths + real.sum(axis=1))
         return x, new_cache
 
+    def lm_head_weight(self):
+        """The output projection as a [D, V] array in the parameter dtype (the tied embedding
+        table transposed): the fused training loss makes its own chunked logits from it."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.embedding.T
+        return self.lm_head.variables["params"]["kernel"]
+
     def logits(self, hidden):
         """[..., D] -> float32 logits [..., V]."""
         if self.config.tie_word_embeddings:

@@ -105,7 +105,7 @@ def _activation_bytes(config, *, batch, seq, remat, dtype, param_dtype, attentio
                       loss_chunk) -> tuple[int, int]:
     """(saved residuals of the whole loss, one layer's working set) for one device's share."""
     from jais2_jax.model import Jais2ForCausalLM
-    from jais2_jax.training import loss_sums
+    from jais2_jax.training import train_loss_sums
     impl = "splash_interpret" if attention == "flash" and seq % 128 == 0 else "xla"
 
     def traced(cfg, policy, loss):
@@ -116,7 +116,8 @@ def _activation_bytes(config, *, batch, seq, remat, dtype, param_dtype, attentio
         if loss:
             data = {"input_ids": ids, "targets": ids,
                     "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.int32)}
-            return _residual_bytes(lambda p, b: loss_sums(model, p, b, chunk=loss_chunk)[0],
+            return _residual_bytes(lambda p, b: train_loss_sums(model, p, b, chunk=loss_chunk,
+                                                                   z_loss=0.0)[0],
                                    params, data)
         return _residual_bytes(lambda p, i: model.apply({"params": p}, i, method="hidden_states")[0]
                                .astype(jnp.float32).sum(), params, ids)

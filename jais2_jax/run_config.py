@@ -47,6 +47,9 @@ class RunConfig:
     param_dtype: str = "float32"
     remat_policy: str = "dots"
     attention_impl: str | None = None
+    # False: the step runs the layers unrolled over a per-layer view of the (still stacked) params;
+    # no stacked buffers of saved activations to fill and copy (faster on GPU), longer compiles
+    scan_layers: bool = True
     # (data, fsdp, tensor) sizes with one -1 for "the rest", or a preset of sharding.make_mesh
     # ("fsdp", "dp", "tp", "fsdp+tp"); dcn_mesh: how many slices/hosts each axis spans (multi-slice)
     mesh: str | tuple[int, ...] = "fsdp"

@@ -18,7 +18,7 @@ from jais2_jax import Jais2ForCausalLM, data
 from jais2_jax.run_config import RunConfig
 from jais2_jax.trainer import load_trained, train
 from jais2_jax.training import (init_state, loss_sums, make_optimizer, make_train_step,
-                                target_count)
+                                target_count, train_loss_sums)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +57,17 @@ def test_train_step_loss_equals_transformers(hf, tmp_path):
     assert abs(float(metrics["loss"]) - ref) / ref <= 1e-6
 
 
-def test_loss_gradient_matches_torch_autograd(hf):
+def _ce(kind, model, p, batch, chunk, z_loss=0.0):
+    """sum CE + z_loss * sum lse^2 by `loss_sums` (backward recomputes chunks) or by
+    `train_loss_sums` (gradient made in the forward pass, the train step's)."""
+    if kind == "fused":
+        return train_loss_sums(model, p, batch, chunk=chunk, z_loss=z_loss)[0]
+    ce, z = loss_sums(model, p, batch, chunk=chunk)
+    return ce + z_loss * z
+
+
+@pytest.mark.parametrize("kind", ["checkpointed", "fused"])
+def test_loss_gradient_matches_torch_autograd(hf, kind):
     import torch
     from jais2_jax.hf_mapping import params_from_state_dict
     model_hf, config, params = hf
@@ -68,8 +78,7 @@ def test_loss_gradient_matches_torch_autograd(hf):
     batch = _shifted_batch(ids)
 
     def loss(p):
-        ce, _ = loss_sums(Jais2ForCausalLM(config), p, batch, chunk=4)
-        return ce / target_count(batch)
+        return _ce(kind, Jais2ForCausalLM(config), p, batch, 4) / target_count(batch)
 
     grads = jax.grad(loss)(params)
     flat_ref = dict(jax.tree_util.tree_flatten_with_path(ref)[0])
@@ -78,16 +87,20 @@ def test_loss_gradient_matches_torch_autograd(hf):
                                                     rel_err(g, flat_ref[path]))
 
 
-def test_chunked_loss_equals_unchunked(hf):
+@pytest.mark.parametrize("kind,tied", [("checkpointed", False), ("fused", False),
+                                       ("fused", True)])
+def test_chunked_loss_equals_unchunked(hf, kind, tied):
     _, config, params = hf
+    if tied:  # the lm_head is the embedding table: its gradient has both contributions
+        config = config.replace(tie_word_embeddings=True)
+        params = {k: v for k, v in params.items() if k != "lm_head"}
     rng = np.random.default_rng(2)
     batch = _shifted_batch(rng.integers(0, config.vocab_size, (2, 16)))
     batch["loss_mask"] = batch["loss_mask"] * jnp.asarray(rng.random((2, 16)) > 0.3)
     model = Jais2ForCausalLM(config)
 
     def loss(p, chunk):
-        ce, z = loss_sums(model, p, batch, chunk=chunk)
-        return ce + 1e-2 * z
+        return _ce(kind, model, p, batch, chunk, z_loss=1e-2)
 
     # Reference: the full [B, T, V] logits in one go, no scan, no checkpoint.
     def full(p):
@@ -101,6 +114,26 @@ def test_chunked_loss_equals_unchunked(hf):
     assert abs(float(value - ref_value)) / float(ref_value) <= 1e-6
     for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
         assert rel_err(g, r) <= 1e-6
+
+
+def test_unrolled_step_equals_scanned_step(hf, tmp_path):
+    """run.scan_layers=False runs the layers unrolled over slices of the stacked params: the
+    same loss and the same updated (still stacked) params as the scanned step."""
+    _, config, params = hf
+    ids = np.random.default_rng(3).integers(0, config.vocab_size, (4, 16))
+    out = {}
+    for scan in (True, False):
+        run = _run(tmp_path, scan_layers=scan, remat_policy="dots", z_loss=1e-3)
+        optimizer = make_optimizer(run)
+        step = jax.jit(make_train_step(Jais2ForCausalLM(config, remat_policy="dots"), optimizer, run))
+        out[scan] = step(init_state(params, optimizer, 0), _shifted_batch(ids))
+    (s1, m1), (s0, m0) = out[True], out[False]
+    assert abs(float(m1["loss"]) - float(m0["loss"])) <= 1e-6 * float(m1["loss"])
+    assert rel_err(m1["grad_norm"], m0["grad_norm"]) <= 1e-5
+    # Adam's first moment after one step is (1 - beta1) * gradient: compare every gradient.
+    assert jax.tree_util.tree_structure(s1.opt_state) == jax.tree_util.tree_structure(s0.opt_state)
+    for a, b in zip(jax.tree_util.tree_leaves(s1.opt_state), jax.tree_util.tree_leaves(s0.opt_state)):
+        assert rel_err(a, b) <= 1e-5
 
 
 def test_packed_documents_do_not_attend_across_boundaries(hf):
