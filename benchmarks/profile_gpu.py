@@ -94,7 +94,7 @@ def summarize(trace_dir: str, calls: int, wall_s: float, top: int = 25) -> str:
 def trace(fn, calls: int, out: str, label: str):
     import jax
     jax.block_until_ready(fn())  # warm (compiled already by the caller's warm-up)
-    d = os.path.join(out, f"trace_{label}")
+    d = os.path.join(out, f"trace_{label}_{time.strftime('%H%M%S')}")
     jax.profiler.start_trace(d, create_perfetto_trace=True)
     t = time.perf_counter()
     for _ in range(calls):
@@ -123,6 +123,13 @@ def profile_train(args):
                     loss_chunk=args.loss_chunk, dtype="float32" if args.tiny else "bfloat16",
                     param_dtype="float32", remat_policy=args.remat, warmup_steps=10,
                     total_steps=1000, scan_layers=not args.unrolled)
+    if args.loss == "checkpointed":  # the earlier loss: backward recomputes each chunk's logits
+        from jais2_jax import training
+
+        def checkpointed(model, params, batch, *, chunk, z_loss):
+            ce, z = training.loss_sums(model, params, batch, chunk=chunk)
+            return ce + z_loss * z, (ce, z)
+        training.train_loss_sums = checkpointed
     program = _program(config, run, mesh)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, config.vocab_size, (batch, seq + 1)), jnp.int32)
@@ -142,7 +149,7 @@ def profile_train(args):
             jax.block_until_ready(step())
         d, wall = trace(step, args.calls, args.out, "train")
     return (f"== train step: 2B shape, batch {batch}, seq {seq}, remat {args.remat}, "
-            f"{'unrolled' if args.unrolled else 'scanned'} layers, "
+            f"{'unrolled' if args.unrolled else 'scanned'} layers, {args.loss} loss, "
             f"tok/s {batch * seq * args.calls / wall:,.0f}\n" + summarize(d, args.calls, wall))
 
 
@@ -172,6 +179,46 @@ def profile_prefill(args):
     return f"== prefill 1 x {p['prefill']}\n" + summarize(d, args.calls, wall)
 
 
+def profile_decode(args):
+    """The on-device decode loop at each batch of --decode-batches: kernels per decode step."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import bench_generate
+    from jais2_jax import Jais2Config, init_cache
+    from jais2_jax.generate import _decode_loop, prefill
+    from jais2_jax.model import as_dtype
+    from jais2_jax.sampling import Sampler
+
+    p = bench_generate.plan(args.tiny)
+    dtype = as_dtype(p["dtype"])
+    config = Jais2Config(**p["shape"], bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    model, params = bench_generate.random_params(config, dtype, fuse_qkv=not args.unfused_qkv)
+    if args.attention:
+        model = model.clone(attention_impl=args.attention)
+    reports, new = [], args.decode_steps
+    for batch in map(int, args.decode_batches.split(",")):
+        ids = jnp.asarray(np.random.RandomState(0).randint(2, config.vocab_size,
+                                                           (batch, p["prompt"])), jnp.int32)
+
+        def once():
+            cache = init_cache(config, batch, p["prompt"] + new + 128 - (p["prompt"] + new) % 128,
+                               dtype=dtype, per_layer=True)
+            logits, cache = prefill(model, params, ids, jnp.ones_like(ids), cache)
+            return _decode_loop(model, params, logits, cache, None, max_new_tokens=new,
+                                sampler=Sampler(), eos_ids=(), pad_id=0, callback=None)[0]
+        for _ in range(2):
+            jax.block_until_ready(once())
+        t = time.perf_counter()
+        jax.block_until_ready(once())
+        wall = time.perf_counter() - t
+        d, _ = trace(once, 1, args.out, f"decode_b{batch}")
+        reports.append(f"== decode batch {batch}, {new} steps (+ its prefill): "
+                       f"{wall / new * 1e3:.2f} ms/step incl. prefill; per step below\n"
+                       + summarize(d, new, wall))
+    return "\n\n".join(reports)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--what", default="train,prefill")
@@ -181,12 +228,18 @@ def main():
     p.add_argument("--loss-chunk", type=int, default=512)
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--unrolled", action="store_true", help="train step with scan_layers=False")
+    p.add_argument("--loss", choices=("fused", "checkpointed"), default="fused")
+    p.add_argument("--decode-batches", default="1,64")
+    p.add_argument("--decode-steps", type=int, default=64)
+    p.add_argument("--unfused-qkv", action="store_true")
+    p.add_argument("--attention", choices=("xla", "cudnn"), default=None)
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     reports = []
     for what in args.what.split(","):
-        reports.append({"train": profile_train, "prefill": profile_prefill}[what](args))
+        reports.append({"train": profile_train, "prefill": profile_prefill,
+                        "decode": profile_decode}[what](args))
         print(reports[-1], flush=True)
     with open(os.path.join(args.out, "profile.txt"), "w") as f:
         f.write("\n\n".join(reports) + "\n")

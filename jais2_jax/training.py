@@ -163,6 +163,7 @@ def _ce_chunks(h, w, targets, mask, chunk, z_loss, with_grads):
                                    preferred_element_type=h.dtype)  # [B, c, D]
         dw = dw + jax.lax.dot_general(h_c, g, (((0, 1), (0, 1)), ((), ())),
                                       preferred_element_type=jnp.float32)  # [D, V]
+        dw = nn.with_logical_constraint(dw, ("embed", "vocab"))  # sharded like the lm_head
         return (ce, z, dw), dh_c
 
     zero = jnp.zeros((), jnp.float32)
