@@ -47,6 +47,19 @@ HF_METADATA_KEYS = frozenset({
 })
 
 
+def read_json_object(path: str) -> dict:
+    """The JSON object in `path`; a ValueError naming the file if it is not valid JSON or not an
+    object (config.json, tokenizer_config.json, ...)."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
 @dataclasses.dataclass(frozen=True)
 class Jais2Config:
     vocab_size: int = 150272
@@ -240,12 +253,7 @@ class Jais2Config:
             path = os.path.join(path, "config.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no config.json at {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path))
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

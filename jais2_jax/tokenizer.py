@@ -18,6 +18,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from jais2_jax.config import read_json_object
+
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
                        "cls_token", "mask_token")
 
@@ -29,15 +31,6 @@ def _content(token) -> str | None:
     return token
 
 
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data
 
 
 @lru_cache(maxsize=16)
@@ -110,11 +103,11 @@ class Tokenizer:
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"no tokenizer folder at {directory}")
         config_path = os.path.join(directory, "tokenizer_config.json")
-        config = _read_json(config_path) if os.path.exists(config_path) else {}
+        config = read_json_object(config_path) if os.path.exists(config_path) else {}
         legacy_map = os.path.join(directory, "special_tokens_map.json")
         special = {}
         if os.path.exists(legacy_map):
-            special.update({k: _content(v) for k, v in _read_json(legacy_map).items()
+            special.update({k: _content(v) for k, v in read_json_object(legacy_map).items()
                             if k in SPECIAL_TOKEN_NAMES})
         special.update({k: _content(config[k]) for k in SPECIAL_TOKEN_NAMES if k in config})
 

@@ -7,8 +7,8 @@ logits' gradient `mask * ((1 + 2 z_loss lse) softmax - onehot)` in the compute d
 dW by two GEMMs; the backward pass only scales them. This drops the lm_head GEMM that a
 checkpointed loss recomputes in the backward pass (~6% of the 2B step's FLOPs; 33 ms less GEMM time
 a step on an H100, batch 16), at the cost of holding dW (float32, sharded like the lm_head) from the
-forward pass to the backward. `loss_sums` (eval, and the tests' cross-check) is the checkpointed
-scan without the fused gradient.
+forward pass to the backward. `loss_sums` (eval, and the tests' cross-check by autodiff) is the
+same scan without the fused gradient, each chunk checkpointed.
 
 Model FLOPs per token (`flops_per_token`, used for MFU and by the benchmark):
     6 * matmul_params + 6 * layers * seq_len * heads * head_dim
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from jais2_jax.config import Jais2Config
+from jais2_jax.model import dot_f32, unstack_layers
 from jais2_jax.run_config import RunConfig
 
 Array = jax.Array
@@ -84,33 +85,12 @@ def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
 def loss_sums(model: nn.Module, params, batch: Batch, *, chunk: int) -> tuple[Array, Array]:
     """(sum of cross-entropy, sum of logsumexp^2) over the targets, weighted by `loss_mask`.
 
-    Cross-entropy in float32, `chunk` positions of every row at a time (see the module doc).
+    Cross-entropy in float32, `chunk` positions of every row at a time (see the module doc). Each
+    chunk is checkpointed: differentiated, the backward pass recomputes its logits.
     """
-    hidden, _ = model.apply({"params": params}, batch["input_ids"],
-                            positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-                            method="hidden_states")  # [B, T, D]
-    B, T, D = hidden.shape
-    c = min(chunk, T)
-    n = T // c
-
-    def split(x):  # [B, T, ...] -> [n, B, c, ...]
-        return x.reshape((B, n, c) + x.shape[2:]).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def chunk_sums(params, h, targets, mask):  # [B, c, D], [B, c], [B, c]
-        logits = model.apply({"params": params}, h, method="logits")  # [B, c, V] float32
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [B, c]
-        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return jnp.sum((lse - target_logit) * mask), jnp.sum(jnp.square(lse) * mask)
-
-    def body(carry, xs):
-        ce, z = chunk_sums(params, *xs)
-        return (carry[0] + ce, carry[1] + z), None
-
-    zero = jnp.zeros((), jnp.float32)
-    (ce, z), _ = jax.lax.scan(body, (zero, zero), (split(hidden), split(batch["targets"]),
-                                                   split(batch["loss_mask"].astype(jnp.float32))))
-    return ce, z
+    h, w = _hidden_and_head(model, params, batch)
+    return _ce_chunks(h, w, batch["targets"], batch["loss_mask"].astype(jnp.float32),
+                      min(chunk, h.shape[1]), 0.0, with_grads=False)
 
 
 def train_loss_sums(model: nn.Module, params, batch: Batch, *, chunk: int,
@@ -122,15 +102,20 @@ def train_loss_sums(model: nn.Module, params, batch: Batch, *, chunk: int,
     neither recomputes the lm_head GEMM nor re-reads the float32 logits. Only the first output
     is differentiable; the pair is for reporting (its gradient is stopped).
     """
-    hidden, _ = model.apply({"params": params}, batch["input_ids"],
-                            positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-                            method="hidden_states")  # [B, T, D], compute dtype
-    weight = model.apply({"params": params}, method="lm_head_weight")  # [D, V], param dtype
-    total, sums = _fused_lm_head_ce(hidden.astype(model.dtype), weight, batch["targets"],
-                                    batch["loss_mask"].astype(jnp.float32), min(chunk, hidden.shape[1]),
-                                    float(z_loss))
+    h, w = _hidden_and_head(model, params, batch)
+    total, sums = _fused_lm_head_ce(h, w, batch["targets"], batch["loss_mask"].astype(jnp.float32),
+                                    min(chunk, h.shape[1]), float(z_loss))
     sums = jax.lax.stop_gradient(sums)
     return total, (sums[0], sums[1])
+
+
+def _hidden_and_head(model: nn.Module, params, batch: Batch) -> tuple[Array, Array]:
+    """Final-norm hidden states [B, T, D] in the compute dtype, and the lm_head [D, V] in the
+    parameter dtype (the tied embedding transposed)."""
+    hidden, _ = model.apply({"params": params}, batch["input_ids"],
+                            positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                            method="hidden_states")
+    return hidden.astype(model.dtype), model.apply({"params": params}, method="lm_head_weight")
 
 
 def _ce_chunks(h, w, targets, mask, chunk, z_loss, with_grads):
@@ -146,8 +131,8 @@ def _ce_chunks(h, w, targets, mask, chunk, z_loss, with_grads):
     def body(carry, xs):
         ce, z, dw = carry
         h_c, t_c, m_c = xs
-        logits = jax.lax.dot_general(h_c, w_c, (((2,), (0,)), ((), ())),
-                                     preferred_element_type=jnp.float32)  # [B, c, V]
+        # dot_f32: differentiated (loss_sums), its backward GEMMs stay in the compute dtype
+        logits = dot_f32(h_c, w_c, ((2,), (0,)))  # [B, c, V] float32
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
         lse = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1)) + top[..., 0]  # [B, c]
@@ -170,7 +155,10 @@ def _ce_chunks(h, w, targets, mask, chunk, z_loss, with_grads):
 
     zero = jnp.zeros((), jnp.float32)
     dw0 = jnp.zeros(w.shape, jnp.float32) if with_grads else zero
-    (ce, z, dw), dh = jax.lax.scan(body, (zero, zero, dw0), (split(h), split(targets), split(mask)))
+    # Without the fused gradient the chunk is checkpointed: differentiated by JAX (loss_sums), the
+    # backward pass recomputes each chunk's logits instead of keeping them all.
+    step = body if with_grads else jax.checkpoint(body)
+    (ce, z, dw), dh = jax.lax.scan(step, (zero, zero, dw0), (split(h), split(targets), split(mask)))
     if not with_grads:
         return ce, z
     dh = dh.swapaxes(0, 1).reshape(B, T, D)
@@ -270,7 +258,6 @@ def layer_view(model: nn.Module, run: RunConfig):
     state and checkpoints keep the stacked layout; the gradient flows back through the slices)."""
     if run.scan_layers or not model.scan_layers:
         return model, lambda params: params
-    from jais2_jax.model import unstack_layers
     return model.clone(scan_layers=False), unstack_layers
 
 
