@@ -47,6 +47,25 @@ def model_config(shape: str):
                        eos_token_id=1, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
 
 
+def run_config(shape: str, batch: int, remat: str, *, loss_chunk: int, scan_layers: bool = True):
+    """The RunConfig both benchmark scripts time: float32 params, bf16 compute (float32 on tiny)."""
+    from jais2_jax.run_config import RunConfig
+    return RunConfig(model="", data="", output_dir="", seq_len=SHAPES[shape]["seq"], batch_size=batch,
+                     loss_chunk=loss_chunk, dtype="float32" if shape == "tiny" else "bfloat16",
+                     param_dtype="float32", remat_policy=remat, warmup_steps=10, total_steps=1000,
+                     scan_layers=scan_layers)
+
+
+def random_batch(config, batch: int, seq: int) -> dict:
+    """Random token ids (never zeros), next-token targets, every position counted."""
+    import jax.numpy as jnp
+    import numpy as np
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (batch, seq + 1)),
+                      jnp.int32)
+    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+            "loss_mask": jnp.ones((batch, seq), jnp.float32)}
+
+
 def emit(**kw):
     print(json.dumps(kw), flush=True)
 
@@ -59,10 +78,7 @@ def _median(xs):
 # ------------------------------------------------------------------------------------------ ours
 def run_jax(args):
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
-    from jais2_jax.run_config import RunConfig
     from jais2_jax.sharding import make_mesh, use_mesh
     from jais2_jax.trainer import _program
     from jais2_jax.training import flops_per_token
@@ -71,7 +87,6 @@ def run_jax(args):
     seq = SHAPES[args.shape]["seq"]
     mesh = make_mesh("fsdp", devices=jax.devices()[:1])
     emit(side="jax", what="device", name=jax.devices()[0].device_kind, jax=jax.__version__)
-    dtype = "float32" if args.tiny else "bfloat16"
     start = time.perf_counter()
     for variant in args.remat.split(","):
         remat, _, layout = variant.partition(":")  # "dots_no_batch:unrolled" -> scan_layers=False
@@ -79,16 +94,11 @@ def run_jax(args):
             if time.perf_counter() - start > args.budget_s:
                 emit(side="jax", batch=batch, remat=variant, skipped="time budget")
                 continue
-            run = RunConfig(model="", data="", output_dir="", seq_len=seq, batch_size=batch,
-                            loss_chunk=args.loss_chunk, dtype=dtype, param_dtype="float32",
-                            remat_policy=remat, warmup_steps=10, total_steps=1000,
-                            scan_layers=layout != "unrolled")
+            run = run_config(args.shape, batch, remat, loss_chunk=args.loss_chunk,
+                             scan_layers=layout != "unrolled")
             try:
                 program = _program(config, run, mesh)
-                rng = np.random.default_rng(0)
-                ids = jnp.asarray(rng.integers(0, config.vocab_size, (batch, seq + 1)), jnp.int32)
-                data = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
-                        "loss_mask": jnp.ones((batch, seq), jnp.float32)}
+                data = random_batch(config, batch, seq)
                 with use_mesh(mesh):
                     state = _init(program, config, run)
                     compile_start = time.perf_counter()

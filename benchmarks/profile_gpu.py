@@ -19,6 +19,7 @@ import glob
 import gzip
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -48,9 +49,6 @@ def summarize(trace_dir: str, calls: int, wall_s: float, top: int = 25) -> str:
     paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not paths:
         return f"no perfetto trace under {trace_dir}"
-    import shutil  # a copy at the top of the output folder (nested folders may not travel)
-    shutil.copy(sorted(paths)[-1], os.path.join(os.path.dirname(trace_dir.rstrip("/")),
-                                                os.path.basename(trace_dir) + ".json.gz"))
     with gzip.open(sorted(paths)[-1], "rt") as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -67,7 +65,7 @@ def summarize(trace_dir: str, calls: int, wall_s: float, top: int = 25) -> str:
         if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
             continue
         by_thread[threads.get((e["pid"], e["tid"]), str(e["tid"]))].append(e)
-    lines = [f"threads on the device: " + ", ".join(
+    lines = ["threads on the device: " + ", ".join(
         f"{t} ({len(v)} events, {sum(x.get('dur', 0) for x in v) / 1e3 / calls:.2f} ms/call)"
         for t, v in sorted(by_thread.items()))]
     streams = {t: v for t, v in by_thread.items() if "stream" in t.lower()} or by_thread
@@ -102,15 +100,14 @@ def trace(fn, calls: int, out: str, label: str):
         jax.block_until_ready(r)
     wall = time.perf_counter() - t
     jax.profiler.stop_trace()
+    for path in glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True):
+        shutil.copy(path, d + ".json.gz")  # beside the folder: nested folders may not travel back
     return d, wall
 
 
 def profile_train(args):
     import jax
-    import jax.numpy as jnp
-    import numpy as np
     import bench_train
-    from jais2_jax.run_config import RunConfig
     from jais2_jax.sharding import make_mesh, use_mesh
     from jais2_jax.trainer import _program
 
@@ -119,10 +116,8 @@ def profile_train(args):
     seq = bench_train.SHAPES[shape]["seq"]
     batch = 2 if args.tiny else args.batch
     mesh = make_mesh("fsdp", devices=jax.devices()[:1])
-    run = RunConfig(model="", data="", output_dir="", seq_len=seq, batch_size=batch,
-                    loss_chunk=args.loss_chunk, dtype="float32" if args.tiny else "bfloat16",
-                    param_dtype="float32", remat_policy=args.remat, warmup_steps=10,
-                    total_steps=1000, scan_layers=not args.unrolled)
+    run = bench_train.run_config(shape, batch, args.remat, loss_chunk=args.loss_chunk,
+                                 scan_layers=not args.unrolled)
     if args.loss == "checkpointed":  # the earlier loss: backward recomputes each chunk's logits
         from jais2_jax import training
 
@@ -131,10 +126,7 @@ def profile_train(args):
             return ce + z_loss * z, (ce, z)
         training.train_loss_sums = checkpointed
     program = _program(config, run, mesh)
-    rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.integers(0, config.vocab_size, (batch, seq + 1)), jnp.int32)
-    data = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
-            "loss_mask": jnp.ones((batch, seq), jnp.float32)}
+    data = bench_train.random_batch(config, batch, seq)
     box = {}
     with use_mesh(mesh):
         box["state"] = bench_train._init(program, config, run)
