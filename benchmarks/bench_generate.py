@@ -60,15 +60,13 @@ def median_time(fn, reps: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------- ours
-def random_params(config, dtype, fuse_qkv=True, fold_norms=True, seed=0):
+def random_params(config, dtype, fuse_qkv=True, seed=0):
     """Per-layer (scan_layers=False) parameters, random normal (std 0.02; norms near 1), made
-    on the device one array at a time. Zeros would hide bugs and can time differently.
-    `fold_norms` folds each layer's LayerNorms into its GEMMs afterwards, as `jais2 generate` does."""
+    on the device one array at a time. Zeros would hide bugs and can time differently."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
     from jais2_jax import Jais2ForCausalLM
-    from jais2_jax.model import fold_layer_norms
 
     model = Jais2ForCausalLM(config, dtype=dtype, param_dtype=dtype, scan_layers=False,
                              fuse_qkv=fuse_qkv)
@@ -86,12 +84,7 @@ def random_params(config, dtype, fuse_qkv=True, fold_norms=True, seed=0):
         name = "/".join(str(getattr(p, "key", p)) for p in path)
         is_norm_scale = "norm" in name and name.endswith("scale")
         out.append(make(jax.random.key(seed * 100003 + i), leaf.shape, is_norm_scale))
-    params = jax.tree_util.tree_unflatten(treedef, out)
-    if fold_norms:
-        params = {k: fold_layer_norms(v) if k.startswith("layers_") else v
-                  for k, v in params.items()}
-        model = model.clone(fold_norms=True)
-    return model, params
+    return model, jax.tree_util.tree_unflatten(treedef, out)
 
 
 def run_ours(args) -> None:
@@ -106,12 +99,9 @@ def run_ours(args) -> None:
     p = plan(args.tiny)
     dtype = as_dtype(p["dtype"])
     config = Jais2Config(**p["shape"], bos_token_id=0, eos_token_id=1, pad_token_id=0)
-    emit(what="device", side="jax", name=str(jax.devices()[0].device_kind), jax=jax.__version__,
-         layout=("unfused" if args.unfused_qkv else "fused") + " qkv, "
-         + ("unfolded" if args.unfolded_norms else "folded") + " norms")
+    emit(what="device", side="jax", name=str(jax.devices()[0].device_kind), jax=jax.__version__)
     t = time.perf_counter()
-    model, params = random_params(config, dtype, fuse_qkv=not args.unfused_qkv,
-                                  fold_norms=not args.unfolded_norms)
+    model, params = random_params(config, dtype, fuse_qkv=not args.unfused_qkv)
     jax.block_until_ready(params)
     if args.attention:
         model = model.clone(attention_impl=args.attention)
@@ -286,9 +276,6 @@ def main() -> int:
                         help="force our attention implementation (default: by backend)")
     parser.add_argument("--unfused-qkv", action="store_true",
                         help="separate q/k/v GEMMs (the default fuses them, as jais2 generate does)")
-    parser.add_argument("--unfolded-norms", action="store_true",
-                        help="keep the LayerNorms apart (the default folds them into the GEMMs, "
-                             "as jais2 generate does)")
     parser.add_argument("--only", default=None,
                         help="comma-separated figures to measure (decode_b1,decode_b16,decode_b64,"
                              "decode_long_b1,prefill); default all")

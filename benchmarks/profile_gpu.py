@@ -157,8 +157,7 @@ def profile_prefill(args):
     p = bench_generate.plan(args.tiny)
     dtype = as_dtype(p["dtype"])
     config = Jais2Config(**p["shape"], bos_token_id=0, eos_token_id=1, pad_token_id=0)
-    model, params = bench_generate.random_params(config, dtype, fuse_qkv=True,
-                                                 fold_norms=not args.unfolded_norms)
+    model, params = bench_generate.random_params(config, dtype, fuse_qkv=True)
     ids = jnp.asarray(np.random.RandomState(0).randint(2, config.vocab_size, (1, p["prefill"])),
                       jnp.int32)
     mask = jnp.ones_like(ids)
@@ -186,8 +185,7 @@ def profile_decode(args):
     p = bench_generate.plan(args.tiny)
     dtype = as_dtype(p["dtype"])
     config = Jais2Config(**p["shape"], bos_token_id=0, eos_token_id=1, pad_token_id=0)
-    model, params = bench_generate.random_params(config, dtype, fuse_qkv=not args.unfused_qkv,
-                                                 fold_norms=not args.unfolded_norms)
+    model, params = bench_generate.random_params(config, dtype, fuse_qkv=not args.unfused_qkv)
     if args.attention:
         model = model.clone(attention_impl=args.attention)
     reports, new = [], args.decode_steps
@@ -226,7 +224,6 @@ def main():
     p.add_argument("--decode-batches", default="1,64")
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--unfused-qkv", action="store_true")
-    p.add_argument("--unfolded-norms", action="store_true")
     p.add_argument("--attention", choices=("xla", "cudnn"), default=None)
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args()

@@ -99,17 +99,7 @@ class Linear(nn.Module):
     """y = x . W (+ b), contracting the trailing `len(in_axes)` dims of x, accumulating in float32.
 
     The result is in `dtype`, or float32 with `float32_output` (the logits); the bias is added in
-    float32.
-
-    With `norm_eps` set, the LayerNorm in front of this Linear is folded into it (the inference
-    layout of `fold_layer_norms`): x is the raw residual stream and the parameters are
-    W' = diag(gamma) W, colsum = sum_i W'_i and bias = beta W + b, so that
-
-        LayerNorm(x) W + b = rstd * (x W' - mean * colsum) + bias,
-
-    exactly in real arithmetic (colsum sums the stored W'). Only the statistics (mean, rstd) are
-    computed apart, in one pass in float32; the normalised activations are never written out.
-    """
+    float32."""
     features: tuple[int, ...]
     in_axes: tuple[str, ...]  # logical names of the contracted input dims
     out_axes: tuple[str, ...]  # logical names of the output dims
@@ -118,7 +108,6 @@ class Linear(nn.Module):
     param_dtype: Any
     init_std: float
     float32_output: bool = False
-    norm_eps: float | None = None  # a LayerNorm folded in (see above)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -130,8 +119,6 @@ class Linear(nn.Module):
                                          self.in_axes + self.out_axes),
             in_shape + self.features, self.param_dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        if self.norm_eps is not None:
-            return self._folded_norm(x, kernel, contract)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if self.float32_output:
             y = dot_f32(x, kernel, contract)
@@ -149,44 +136,6 @@ class Linear(nn.Module):
         if self.float32_output:
             return y
         return checkpoint_name(y, self.name)  # remat policies save by name
-
-    def _folded_norm(self, x: Array, kernel: Array, contract) -> Array:
-        if len(self.in_axes) != 1 or self.float32_output:
-            raise ValueError("a LayerNorm folds only into a Linear over one input axis")
-        init = nn.with_logical_partitioning(nn.initializers.zeros, self.out_axes)
-        colsum = self.param("colsum", init, self.features, jnp.float32)
-        bias = self.param("bias", init, self.features, jnp.float32)  # beta W + b
-        mean, rstd = norm_statistics(x, self.norm_eps)  # [..., 1] float32
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                (contract, ((), ())), preferred_element_type=jnp.float32)
-        expand = (...,) + (None,) * (len(self.features) - 1)  # [..., 1] -> [..., 1, ..., 1]
-        y = rstd[expand] * (y - mean[expand] * colsum) + bias
-        return y.astype(self.dtype)
-
-
-def norm_statistics(x: Array, eps: float) -> tuple[Array, Array]:
-    """(mean, 1 / sqrt(var + eps)) of the last axis in float32, shapes [..., 1], in one pass.
-
-    Used where a LayerNorm is folded into the next GEMM. One variadic reduction that merges
-    (count, mean, M2) partials (Chan et al.'s parallel Welford update) is one kernel, as
-    E[x^2] - E[x]^2 would be, without the latter's cancellation: a stream whose mean is 30 standard
-    deviations from zero loses 7e-5 to it in float32, Welford as little as the two-pass form.
-    Inference only: the custom reduction has no autodiff rule.
-    """
-    x32 = x.astype(jnp.float32)
-
-    def merge(a, b):
-        (n_a, mean_a, m2_a), (n_b, mean_b, m2_b) = a, b
-        n = n_a + n_b
-        w = jnp.where(n > 0, n_b / jnp.maximum(n, 1.0), 0.0)
-        delta = mean_b - mean_a
-        return n, mean_a + delta * w, m2_a + m2_b + delta * delta * n_a * w
-
-    zero = jnp.float32(0)
-    _, mean, m2 = jax.lax.reduce((jnp.ones_like(x32), x32, jnp.zeros_like(x32)),
-                                 (zero, zero, zero), merge, (x32.ndim - 1,))
-    var = m2 / x32.shape[-1]
-    return mean[..., None], jax.lax.rsqrt(var + eps)[..., None]
 
 
 class LayerNorm(nn.Module):
@@ -215,26 +164,24 @@ class Attention(nn.Module):
     param_dtype: Any
     attention_impl: str | None
     fuse_qkv: bool = False
-    norm_eps: float | None = None  # the input LayerNorm folded into q/k/v (fold_layer_norms)
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache):
         c = self.config
         kw = dict(use_bias=c.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                   init_std=c.initializer_range)
-        qkv_kw = dict(kw, norm_eps=self.norm_eps)
         h, kv = c.num_attention_heads, c.num_key_value_heads
         if self.fuse_qkv:  # one GEMM (see unstack_layers(fuse_qkv=True))
             qkv = Linear((h + 2 * kv, c.head_dim), ("embed",), ("qkv_heads", "head_dim"),
-                         name="qkv_proj", **qkv_kw)(x)  # [B, T, H + 2 KV, hd]
+                         name="qkv_proj", **kw)(x)  # [B, T, H + 2 KV, hd]
             q, k, v = jnp.split(qkv, (h, h + kv), axis=2)
         else:
             q = Linear((h, c.head_dim), ("embed",), ("heads", "head_dim"),
-                       name="q_proj", **qkv_kw)(x)  # [B, T, H, hd]
+                       name="q_proj", **kw)(x)  # [B, T, H, hd]
             k = Linear((kv, c.head_dim), ("embed",), ("kv_heads", "head_dim"),
-                       name="k_proj", **qkv_kw)(x)  # [B, T, KV, hd]
+                       name="k_proj", **kw)(x)  # [B, T, KV, hd]
             v = Linear((kv, c.head_dim), ("embed",), ("kv_heads", "head_dim"),
-                       name="v_proj", **qkv_kw)(x)
+                       name="v_proj", **kw)(x)
         q = _constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = _constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         v = _constrain(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -272,15 +219,13 @@ class MLP(nn.Module):
     config: Jais2Config
     dtype: Any
     param_dtype: Any
-    norm_eps: float | None = None  # the LayerNorm before the MLP folded into up_proj
 
     @nn.compact
     def __call__(self, x):
         c = self.config
         kw = dict(use_bias=c.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                   init_std=c.initializer_range)
-        h = Linear((c.intermediate_size,), ("embed",), ("mlp",), name="up_proj",
-                   norm_eps=self.norm_eps, **kw)(x)
+        h = Linear((c.intermediate_size,), ("embed",), ("mlp",), name="up_proj", **kw)(x)
         h = _constrain(ACTIVATIONS[c.hidden_act](h), ("batch", "length", "mlp"))
         return Linear((c.hidden_size,), ("mlp",), ("embed",), name="down_proj", **kw)(h)
 
@@ -291,21 +236,18 @@ class DecoderLayer(nn.Module):
     param_dtype: Any
     attention_impl: str | None = None
     fuse_qkv: bool = False
-    fold_norms: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache):
         c = self.config
         norm = dict(eps=c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
-        # Folded: the raw stream goes to q/k/v and up_proj, which hold the norms (fold_layer_norms).
-        eps = c.layer_norm_eps if self.fold_norms else None
         x = _constrain(x, ("batch", "length", "embed"))
-        h = x if self.fold_norms else LayerNorm(name="input_layernorm", **norm)(x)
+        h = LayerNorm(name="input_layernorm", **norm)(x)
         h, new_cache = Attention(c, self.dtype, self.param_dtype, self.attention_impl, self.fuse_qkv,
-                                 norm_eps=eps, name="self_attn")(h, cos, sin, mask, layer_cache)
+                                 name="self_attn")(h, cos, sin, mask, layer_cache)
         x = x + h
-        h = x if self.fold_norms else LayerNorm(name="post_attention_layernorm", **norm)(x)
-        x = x + MLP(c, self.dtype, self.param_dtype, norm_eps=eps, name="mlp")(h)
+        h = LayerNorm(name="post_attention_layernorm", **norm)(x)
+        x = x + MLP(c, self.dtype, self.param_dtype, name="mlp")(h)
         return _constrain(x, ("batch", "length", "embed")), new_cache
 
 
@@ -326,9 +268,6 @@ class Jais2ForCausalLM(nn.Module):
     # Inference on one device: q/k/v as one GEMM over params from unstack_layers(fuse_qkv=True).
     # The fused heads axis is replicated by the sharding rules, so keep it off under tensor parallelism.
     fuse_qkv: bool = False
-    # Inference: each layer's two LayerNorms folded into the GEMMs after them, over params from
-    # unstack_layers(fold_norms=True) (see Linear): fewer, larger kernels per decode step.
-    fold_norms: bool = False
 
     def setup(self):
         c = self.config
@@ -343,13 +282,11 @@ class Jais2ForCausalLM(nn.Module):
         if self.remat_policy != "none":
             layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[self.remat_policy],
                                  prevent_cse=not self.scan_layers)
-        for name in ("fuse_qkv", "fold_norms"):
-            if getattr(self, name) and self.scan_layers:
-                raise ValueError(f"{name} is an inference layout: use it with scan_layers=False and "
-                                 f"unstack_layers(params, {name}=True)")
+        if self.fuse_qkv and self.scan_layers:
+            raise ValueError("fuse_qkv is an inference layout: use it with scan_layers=False and "
+                             "unstack_layers(params, fuse_qkv=True)")
         layer_kw = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype,
-                        attention_impl=self.attention_impl, fuse_qkv=self.fuse_qkv,
-                        fold_norms=self.fold_norms)
+                        attention_impl=self.attention_impl, fuse_qkv=self.fuse_qkv)
         if self.scan_layers:
             self.layers = nn.scan(
                 layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -452,14 +389,12 @@ class Jais2ForCausalLM(nn.Module):
 _QKV = ("q_proj", "k_proj", "v_proj")
 
 
-def unstack_layers(params: dict, *, fuse_qkv: bool = False, fold_norms: bool = False) -> dict:
+def unstack_layers(params: dict, *, fuse_qkv: bool = False) -> dict:
     """The per-layer view of a scanned tree (`layers` -> `layers_0..N-1`), for scan_layers=False.
 
     With `fuse_qkv`, each layer's q/k/v kernels [D, H|KV, hd] (and biases) are concatenated along
     the heads axis into one `qkv_proj` [D, H + 2 KV, hd], for Jais2ForCausalLM(fuse_qkv=True):
     one GEMM instead of three, which matters most when decoding a few rows at a time.
-    With `fold_norms`, each layer's LayerNorms are folded into the GEMMs after them
-    (`fold_layer_norms`), for Jais2ForCausalLM(fold_norms=True).
     """
     params = dict(params)
     stacked = params.pop("layers")
@@ -472,35 +407,8 @@ def unstack_layers(params: dict, *, fuse_qkv: bool = False, fold_norms: bool = F
             attn["qkv_proj"] = {key: jnp.concatenate([p[key] for p in parts], axis=-2)
                                 for key in parts[0]}  # kernel [D, *, hd], bias [*, hd]
             layer = {**layer, "self_attn": attn}
-        params[f"layers_{i}"] = fold_layer_norms(layer) if fold_norms else layer
+        params[f"layers_{i}"] = layer
     return params
-
-
-def _fold_norm(norm: dict, linear: dict) -> dict:
-    """LayerNorm(gamma, beta) followed by Linear(W [D, ...], b) -> the folded Linear's params."""
-    kernel = linear["kernel"]
-    gamma = norm["scale"].astype(jnp.float32).reshape((-1,) + (1,) * (kernel.ndim - 1))
-    folded = (kernel.astype(jnp.float32) * gamma).astype(kernel.dtype)
-    bias = jnp.tensordot(norm["bias"].astype(jnp.float32), kernel.astype(jnp.float32), axes=1,
-                         precision=jax.lax.Precision.HIGHEST)  # no TF32 on GPU
-    if "bias" in linear:
-        bias = bias + linear["bias"].astype(jnp.float32)
-    # The sum of the weights as stored, so that x W' - mean colsum is (x - mean) W' exactly.
-    return {"kernel": folded, "bias": bias, "colsum": folded.astype(jnp.float32).sum(axis=0)}
-
-
-def fold_layer_norms(layer: dict) -> dict:
-    """One decoder layer's params (per-layer view) with `input_layernorm` folded into q/k/v (or the
-    fused qkv_proj) and `post_attention_layernorm` into mlp.up_proj; see Linear(norm_eps=...).
-    The folded weights are rounded once more to the parameter dtype, as the normalised activations
-    are in the unfolded layer."""
-    layer = dict(layer)
-    attn, mlp = dict(layer["self_attn"]), dict(layer["mlp"])
-    norm = layer.pop("input_layernorm")
-    for name in [n for n in ("qkv_proj",) + _QKV if n in attn]:
-        attn[name] = _fold_norm(norm, attn[name])
-    mlp["up_proj"] = _fold_norm(layer.pop("post_attention_layernorm"), mlp["up_proj"])
-    return {**layer, "self_attn": attn, "mlp": mlp}
 
 
 def stack_layers(params: dict, config: Jais2Config | None = None) -> dict:
@@ -508,10 +416,6 @@ def stack_layers(params: dict, config: Jais2Config | None = None) -> dict:
     params = dict(params)
     names = sorted((k for k in params if k.startswith("layers_")), key=lambda k: int(k[7:]))
     layers = [params.pop(k) for k in names]
-    if layers and "input_layernorm" not in layers[0]:
-        raise ValueError("these layers hold LayerNorms folded into their GEMMs "
-                         "(unstack_layers(fold_norms=True)), which cannot be unfolded: stack the "
-                         "unfolded params instead")
     if layers and "qkv_proj" in layers[0]["self_attn"]:
         if config is None:
             raise ValueError("these layers hold a fused qkv_proj: pass the config to split it")

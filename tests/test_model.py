@@ -172,54 +172,6 @@ def test_fused_qkv_inference_view():
         Jais2ForCausalLM(config, fuse_qkv=True).apply({"params": params}, jnp.asarray(ids))
 
 
-@pytest.mark.parametrize("fuse_qkv,extra", [(True, {}), (False, dict(mlp_bias=False, num_key_value_heads=1))])
-def test_folded_layer_norms_inference_view(fuse_qkv, extra):
-    """unstack_layers(fold_norms=True): each LayerNorm folded into the GEMMs after it. Logits equal
-    transformers' (float32), greedy tokens through the KV cache equal the unfolded view's, and the
-    norms are really gone from the tree (the folded Linears compute them)."""
-    from jais2_jax import generate, stack_layers
-    hf = hf_model(seed=8, **extra)
-    config = our_config(hf)
-    params = our_params(hf, config)
-    folded = unstack_layers(params, fuse_qkv=fuse_qkv, fold_norms=True)
-    layer = folded["layers_0"]
-    assert "input_layernorm" not in layer and "post_attention_layernorm" not in layer
-    assert set(layer["mlp"]["up_proj"]) == {"kernel", "bias", "colsum"}
-    model = Jais2ForCausalLM(config, scan_layers=False, fuse_qkv=fuse_qkv, fold_norms=True)
-    rng = np.random.RandomState(7)
-    for length in (1, 9):
-        ids = rng.randint(3, config.vocab_size, (2, length))
-        assert rel_err(model.apply({"params": folded}, jnp.asarray(ids)), _hf_logits(hf, ids)) <= TOL
-    ids = rng.randint(3, config.vocab_size, (2, 9))
-    plain = Jais2ForCausalLM(config, scan_layers=False)
-    want = generate(plain, unstack_layers(params), ids, max_new_tokens=6, eos_token_id=[])
-    got = generate(model, folded, ids, max_new_tokens=6, eos_token_id=[])
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    with pytest.raises(ValueError, match="cannot be unfolded"):
-        stack_layers(folded, config)
-    with pytest.raises(ValueError, match="scan_layers=False"):
-        Jais2ForCausalLM(config, fold_norms=True).apply({"params": params}, jnp.asarray(ids))
-
-
-def test_folded_norm_statistics_are_exact_for_a_shifted_stream():
-    """The folded LayerNorm takes its variance from one pass (E[x^2] - mean^2): for a stream whose
-    mean is 30 standard deviations off zero it must still match the two-pass LayerNorm."""
-    from jais2_jax.model import LayerNorm, Linear
-    rng = np.random.RandomState(0)
-    x = jnp.asarray(30.0 + rng.randn(3, 5, 64), jnp.float32)
-    norm = {"scale": jnp.asarray(1 + 0.1 * rng.randn(64), jnp.float32),
-            "bias": jnp.asarray(0.1 * rng.randn(64), jnp.float32)}
-    lin = {"kernel": jnp.asarray(0.1 * rng.randn(64, 4, 8), jnp.float32),
-           "bias": jnp.asarray(0.1 * rng.randn(4, 8), jnp.float32)}
-    kw = dict(features=(4, 8), in_axes=("embed",), out_axes=("heads", "head_dim"), use_bias=True,
-              dtype=jnp.float32, param_dtype=jnp.float32, init_std=0.02)
-    want = Linear(**kw).apply({"params": lin}, LayerNorm(1e-5, jnp.float32, jnp.float32).apply(
-        {"params": norm}, x))
-    from jais2_jax.model import _fold_norm
-    got = Linear(**kw, norm_eps=1e-5).apply({"params": _fold_norm(norm, lin)}, x)
-    assert rel_err(got, want) <= 1e-5, rel_err(got, want)
-
-
 def test_longrope_generation_counts_real_tokens_not_padded_width():
     """generate pads the prompt to a multiple of 64 columns; a 30-token prompt must still use
     longrope's short factors (30 + 6 < original 40), as transformers does, not the long ones."""

@@ -89,12 +89,11 @@ def run(args) -> int:
     config, params = load_checkpoint(args.checkpoint, dtype=dtype)
     # Per-layer weights on accelerators: slicing a stacked weight inside jit copies it each step.
     per_layer = jax.default_backend() != "cpu"
-    # There also q/k/v as one GEMM and the LayerNorms folded into the GEMMs after them (one
-    # device: this command does not shard).
+    # There also q/k/v as one GEMM (one device: this command does not shard).
     model = Jais2ForCausalLM(config, dtype=dtype, param_dtype=dtype, scan_layers=not per_layer,
-                             fuse_qkv=per_layer, fold_norms=per_layer)
+                             fuse_qkv=per_layer)
     if per_layer:
-        params = unstack_layers(params, fuse_qkv=True, fold_norms=True)
+        params = unstack_layers(params, fuse_qkv=True)
     # A chat template may end turns with the tokenizer's eos rather than the config's.
     stop_ids = list(config.eos_token_ids)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop_ids:
