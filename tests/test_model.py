@@ -149,6 +149,36 @@ def test_remat_policies_keep_gradients_and_trade_memory():
     assert temp["none"] > temp["dots"] > temp["dots_no_mlp"] > temp["full"], temp
 
 
+def test_relu2_backward_from_its_output(capsys):
+    """relu^2 is differentiated from its output (2 sqrt(y)): the same gradient as autodiff of the
+    formula at negative, zero and positive inputs (jvp too), and under the `dots` policy the MLP
+    keeps only the activation output ("mlp_act"), never up_proj's GEMM output as well."""
+    from jax.ad_checkpoint import print_saved_residuals
+    from jais2_jax import init_params
+    from jais2_jax.config import preset
+    from jais2_jax.model import relu2
+    x = jnp.asarray(np.linspace(-3, 3, 61), jnp.float32)  # includes 0 exactly
+    plain = lambda v: jnp.sum(jnp.square(jax.nn.relu(v)) * jnp.cos(v))  # noqa: E731
+    ours = lambda v: jnp.sum(relu2(v) * jnp.cos(v))  # noqa: E731
+    np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(plain)(x), rtol=1e-6, atol=1e-6)
+    t = jnp.cos(3 * x)
+    np.testing.assert_allclose(jax.jvp(ours, (x,), (t,))[1], jax.jvp(plain, (x,), (t,))[1], rtol=1e-6)
+
+    config = preset("jais2-tiny")  # unrolled layers: print_saved_residuals does not enter scans
+    params = unstack_layers(init_params(config, jax.random.key(0)))
+    model = Jais2ForCausalLM(config, remat_policy="dots", scan_layers=False)
+    capsys.readouterr()
+    print_saved_residuals(lambda p: jnp.sum(model.apply({"params": p}, jnp.zeros((2, 16), jnp.int32))),
+                          params)
+    saved = capsys.readouterr().out.splitlines()
+    assert any("named 'mlp_act'" in line for line in saved), saved
+    assert not any("named 'up_proj'" in line for line in saved), saved
+    # one [batch, length, intermediate] tensor a layer for the MLP
+    wide = [line for line in saved if "argument" not in line
+            and line.split(" ")[0].endswith(f",{config.intermediate_size}]")]
+    assert len(wide) == config.num_hidden_layers, saved
+
+
 def test_fused_qkv_inference_view():
     """unstack_layers(fuse_qkv=True) + Jais2ForCausalLM(fuse_qkv=True): same logits as transformers,
     same greedy tokens through the KV cache as the unfused view, and stack_layers undoes it."""
