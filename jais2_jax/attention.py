@@ -6,6 +6,9 @@ Masks are described, not materialised, so each backend builds only what it needs
 - `kv_mask` [batch, kv_len] bool: arbitrary invalid keys (left padding without a cache);
 - `segment_ids` [batch, length]: packed documents attend only within their own segment.
 
+The output is tagged "attention" for the remat policies (jax.ad_checkpoint.checkpoint_name), except
+cuDNN's, which the policies save by primitive (see model.REMAT_POLICIES).
+
 On GPU the cuDNN flash kernel is used when the mask is expressible as causal + lengths. On TPU the
 Pallas splash kernel runs training and prefill (causal + segment ids; key padding becomes a segment),
 inside `shard_map` over the context mesh since Mosaic kernels cannot be partitioned automatically;
@@ -20,6 +23,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
@@ -70,8 +74,11 @@ def dot_product_attention(
         if kv_lengths is not None:  # right padding, e.g. the prefill of a cache
             valid = jnp.arange(kv_len)[None, :] < kv_lengths[:, None]
             segment_ids = valid.astype(jnp.int32) if segment_ids is None else segment_ids * valid
-        return splash_attention(q, k, v, segment_ids, interpret=impl == "splash_interpret")
+        return checkpoint_name(
+            splash_attention(q, k, v, segment_ids, interpret=impl == "splash_interpret"), "attention")
     if impl == "cudnn" and _cudnn_supports(q, causal, q_offset, kv_mask, segment_ids, q_len, kv_len):
+        # Untagged: remat policies save the cuDNN forward's outputs (with the softmax statistics)
+        # by primitive, see model.REMAT_POLICIES["dots"].
         lengths = kv_lengths
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=causal and q_len > 1,
@@ -79,7 +86,9 @@ def dot_product_attention(
             implementation="cudnn")
     mask = _dense_mask(q_len, kv_len, causal=causal, q_offset=q_offset, kv_lengths=kv_lengths,
                        kv_mask=kv_mask, segment_ids=segment_ids, batch=batch)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+    return checkpoint_name(
+        jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla"),
+        "attention")
 
 
 def _default_implementation(q: Array) -> str:
