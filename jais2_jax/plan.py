@@ -177,6 +177,13 @@ def make_plan(config: Jais2Config, mesh, *, batch: int, seq: int, mode: str = "t
         opt_sh = sharding.opt_state_shardings(optimizer, params_sh, abstract)
         opt = sharding.bytes_per_device(jax.eval_shape(optimizer.init, abstract), opt_sh)
         saved, layer = _activation_bytes(local, **acts)
+        # The fused loss holds the lm_head's gradient (parameter dtype) from forward to backward.
+        # The trace counts it whole per tensor shard [D, V / tensor]; it is sharded like the
+        # lm_head itself (embed over fsdp too), so count that share instead.
+        head = ("embed_tokens", "embedding") if config.tie_word_embeddings else ("lm_head", "kernel")
+        traced_dw = config.hidden_size * local.vocab_size * param_dtype.itemsize
+        saved += sharding.bytes_per_device(abstract[head[0]][head[1]],
+                                           params_sh[head[0]][head[1]]) - traced_dw
     else:
         cache_abstract = jax.eval_shape(lambda: init_cache(config, batch, seq, dtype=cache_dtype))
         cache = sharding.bytes_per_device(

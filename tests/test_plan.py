@@ -59,6 +59,17 @@ def test_activations_follow_remat_policy():
     assert P.make_plan(CONFIG, mesh, batch=8, seq=128, remat="full").activations_layer > 0
 
 
+def test_lm_head_gradient_counted_at_its_fsdp_share():
+    """The fused loss holds the float32 lm_head gradient from forward to backward, sharded like the
+    lm_head (embed over fsdp, vocab over tensor): two meshes with the same rows per device and the
+    same tensor split differ only by that share."""
+    def saved(shape):
+        return P.make_plan(CONFIG, S.abstract_mesh(shape, 8), batch=8, seq=128,
+                           remat="full").activations_saved
+    whole_over_tensor = CONFIG.hidden_size * (CONFIG.vocab_size // 2) * 4  # fsdp=1
+    assert saved((4, 1, 2)) - saved((2, 2, 2)) == whole_over_tensor // 2
+
+
 def test_hardware_names():
     assert P.hardware("v5p-32") == P.Hardware("v5p-32", 16, 95e9, 4)  # 32 TensorCores, 16 chips
     assert P.hardware("v5e-256").devices == 256
