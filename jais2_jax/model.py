@@ -30,6 +30,7 @@ from jais2_jax.rope import apply_rope, rope_cos_sin
 
 Array = jax.Array
 
+
 @jax.custom_jvp
 def relu2(x: Array) -> Array:
     """relu(x)^2, Jais2's MLP activation, differentiated from its output: d/dx = 2 relu(x) =
@@ -43,7 +44,7 @@ def relu2(x: Array) -> Array:
 @relu2.defjvp
 def _relu2_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
-    y = checkpoint_name(jnp.square(jax.nn.relu(x)), "mlp_act")
+    y = checkpoint_name(relu2(x), "mlp_act")
     slope = 2.0 * jnp.sqrt(y.astype(jnp.float32))
     return y, (slope * t.astype(jnp.float32)).astype(t.dtype)
 
@@ -74,18 +75,24 @@ def _cudnn_attention_forward(prim, *_, **__) -> bool:
     """Saves what cuDNN's attention forward returns: the output and the softmax statistics its
     backward kernel needs. Saving the output alone (a name) would still re-run the forward kernel
     for the statistics (9 ms a step on the H100 2B bench). attention.py therefore leaves the cuDNN
-    output untagged, so it is not kept twice."""
+    output untagged, so it is not kept twice. The primitive's name is JAX's own
+    (jax._src.cudnn.fused_attention_stablehlo); were it renamed, the forward would be re-run again,
+    which costs time, not correctness."""
     return prim.name.startswith("dot_product_attention_fwd")
+
+
+def _save_with_attention(*names):
+    """Save these names, the "attention" output, and cuDNN attention's forward outputs."""
+    return jax.checkpoint_policies.save_from_both_policies(_save(*names, "attention"),
+                                                           _cudnn_attention_forward)
 
 
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,  # keep every activation
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
-    # recompute only norms, RoPE, activation
-    "dots": jax.checkpoint_policies.save_from_both_policies(_save(*_PROJECTIONS, "attention"),
-                                                            _cudnn_attention_forward),
+    "dots": _save_with_attention(*_PROJECTIONS),  # recompute only norms, RoPE, activation
     "dots_no_batch": _save(*_PROJECTIONS),  # as jax's: projections, not the attention
-    "dots_no_mlp": _save("q_proj", "k_proj", "v_proj", "o_proj", "attention", "down_proj"),
+    "dots_no_mlp": _save_with_attention("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"),
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
