@@ -8,7 +8,8 @@ kernel time by kernel and by kind (GEMM, attention, fusion, copy, ...), print a 
 The trace is jax.profiler's Perfetto JSON (`perfetto_trace.json.gz`, plain Chrome trace events);
 GPU kernels sit on the device process's stream threads. Kernel time is summed over the traced
 calls and divided by their number; the gap to the wall time per call is host/launch time.
-The compiled HLO of each program is written beside the summary so fusion names can be looked up.
+The compiled HLO of each program (train step, prefill, decode loop) is written beside the summary
+so fusion names can be looked up.
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ def summarize(trace_dir: str, calls: int, wall_s: float, top: int = 25) -> str:
     return "\n".join(lines)
 
 
+def write_hlo(out: str, name: str, lowered) -> None:
+    """The compiled HLO beside the trace, so kernel names (fusion.N) can be looked up."""
+    with gzip.open(os.path.join(out, f"{name}.hlo.txt.gz"), "wt") as f:
+        f.write(lowered.compile().as_text())
+
+
 def trace(fn, calls: int, out: str, label: str):
     import jax
     jax.block_until_ready(fn())  # warm (compiled already by the caller's warm-up)
@@ -130,9 +137,7 @@ def profile_train(args):
     box = {}
     with use_mesh(mesh):
         box["state"] = bench_train._init(program, config, run)
-        hlo = program.train_step.lower(box["state"], data).compile().as_text()
-        with gzip.open(os.path.join(args.out, "train_step.hlo.txt.gz"), "wt") as f:
-            f.write(hlo)
+        write_hlo(args.out, "train_step", program.train_step.lower(box["state"], data))
 
         def step():
             box["state"], metrics = program.train_step(box["state"], data)
@@ -165,6 +170,8 @@ def profile_prefill(args):
     def once():
         cache = init_cache(config, 1, p["prefill"], dtype=dtype, per_layer=True)
         return prefill(model, params, ids, mask, cache)
+    write_hlo(args.out, "prefill", prefill.lower(
+        model, params, ids, mask, init_cache(config, 1, p["prefill"], dtype=dtype, per_layer=True)))
     for _ in range(2):
         jax.block_until_ready(once())
     d, wall = trace(once, args.calls, args.out, "prefill")
@@ -199,6 +206,13 @@ def profile_decode(args):
             logits, cache = prefill(model, params, ids, jnp.ones_like(ids), cache)
             return _decode_loop(model, params, logits, cache, None, max_new_tokens=new,
                                 sampler=Sampler(), eos_ids=(), pad_id=0, callback=None)[0]
+        cache = init_cache(config, batch, p["prompt"] + new + 128 - (p["prompt"] + new) % 128,
+                           dtype=dtype, per_layer=True)
+        logits = jnp.zeros((batch, config.vocab_size), jnp.float32)
+        write_hlo(args.out, f"decode_loop_b{batch}", _decode_loop.lower(
+            model, params, logits, cache, None, max_new_tokens=new, sampler=Sampler(), eos_ids=(),
+            pad_id=0, callback=None))
+        del cache
         for _ in range(2):
             jax.block_until_ready(once())
         t = time.perf_counter()
