@@ -31,22 +31,31 @@ from jais2_jax.rope import apply_rope, rope_cos_sin
 Array = jax.Array
 
 
-@jax.custom_jvp
+@jax.custom_vjp
 def relu2(x: Array) -> Array:
     """relu(x)^2, Jais2's MLP activation, differentiated from its output: d/dx = 2 relu(x) =
     2 sqrt(relu(x)^2). The output (tagged "mlp_act") is what down_proj's weight gradient needs
     anyway, so a remat policy that saves it keeps one [tokens, intermediate] tensor per layer, and
     the backward pass neither keeps nor re-reads the up_proj output. On the H100 train step that is
-    2 of the 7 GB a layer moves through the activation and its backward at batch 16."""
+    2 of the 7 GB a layer moves through the activation and its backward at batch 16.
+    Reverse mode only (a custom_vjp: the output is its only residual)."""
     return jnp.square(jax.nn.relu(x))
 
 
-@relu2.defjvp
-def _relu2_jvp(primals, tangents):
-    (x,), (t,) = primals, tangents
+def _relu2_fwd(x):
     y = checkpoint_name(relu2(x), "mlp_act")
-    slope = 2.0 * jnp.sqrt(y.astype(jnp.float32))
-    return y, (slope * t.astype(jnp.float32)).astype(t.dtype)
+    return y, y
+
+
+def _relu2_bwd(y, g):
+    # In the activation's dtype, as autodiff of the formula would compute 2 relu(x) g. The sqrt
+    # sits behind a double where so that its derivative stays finite at y = 0 (second order).
+    positive = y > 0
+    slope = jnp.where(positive, 2 * jnp.sqrt(jnp.where(positive, y, 1)), 0).astype(y.dtype)
+    return ((slope * g.astype(y.dtype)).astype(g.dtype),)
+
+
+relu2.defvjp(_relu2_fwd, _relu2_bwd)
 
 
 # Activations whose derivative comes from their output, which they tag "mlp_act" themselves: the
