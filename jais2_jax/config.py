@@ -47,17 +47,22 @@ HF_METADATA_KEYS = frozenset({
 })
 
 
-def read_json_object(path: str) -> dict:
-    """The JSON object in `path`; a ValueError naming the file if it is not valid JSON or not an
-    object (config.json, tokenizer_config.json, ...)."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+def parse_json_object(text: str, where: str) -> dict:
+    """The JSON object in `text`; a ValueError naming `where` (a file, or file:line) if it is not
+    valid JSON or not an object."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, not {type(data).__name__}")
+        raise ValueError(f"{where}: expected a JSON object, not {type(data).__name__}")
     return data
+
+
+def read_json_object(path: str) -> dict:
+    """The JSON object in the file `path` (config.json, tokenizer_config.json, ...)."""
+    with open(path, encoding="utf-8") as f:
+        return parse_json_object(f.read(), path)
 
 
 @dataclasses.dataclass(frozen=True)

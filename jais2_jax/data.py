@@ -29,6 +29,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from jais2_jax.config import parse_json_object
+
 FORMAT = "jais2-token-store"
 VERSION = 1
 INPUT_SUFFIXES = (".txt", ".jsonl")
@@ -74,12 +76,7 @@ def _documents(path: str, text_key: str, progress) -> Iterator[tuple[str, str | 
                 progress.update(len(line.encode("utf-8")))
                 if not line.strip():
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{n}: expected a JSON object")
+                record = parse_json_object(line, f"{path}:{n}")
                 if "prompt" in record and "completion" in record:
                     yield str(record["completion"]), str(record["prompt"])
                 elif text_key in record:

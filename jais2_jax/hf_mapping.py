@@ -144,17 +144,10 @@ def tree_get(tree: Mapping, path: tuple[str, ...]):
 
 def check_params(config: Jais2Config, params: Mapping) -> None:
     """ValueError naming every parameter of our tree that is missing, unexpected or misshapen."""
+    from flax.traverse_util import flatten_dict
     n = config.num_hidden_layers
     expected = {"/".join(s.path): s.full_shape(n) for s in tensor_specs(config)}
-    flat = {}
-
-    def walk(tree, prefix):
-        for key, value in tree.items():
-            if isinstance(value, Mapping):
-                walk(value, prefix + (key,))
-            else:
-                flat["/".join(prefix + (key,))] = tuple(np.shape(value))
-    walk(params, ())
+    flat = {k: tuple(np.shape(v)) for k, v in flatten_dict(params, sep="/").items()}
     problems = [f"missing {k}" for k in sorted(set(expected) - set(flat))]
     problems += [f"unexpected {k}" for k in sorted(set(flat) - set(expected))]
     problems += [f"{k} has shape {flat[k]}, the config implies {expected[k]}"

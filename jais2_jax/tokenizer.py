@@ -31,8 +31,6 @@ def _content(token) -> str | None:
     return token
 
 
-
-
 @lru_cache(maxsize=16)
 def _compile_template(source: str):
     import jinja2

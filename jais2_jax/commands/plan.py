@@ -18,7 +18,6 @@ fits):
 from __future__ import annotations
 
 
-
 def add_arguments(parser) -> None:
     parser.add_argument("--model",
                         help="preset name (jais2-8b, jais2-70b), a config.json, or a checkpoint dir")
