@@ -23,6 +23,7 @@ measurement, then a table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -86,7 +87,8 @@ def run_jax(args):
     config = model_config(args.shape)
     seq = SHAPES[args.shape]["seq"]
     mesh = make_mesh("fsdp", devices=jax.devices()[:1])
-    emit(side="jax", what="device", name=jax.devices()[0].device_kind, jax=jax.__version__)
+    emit(side="jax", what="device", name=jax.devices()[0].device_kind, jax=jax.__version__,
+         overrides=args.set, xla_flags=os.environ.get("XLA_FLAGS", ""))
     start = time.perf_counter()
     for variant in args.remat.split(","):
         remat, _, layout = variant.partition(":")  # "dots_no_batch:unrolled" -> scan_layers=False
@@ -96,6 +98,8 @@ def run_jax(args):
                 continue
             run = run_config(args.shape, batch, remat, loss_chunk=args.loss_chunk,
                              scan_layers=layout != "unrolled")
+            if args.set:  # RunConfig overrides, parsed and checked as `jais2 train --set` does
+                run = type(run).from_dict(dataclasses.asdict(run), args.set)
             try:
                 program = _program(config, run, mesh)
                 data = random_batch(config, batch, seq)
@@ -221,6 +225,9 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation) first")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="skip our remaining configurations after this many seconds")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override our RunConfig, e.g. --set logits_dot_in_fp32=false "
+                        "--set grad_accum_steps=2 (batch stays the optimizer step's rows)")
     p.add_argument("--side", choices=("jax", "hf"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.shape = "tiny" if args.tiny else "2b"

@@ -26,6 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jais2_jax.attention import dot_product_attention
 from jais2_jax.cache import KVCache
 from jais2_jax.config import Jais2Config
+from jais2_jax.layernorm import layer_norm
 from jais2_jax.rope import apply_rope, rope_cos_sin
 
 Array = jax.Array
@@ -191,10 +192,12 @@ class Linear(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """torch.nn.LayerNorm (weight `scale` and `bias`), statistics in float32."""
+    """torch.nn.LayerNorm (weight `scale` and `bias`), statistics in float32 (`layernorm.py`:
+    XLA, or one Pallas kernel each way on GPU)."""
     eps: float
     dtype: Any
     param_dtype: Any
+    impl: str | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -203,11 +206,7 @@ class LayerNorm(nn.Module):
                            (d,), self.param_dtype)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
                           (d,), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+        return layer_norm(x, scale, bias, eps=self.eps, dtype=self.dtype, impl=self.impl)
 
 
 class Attention(nn.Module):
@@ -288,12 +287,14 @@ class DecoderLayer(nn.Module):
     dtype: Any
     param_dtype: Any
     attention_impl: str | None = None
+    norm_impl: str | None = None
     fuse_qkv: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache):
         c = self.config
-        norm = dict(eps=c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = dict(eps=c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                    impl=self.norm_impl)
         x = _constrain(x, ("batch", "length", "embed"))
         h = LayerNorm(name="input_layernorm", **norm)(x)
         h, new_cache = Attention(c, self.dtype, self.param_dtype, self.attention_impl, self.fuse_qkv,
@@ -318,6 +319,7 @@ class Jais2ForCausalLM(nn.Module):
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str | None = None  # None: by backend (cuDNN on GPU for bf16, XLA otherwise)
+    norm_impl: str | None = None  # None: by backend (Pallas on one GPU, XLA otherwise), layernorm.py
     # Inference on one device: q/k/v as one GEMM over params from unstack_layers(fuse_qkv=True).
     # The fused heads axis is replicated by the sharding rules, so keep it off under tensor parallelism.
     fuse_qkv: bool = False
@@ -339,7 +341,8 @@ class Jais2ForCausalLM(nn.Module):
             raise ValueError("fuse_qkv is an inference layout: use it with scan_layers=False and "
                              "unstack_layers(params, fuse_qkv=True)")
         layer_kw = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype,
-                        attention_impl=self.attention_impl, fuse_qkv=self.fuse_qkv)
+                        attention_impl=self.attention_impl, norm_impl=self.norm_impl,
+                        fuse_qkv=self.fuse_qkv)
         if self.scan_layers:
             self.layers = nn.scan(
                 layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -349,7 +352,7 @@ class Jais2ForCausalLM(nn.Module):
         else:
             self.layers = [layer_cls(**layer_kw, name=f"layers_{i}")
                            for i in range(c.num_hidden_layers)]
-        self.norm = LayerNorm(c.layer_norm_eps, self.dtype, self.param_dtype)
+        self.norm = LayerNorm(c.layer_norm_eps, self.dtype, self.param_dtype, self.norm_impl)
         if not c.tie_word_embeddings:
             self.lm_head = Linear((c.vocab_size,), ("embed",), ("vocab",), use_bias=False,
                                   dtype=self.dtype, param_dtype=self.param_dtype,

@@ -42,11 +42,16 @@ class RunConfig:
     clip_grad_norm: float | None = 1.0
     z_loss: float = 0.0  # weight of mean(logsumexp^2); 1e-4 is usual when enabled
     loss_chunk: int = 512  # tokens of each sequence per chunk of the float32 logits
+    # False: the lm_head GEMM returns its logits in the compute dtype (as transformers does under
+    # bf16 autocast, and MaxText's default), the cross-entropy still runs in float32 on them; half
+    # the bytes for the loss's passes over the logits (see training.py)
+    logits_dot_in_fp32: bool = True
     # --- numerics and memory
     dtype: str = "bfloat16"  # compute
     param_dtype: str = "float32"
     remat_policy: str = "dots"
     attention_impl: str | None = None
+    norm_impl: str | None = None  # None: Pallas kernels on one GPU, XLA otherwise; "xla", "pallas"
     # False: the step runs the layers unrolled over a per-layer view of the (still stacked) params;
     # no stacked buffers of saved activations to fill and copy (faster on GPU), longer compiles
     scan_layers: bool = True
@@ -106,6 +111,9 @@ class RunConfig:
             raise ValueError(f"remat_policy {self.remat_policy!r}: choose one of "
                              f"{sorted(REMAT_POLICIES)}")
         as_dtype(self.dtype), as_dtype(self.param_dtype)
+        from jais2_jax.layernorm import IMPLS
+        if self.norm_impl not in IMPLS:
+            raise ValueError(f"norm_impl {self.norm_impl!r}: choose one of {IMPLS}")
 
     # ------------------------------------------------------------------------------------------ i/o
     @classmethod

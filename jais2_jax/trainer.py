@@ -246,7 +246,8 @@ def _program(config: Jais2Config, run: RunConfig, mesh) -> _Program:
     """Model, optimizer, shardings and jitted steps; cached so that a process running several
     runs of one shape (a notebook, a resumed run, the tests) compiles the steps once."""
     model = Jais2ForCausalLM(config, dtype=as_dtype(run.dtype), param_dtype=as_dtype(run.param_dtype),
-                             remat_policy=run.remat_policy, attention_impl=run.attention_impl)
+                             remat_policy=run.remat_policy, attention_impl=run.attention_impl,
+                             norm_impl=run.norm_impl)
     optimizer = make_optimizer(run)
     params_sh = sharding.param_shardings(config, mesh)
     abstract_params = nn.meta.unbox(

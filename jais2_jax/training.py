@@ -82,7 +82,8 @@ def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
 
 
 # -------------------------------------------------------------------------------------------- loss
-def loss_sums(model: nn.Module, params, batch: Batch, *, chunk: int) -> tuple[Array, Array]:
+def loss_sums(model: nn.Module, params, batch: Batch, *, chunk: int,
+              logits_f32: bool = True) -> tuple[Array, Array]:
     """(sum of cross-entropy, sum of logsumexp^2) over the targets, weighted by `loss_mask`.
 
     Cross-entropy in float32, `chunk` positions of every row at a time (see the module doc). Each
@@ -90,11 +91,11 @@ def loss_sums(model: nn.Module, params, batch: Batch, *, chunk: int) -> tuple[Ar
     """
     h, w = _hidden_and_head(model, params, batch)
     return _ce_chunks(h, w, batch["targets"], batch["loss_mask"].astype(jnp.float32),
-                      min(chunk, h.shape[1]), 0.0, with_grads=False)
+                      min(chunk, h.shape[1]), 0.0, logits_f32, with_grads=False)
 
 
-def train_loss_sums(model: nn.Module, params, batch: Batch, *, chunk: int,
-                    z_loss: float) -> tuple[Array, tuple[Array, Array]]:
+def train_loss_sums(model: nn.Module, params, batch: Batch, *, chunk: int, z_loss: float,
+                    logits_f32: bool = True) -> tuple[Array, tuple[Array, Array]]:
     """(sum CE + z_loss * sum lse^2, (sum CE, sum lse^2)): `loss_sums` for training.
 
     Same values; the gradient with respect to the logits is made in the forward pass, chunk by
@@ -104,7 +105,7 @@ def train_loss_sums(model: nn.Module, params, batch: Batch, *, chunk: int,
     """
     h, w = _hidden_and_head(model, params, batch)
     total, sums = _fused_lm_head_ce(h, w, batch["targets"], batch["loss_mask"].astype(jnp.float32),
-                                    min(chunk, h.shape[1]), float(z_loss))
+                                    min(chunk, h.shape[1]), float(z_loss), bool(logits_f32))
     sums = jax.lax.stop_gradient(sums)
     return total, (sums[0], sums[1])
 
@@ -118,9 +119,11 @@ def _hidden_and_head(model: nn.Module, params, batch: Batch) -> tuple[Array, Arr
     return hidden.astype(model.dtype), model.apply({"params": params}, method="lm_head_weight")
 
 
-def _ce_chunks(h, w, targets, mask, chunk, z_loss, with_grads):
+def _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads):
     """Scan over sequence chunks: sums of CE and lse^2 and, `with_grads`, d(total)/dh [B, T, D]
-    and d(total)/dw [D, V] (float32). Logits float32 [B, chunk, V], one chunk alive at a time."""
+    and d(total)/dw [D, V] (float32). Logits [B, chunk, V], one chunk alive at a time: the GEMM
+    returns them in float32, or with `logits_f32=False` in h's dtype (each pass below reads half
+    the bytes); the softmax and the loss are float32 either way."""
     B, T, D = h.shape
     n = T // chunk
     w_c = w.astype(h.dtype)  # cast once, not per chunk
@@ -132,7 +135,11 @@ def _ce_chunks(h, w, targets, mask, chunk, z_loss, with_grads):
         ce, z, dw = carry
         h_c, t_c, m_c = xs
         # dot_f32: differentiated (loss_sums), its backward GEMMs stay in the compute dtype
-        logits = dot_f32(h_c, w_c, ((2,), (0,)))  # [B, c, V] float32
+        if logits_f32:
+            logits = dot_f32(h_c, w_c, ((2,), (0,)))  # [B, c, V] float32
+        else:  # rounded to h's dtype by the GEMM; XLA fuses the upcast into each pass's reads
+            logits = jax.lax.dot_general(h_c, w_c, (((2,), (0,)), ((), ())),
+                                         preferred_element_type=h.dtype).astype(jnp.float32)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
         lse = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1)) + top[..., 0]  # [B, c]
@@ -165,20 +172,20 @@ def _ce_chunks(h, w, targets, mask, chunk, z_loss, with_grads):
     return ce, z, dh, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused_lm_head_ce(h, w, targets, mask, chunk, z_loss):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_lm_head_ce(h, w, targets, mask, chunk, z_loss, logits_f32):
     """h [B, T, D] (compute dtype), w [D, V] (any float dtype; cast once to h's) ->
     (sum CE + z_loss * sum lse^2, [sum CE, sum lse^2])."""
-    ce, z = _ce_chunks(h, w, targets, mask, chunk, z_loss, with_grads=False)
+    ce, z = _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads=False)
     return ce + z_loss * z, jnp.stack([ce, z])
 
 
-def _fused_lm_head_ce_fwd(h, w, targets, mask, chunk, z_loss):
-    ce, z, dh, dw = _ce_chunks(h, w, targets, mask, chunk, z_loss, with_grads=True)
+def _fused_lm_head_ce_fwd(h, w, targets, mask, chunk, z_loss, logits_f32):
+    ce, z, dh, dw = _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads=True)
     return (ce + z_loss * z, jnp.stack([ce, z])), (dh, dw.astype(w.dtype))
 
 
-def _fused_lm_head_ce_bwd(chunk, z_loss, res, cotangents):
+def _fused_lm_head_ce_bwd(chunk, z_loss, logits_f32, res, cotangents):
     dh, dw = res
     g = cotangents[0]  # the second output is stop_gradient-ed by the only caller
     # Scale in float32: g is 1 / targets, which bf16 would round (a 0.4% bias on every gradient).
@@ -206,7 +213,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
 
     def loss_fn(params, batch, count):
         total, (ce, z) = train_loss_sums(model, view(params), batch, chunk=run.loss_chunk,
-                                         z_loss=run.z_loss)
+                                         z_loss=run.z_loss, logits_f32=run.logits_dot_in_fp32)
         return total / count, (ce, z)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -265,7 +272,8 @@ def make_eval_step(model: nn.Module, run: RunConfig) -> Callable[[Any, Batch], d
     model, view = layer_view(model, run)
 
     def eval_step(params, batch):
-        ce, _ = loss_sums(model, view(params), batch, chunk=run.loss_chunk)
+        ce, _ = loss_sums(model, view(params), batch, chunk=run.loss_chunk,
+                          logits_f32=run.logits_dot_in_fp32)
         return {"ce_sum": ce, "targets": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
     return eval_step
 

@@ -116,6 +116,45 @@ def test_chunked_loss_equals_unchunked(hf, kind, tied):
         assert rel_err(g, r) <= 1e-6
 
 
+@pytest.mark.parametrize("kind", ["checkpointed", "fused"])
+def test_loss_on_compute_dtype_logits(hf, kind):
+    """`logits_dot_in_fp32=False` (bf16 compute): the loss is the float32 cross-entropy of logits
+    rounded to bf16 by the GEMM (transformers under autocast), not of float32 logits; both loss
+    paths agree on its value and gradient."""
+    _, config, params = hf
+    # logits of a trained model's size (the random ones are ~0.02, where bf16 rounds little)
+    params = jax.tree_util.tree_map(lambda x: x, params)
+    params["lm_head"] = jax.tree_util.tree_map(lambda w: 100.0 * w, params["lm_head"])
+    model = Jais2ForCausalLM(config, dtype=jnp.bfloat16)
+    batch = _shifted_batch(np.random.default_rng(3).integers(0, config.vocab_size, (2, 16)))
+
+    def reference(p, logits_dtype):  # no scan, no chunks: all logits at once
+        h = model.apply({"params": p}, batch["input_ids"], method="hidden_states")[0]
+        w = model.apply({"params": p}, method="lm_head_weight").astype(jnp.bfloat16)
+        logits = jnp.einsum("btd,dv->btv", h.astype(jnp.bfloat16), w,
+                            preferred_element_type=logits_dtype).astype(jnp.float32)
+        ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+            logits, batch["targets"][..., None], -1)[..., 0]
+        return jnp.sum(ce * batch["loss_mask"])
+
+    def ours(p, logits_f32):
+        if kind == "fused":
+            return train_loss_sums(model, p, batch, chunk=4, z_loss=0.0, logits_f32=logits_f32)[0]
+        return loss_sums(model, p, batch, chunk=4, logits_f32=logits_f32)[0]
+
+    ref16, ref32 = (float(jax.jit(reference, static_argnums=1)(params, d))
+                    for d in (jnp.bfloat16, jnp.float32))
+    assert abs(ref16 - ref32) / ref32 > 1e-5  # the rounding shows (2.6e-5)
+    for logits_f32, ref in ((False, ref16), (True, ref32)):
+        got = float(jax.jit(ours, static_argnums=1)(params, logits_f32))
+        assert abs(got - ref) / ref <= 1e-6, (logits_f32, got, ref)
+    # The gradient: the fused path's (made in the forward pass) against autodiff of the reference.
+    grads = jax.jit(jax.grad(ours), static_argnums=1)(params, False)
+    ref_grads = jax.jit(jax.grad(reference), static_argnums=1)(params, jnp.bfloat16)
+    for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
+        assert rel_err(g, r) <= 2e-2
+
+
 def test_unrolled_step_equals_scanned_step(hf, tmp_path):
     """run.scan_layers=False runs the layers unrolled over slices of the stacked params: the
     same loss and the same updated (still stacked) params as the scanned step."""

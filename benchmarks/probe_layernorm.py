@@ -1,0 +1,66 @@
+"""Probe: the Pallas LayerNorm kernels against XLA's LayerNorm on the GPU, the 2B training shape.
+
+Checks that both agree, then times forward and forward + backward for x [rows, width] bf16:
+each side's median over repeated calls, and the bytes floor at the measured copy bandwidth
+(forward reads x and writes y; the backward reads x and dy and writes dx).
+
+  python benchmarks/probe_layernorm.py [--rows 32768 --width 2048]
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jais2_jax.layernorm import layer_norm  # noqa: E402
+
+BW = 3.0e12
+
+
+def bench(f, *args, reps=50):
+    jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", type=int, default=32768)
+    p.add_argument("--width", type=int, default=2048)
+    a = p.parse_args()
+    k = jax.random.split(jax.random.key(0), 4)
+    x = (2 * jax.random.normal(k[0], (a.rows, a.width)) + 0.5).astype(jnp.bfloat16)
+    g, b = 1 + 0.1 * jax.random.normal(k[1], (a.width,)), 0.1 * jax.random.normal(k[2], (a.width,))
+    dy = jax.random.normal(k[3], x.shape).astype(jnp.bfloat16)
+    out = {}
+    for impl in ("xla", "pallas"):
+        fwd = jax.jit(lambda x, g, b, impl=impl: layer_norm(x, g, b, eps=1e-5, impl=impl))
+        both = jax.jit(lambda x, g, b, dy, impl=impl: jax.vjp(
+            lambda x, g, b: layer_norm(x, g, b, eps=1e-5, impl=impl), x, g, b)[1](dy))
+        out[impl] = (fwd(x, g, b), both(x, g, b, dy))
+        tf, tb = bench(fwd, x, g, b), bench(both, x, g, b, dy)
+        n = x.size * 2
+        print(f"{impl:>7}: forward {tf * 1e6:8.1f} us (floor {2 * n / BW * 1e6:.1f}), "
+              f"forward+backward {tb * 1e6:8.1f} us (floor {5 * n / BW * 1e6:.1f})", flush=True)
+    (y0, g0), (y1, g1) = out["xla"], out["pallas"]
+
+    def rel(u, v):
+        u, v = u.astype(jnp.float32), v.astype(jnp.float32)
+        return float(jnp.linalg.norm(u - v) / jnp.linalg.norm(v))
+    print(f"pallas vs xla: y {rel(y1, y0):.2e}, dx {rel(g1[0], g0[0]):.2e}, "
+          f"dscale {rel(g1[1], g0[1]):.2e}, dbias {rel(g1[2], g0[2]):.2e}")
+
+
+if __name__ == "__main__":
+    print(jax.devices()[0].device_kind, jax.__version__)
+    main()

@@ -1,0 +1,158 @@
+"""LayerNorm over the last axis: XLA, or one Pallas (Triton) kernel each way on GPU.
+
+XLA runs a LayerNorm as several kernels (the mean, the variance, the normalisation; more in the
+backward pass), each a pass over the activations. The Pallas kernels read each row once:
+
+- forward: x [N, D] -> y (x's dtype or `dtype`), mean and 1/std [N] float32; 4 rows a program.
+- backward: x, dy, mean, 1/std -> dx, plus d scale / d bias summed over the rows of each program
+  (64 rows, four at a time, so the partial sums are 1/64 of x's size), then over programs by XLA.
+
+Both compute in float32 with the two-pass variance of `model.LayerNorm` (mean, then mean of
+squared deviations). `impl=None` picks Pallas on GPU when the kernel takes the shape (D a power of
+two) and no multi-device mesh is in use (a Pallas call is not partitioned by XLA), XLA otherwise;
+`impl="pallas"` off GPU runs the kernels in Pallas' interpreter (tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+IMPLS = (None, "xla", "pallas")
+_FWD_ROWS, _BWD_ROWS, _BWD_SUB = 4, 64, 4  # rows a program (forward, backward), rows a step
+
+
+def layer_norm(x: Array, scale: Array, bias: Array, *, eps: float, dtype=None,
+               impl: str | None = None) -> Array:
+    """torch.nn.LayerNorm(x) * scale + bias over the last axis, statistics in float32, the result
+    in `dtype` (default x's)."""
+    if impl not in IMPLS:
+        raise ValueError(f"layer norm impl {impl!r}: choose one of {IMPLS}")
+    dtype = jnp.dtype(dtype or x.dtype)
+    if impl is None:
+        impl = "pallas" if _pallas_fits(x.shape[-1]) else "xla"
+    if impl == "xla":
+        return _xla(x, scale, bias, eps, dtype)
+    if x.shape[-1] & (x.shape[-1] - 1):
+        raise ValueError(f"the Pallas layer norm wants a power-of-two width, got {x.shape[-1]}")
+    interpret = jax.default_backend() != "gpu"
+    y = _pallas(x.reshape(-1, x.shape[-1]), scale, bias, float(eps), dtype, interpret)
+    return y.reshape(x.shape)
+
+
+def _xla(x, scale, bias, eps, dtype):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+
+
+def _pallas_fits(width: int) -> bool:
+    if jax.default_backend() != "gpu" or width & (width - 1):
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or mesh.size == 1
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two <= cap that divides n."""
+    return min(n & -n, cap)
+
+
+# ------------------------------------------------------------------------------------ the kernels
+def _fwd_kernel(x_ref, g_ref, b_ref, y_ref, mean_ref, rstd_ref, *, eps):
+    x = x_ref[...].astype(jnp.float32)  # [R, D]
+    mean = jnp.mean(x, axis=1)
+    xc = x - mean[:, None]
+    rstd = jax.lax.rsqrt(jnp.mean(xc * xc, axis=1) + eps)
+    y = xc * rstd[:, None] * g_ref[...].astype(jnp.float32)[None, :]
+    y_ref[...] = (y + b_ref[...].astype(jnp.float32)[None, :]).astype(y_ref.dtype)
+    mean_ref[...] = mean
+    rstd_ref[...] = rstd
+
+
+def _bwd_kernel(x_ref, g_ref, mean_ref, rstd_ref, dy_ref, dx_ref, dg_ref, db_ref, *, sub):
+    from jax.experimental import pallas as pl
+    g = g_ref[...].astype(jnp.float32)
+    d = g.shape[0]
+
+    def step(j, acc):
+        dg, db = acc
+        rows = pl.ds(j * sub, sub)
+        x = x_ref[rows, :].astype(jnp.float32)  # [sub, D]
+        dy = dy_ref[rows, :].astype(jnp.float32)
+        xhat = (x - mean_ref[rows][:, None]) * rstd_ref[rows][:, None]
+        dyg = dy * g[None, :]
+        c1 = jnp.mean(xhat * dyg, axis=1)
+        c2 = jnp.mean(dyg, axis=1)
+        dx = (dyg - c2[:, None] - xhat * c1[:, None]) * rstd_ref[rows][:, None]
+        dx_ref[rows, :] = dx.astype(dx_ref.dtype)
+        return dg + jnp.sum(dy * xhat, axis=0), db + jnp.sum(dy, axis=0)
+
+    zero = jnp.zeros((d,), jnp.float32)
+    dg, db = jax.lax.fori_loop(0, x_ref.shape[0] // sub, step, (zero, zero))
+    dg_ref[...] = dg[None, :]
+    db_ref[...] = db[None, :]
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, warps):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                          out_shape=out_shape, interpret=interpret,
+                          compiler_params=plt.CompilerParams(num_warps=warps, num_stages=1))
+
+
+def _forward(x, scale, bias, eps, dtype, interpret):
+    from jax.experimental import pallas as pl
+    n, d = x.shape
+    r = _pow2_divisor(n, _FWD_ROWS)
+    rows = pl.BlockSpec((r, d), lambda i: (i, 0))
+    vec = pl.BlockSpec((d,), lambda i: (0,))
+    stat = pl.BlockSpec((r,), lambda i: (i,))
+    return _call(functools.partial(_fwd_kernel, eps=eps), (n // r,), [rows, vec, vec],
+                 [rows, stat, stat],
+                 [jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((n,), jnp.float32),
+                  jax.ShapeDtypeStruct((n,), jnp.float32)], interpret, 4)(x, scale, bias)
+
+
+def _backward(x, scale, mean, rstd, dy, interpret):
+    from jax.experimental import pallas as pl
+    n, d = x.shape
+    r = _pow2_divisor(n, _BWD_ROWS)
+    sub = min(r, _BWD_SUB)
+    p = n // r
+    rows = pl.BlockSpec((r, d), lambda i: (i, 0))
+    stat = pl.BlockSpec((r,), lambda i: (i,))
+    part = pl.BlockSpec((1, d), lambda i: (i, 0))
+    dx, dg, db = _call(functools.partial(_bwd_kernel, sub=sub), (p,),
+                       [rows, pl.BlockSpec((d,), lambda i: (0,)), stat, stat, rows],
+                       [rows, part, part],
+                       [jax.ShapeDtypeStruct((n, d), x.dtype),
+                        jax.ShapeDtypeStruct((p, d), jnp.float32),
+                        jax.ShapeDtypeStruct((p, d), jnp.float32)], interpret, 4)(
+        x, scale, mean, rstd, dy)
+    return dx, jnp.sum(dg, axis=0), jnp.sum(db, axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _pallas(x, scale, bias, eps, dtype, interpret):
+    return _forward(x, scale, bias, eps, dtype, interpret)[0]
+
+
+def _pallas_fwd(x, scale, bias, eps, dtype, interpret):
+    y, mean, rstd = _forward(x, scale, bias, eps, dtype, interpret)
+    return y, (x, scale, bias, mean, rstd)
+
+
+def _pallas_bwd(eps, dtype, interpret, res, dy):
+    x, scale, bias, mean, rstd = res
+    dx, dg, db = _backward(x, scale, mean, rstd, dy, interpret)
+    return dx, dg.astype(scale.dtype), db.astype(bias.dtype)
+
+
+_pallas.defvjp(_pallas_fwd, _pallas_bwd)
