@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import gzip
 import json
@@ -125,6 +126,8 @@ def profile_train(args):
     mesh = make_mesh("fsdp", devices=jax.devices()[:1])
     run = bench_train.run_config(shape, batch, args.remat, loss_chunk=args.loss_chunk,
                                  scan_layers=not args.unrolled)
+    if args.set:  # RunConfig overrides, as bench_train.py --set
+        run = type(run).from_dict(dataclasses.asdict(run), args.set)
     if args.loss == "checkpointed":  # the earlier loss: backward recomputes each chunk's logits
         from jais2_jax import training
 
@@ -147,7 +150,7 @@ def profile_train(args):
         d, wall = trace(step, args.calls, args.out, "train")
     return (f"== train step: 2B shape, batch {batch}, seq {seq}, remat {args.remat}, "
             f"{'unrolled' if args.unrolled else 'scanned'} layers, {args.loss} loss, "
-            f"tok/s {batch * seq * args.calls / wall:,.0f}\n" + summarize(d, args.calls, wall))
+            f"tok/s {batch * seq * args.calls / wall:,.0f}\n" + summarize(d, args.calls, wall, args.top))
 
 
 def profile_prefill(args):
@@ -239,6 +242,9 @@ def main():
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--unfused-qkv", action="store_true")
     p.add_argument("--attention", choices=("xla", "cudnn"), default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="train step: override the RunConfig (as bench_train.py --set)")
+    p.add_argument("--top", type=int, default=25, help="kernels listed by time")
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)

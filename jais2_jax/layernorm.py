@@ -3,9 +3,9 @@
 XLA runs a LayerNorm as several kernels (the mean, the variance, the normalisation; more in the
 backward pass), each a pass over the activations. The Pallas kernels read each row once:
 
-- forward: x [N, D] -> y (x's dtype or `dtype`), mean and 1/std [N] float32; 4 rows a program.
+- forward: x [N, D] -> y (x's dtype or `dtype`), mean and 1/std [N] float32; 2 rows a program.
 - backward: x, dy, mean, 1/std -> dx, plus d scale / d bias summed over the rows of each program
-  (64 rows, four at a time, so the partial sums are 1/64 of x's size), then over programs by XLA.
+  (64 rows, one at a time, so the partial sums are 1/64 of x's size), then over programs by XLA.
 
 Both compute in float32 with the two-pass variance of `model.LayerNorm` (mean, then mean of
 squared deviations). `impl=None` picks Pallas on GPU when the kernel takes the shape (D a power of
@@ -22,7 +22,9 @@ import jax.numpy as jnp
 
 Array = jax.Array
 IMPLS = (None, "xla", "pallas")
-_FWD_ROWS, _BWD_ROWS, _BWD_SUB = 4, 64, 4  # rows a program (forward, backward), rows a step
+# rows a program (forward, backward), rows a step of the backward's loop, warps a program
+# (the fastest of a sweep on an H100 at 32768 x 2048 bf16: `benchmarks/probe_layernorm.py --sweep`)
+_FWD_ROWS, _BWD_ROWS, _BWD_SUB, _FWD_WARPS, _BWD_WARPS = 2, 64, 1, 4, 4
 
 
 def layer_norm(x: Array, scale: Array, bias: Array, *, eps: float, dtype=None,
@@ -117,7 +119,7 @@ def _forward(x, scale, bias, eps, dtype, interpret):
     return _call(functools.partial(_fwd_kernel, eps=eps), (n // r,), [rows, vec, vec],
                  [rows, stat, stat],
                  [jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((n,), jnp.float32),
-                  jax.ShapeDtypeStruct((n,), jnp.float32)], interpret, 4)(x, scale, bias)
+                  jax.ShapeDtypeStruct((n,), jnp.float32)], interpret, _FWD_WARPS)(x, scale, bias)
 
 
 def _backward(x, scale, mean, rstd, dy, interpret):
@@ -134,7 +136,7 @@ def _backward(x, scale, mean, rstd, dy, interpret):
                        [rows, part, part],
                        [jax.ShapeDtypeStruct((n, d), x.dtype),
                         jax.ShapeDtypeStruct((p, d), jnp.float32),
-                        jax.ShapeDtypeStruct((p, d), jnp.float32)], interpret, 4)(
+                        jax.ShapeDtypeStruct((p, d), jnp.float32)], interpret, _BWD_WARPS)(
         x, scale, mean, rstd, dy)
     return dx, jnp.sum(dg, axis=0), jnp.sum(db, axis=0)
 

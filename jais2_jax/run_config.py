@@ -51,7 +51,9 @@ class RunConfig:
     param_dtype: str = "float32"
     remat_policy: str = "dots"
     attention_impl: str | None = None
-    norm_impl: str | None = None  # None: Pallas kernels on one GPU, XLA otherwise; "xla", "pallas"
+    # LayerNorm and the loss's logsumexp: None picks the Pallas kernels on one GPU, XLA otherwise;
+    # "xla" or "pallas" (layernorm.py, logsumexp.py)
+    kernels: str | None = None
     # False: the step runs the layers unrolled over a per-layer view of the (still stacked) params;
     # no stacked buffers of saved activations to fill and copy (faster on GPU), longer compiles
     scan_layers: bool = True
@@ -112,8 +114,8 @@ class RunConfig:
                              f"{sorted(REMAT_POLICIES)}")
         as_dtype(self.dtype), as_dtype(self.param_dtype)
         from jais2_jax.layernorm import IMPLS
-        if self.norm_impl not in IMPLS:
-            raise ValueError(f"norm_impl {self.norm_impl!r}: choose one of {IMPLS}")
+        if self.kernels not in IMPLS:
+            raise ValueError(f"kernels {self.kernels!r}: choose one of {IMPLS}")
 
     # ------------------------------------------------------------------------------------------ i/o
     @classmethod

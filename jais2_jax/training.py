@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from jais2_jax.config import Jais2Config
+from jais2_jax.logsumexp import logsumexp
 from jais2_jax.model import dot_f32, unstack_layers
 from jais2_jax.run_config import RunConfig
 
@@ -95,7 +96,8 @@ def loss_sums(model: nn.Module, params, batch: Batch, *, chunk: int,
 
 
 def train_loss_sums(model: nn.Module, params, batch: Batch, *, chunk: int, z_loss: float,
-                    logits_f32: bool = True) -> tuple[Array, tuple[Array, Array]]:
+                    logits_f32: bool = True,
+                    lse_impl: str | None = None) -> tuple[Array, tuple[Array, Array]]:
     """(sum CE + z_loss * sum lse^2, (sum CE, sum lse^2)): `loss_sums` for training.
 
     Same values; the gradient with respect to the logits is made in the forward pass, chunk by
@@ -105,7 +107,8 @@ def train_loss_sums(model: nn.Module, params, batch: Batch, *, chunk: int, z_los
     """
     h, w = _hidden_and_head(model, params, batch)
     total, sums = _fused_lm_head_ce(h, w, batch["targets"], batch["loss_mask"].astype(jnp.float32),
-                                    min(chunk, h.shape[1]), float(z_loss), bool(logits_f32))
+                                    min(chunk, h.shape[1]), float(z_loss), bool(logits_f32),
+                                    lse_impl)
     sums = jax.lax.stop_gradient(sums)
     return total, (sums[0], sums[1])
 
@@ -119,11 +122,12 @@ def _hidden_and_head(model: nn.Module, params, batch: Batch) -> tuple[Array, Arr
     return hidden.astype(model.dtype), model.apply({"params": params}, method="lm_head_weight")
 
 
-def _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads):
+def _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads, lse_impl=None):
     """Scan over sequence chunks: sums of CE and lse^2 and, `with_grads`, d(total)/dh [B, T, D]
     and d(total)/dw [D, V] (float32). Logits [B, chunk, V], one chunk alive at a time: the GEMM
     returns them in float32, or with `logits_f32=False` in h's dtype (each pass below reads half
-    the bytes); the softmax and the loss are float32 either way."""
+    the bytes); the softmax and the loss are float32 either way. `lse_impl`: the logsumexp of the
+    fused gradient's pass (`logsumexp.py`; None: by backend)."""
     B, T, D = h.shape
     n = T // chunk
     w_c = w.astype(h.dtype)  # cast once, not per chunk
@@ -137,19 +141,19 @@ def _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads):
         # dot_f32: differentiated (loss_sums), its backward GEMMs stay in the compute dtype
         if logits_f32:
             logits = dot_f32(h_c, w_c, ((2,), (0,)))  # [B, c, V] float32
-        else:  # rounded to h's dtype by the GEMM; XLA fuses the upcast into each pass's reads
+        else:  # rounded to h's dtype by the GEMM; each pass below upcasts as it reads
             logits = jax.lax.dot_general(h_c, w_c, (((2,), (0,)), ((), ())),
-                                         preferred_element_type=h.dtype).astype(jnp.float32)
+                                         preferred_element_type=h.dtype)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-        top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-        lse = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1)) + top[..., 0]  # [B, c]
+        # the fused gradient's forward pass is not differentiated: one-pass kernel where it runs
+        lse = logsumexp(logits, impl=lse_impl if with_grads else "xla")  # [B, c] float32
         target_logit = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
-        ce = ce + jnp.sum((lse - target_logit) * m_c)
+        ce = ce + jnp.sum((lse - target_logit.astype(jnp.float32)) * m_c)
         z = z + jnp.sum(jnp.square(lse) * m_c)
         if not with_grads:
             return (ce, z, dw), None
         # d/dlogits of mask * (lse - logit[t] + z_loss * lse^2) = mask * ((1 + 2 z_loss lse) p - 1[t])
-        p = jnp.exp(logits - lse[..., None])
+        p = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
         onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t_c[..., None]
         g = (m_c * (1.0 + 2.0 * z_loss * lse))[..., None] * p - jnp.where(onehot, m_c[..., None], 0.0)
         g = g.astype(h.dtype)
@@ -172,20 +176,21 @@ def _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads):
     return ce, z, dh, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fused_lm_head_ce(h, w, targets, mask, chunk, z_loss, logits_f32):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused_lm_head_ce(h, w, targets, mask, chunk, z_loss, logits_f32, lse_impl):
     """h [B, T, D] (compute dtype), w [D, V] (any float dtype; cast once to h's) ->
     (sum CE + z_loss * sum lse^2, [sum CE, sum lse^2])."""
     ce, z = _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads=False)
     return ce + z_loss * z, jnp.stack([ce, z])
 
 
-def _fused_lm_head_ce_fwd(h, w, targets, mask, chunk, z_loss, logits_f32):
-    ce, z, dh, dw = _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads=True)
+def _fused_lm_head_ce_fwd(h, w, targets, mask, chunk, z_loss, logits_f32, lse_impl):
+    ce, z, dh, dw = _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads=True,
+                               lse_impl=lse_impl)
     return (ce + z_loss * z, jnp.stack([ce, z])), (dh, dw.astype(w.dtype))
 
 
-def _fused_lm_head_ce_bwd(chunk, z_loss, logits_f32, res, cotangents):
+def _fused_lm_head_ce_bwd(chunk, z_loss, logits_f32, lse_impl, res, cotangents):
     dh, dw = res
     g = cotangents[0]  # the second output is stop_gradient-ed by the only caller
     # Scale in float32: g is 1 / targets, which bf16 would round (a 0.4% bias on every gradient).
@@ -213,15 +218,19 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
 
     def loss_fn(params, batch, count):
         total, (ce, z) = train_loss_sums(model, view(params), batch, chunk=run.loss_chunk,
-                                         z_loss=run.z_loss, logits_f32=run.logits_dot_in_fp32)
+                                         z_loss=run.z_loss, logits_f32=run.logits_dot_in_fp32,
+                                         lse_impl=run.kernels)
         return total / count, (ce, z)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch):
         count = target_count(batch)
+        # Differentiate with respect to the projections' compute-dtype copies: the same gradient
+        # (see compute_copies), half the bytes to write and to read back in the optimizer.
+        params = compute_copies(state.params, model.dtype)
         if accum == 1:
-            (_, (ce, z)), grads = grad_fn(state.params, batch, count)
+            (_, (ce, z)), grads = grad_fn(params, batch, count)
         else:
             # [B, T] -> [accum, B / accum, T]: micro-batch a takes rows a, a + accum, ..., so each
             # device keeps its own rows (no resharding under a batch-sharded mesh).
@@ -230,12 +239,15 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
 
             def body(carry, mb):
                 g_sum, ce_sum, z_sum = carry
-                (_, (ce, z)), g = grad_fn(state.params, mb, count)
-                return (jax.tree_util.tree_map(jnp.add, g_sum, g), ce_sum + ce, z_sum + z), None
+                (_, (ce, z)), g = grad_fn(params, mb, count)
+                g_sum = jax.tree_util.tree_map(lambda s, g: s + g.astype(s.dtype), g_sum, g)
+                return (g_sum, ce_sum + ce, z_sum + z), None
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
             zero = jnp.zeros((), jnp.float32)
             (grads, ce, z), _ = jax.lax.scan(body, (zeros, zero, zero), micro)
+        # float32 again for the norm and the optimizer (XLA converts as it reads; exact)
+        grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
         loss = ce / count
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(z)
@@ -257,6 +269,26 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
         return new_state, metrics
 
     return train_step
+
+
+def compute_copies(params, dtype) -> Any:
+    """params with the decoder layers' projection kernels cast to the compute `dtype`.
+
+    The model casts each kernel to the compute dtype before its GEMM, so the forward pass is the
+    same, and the gradient of the float32 kernel is the compute-dtype gradient of that cast,
+    upcast; differentiating with respect to the cast copy gives those same values in the compute
+    dtype (upcasting them back is exact), so they are stored at half the size. Only kernels under
+    `layers*` change: each is used once a layer, while the embedding and the lm_head have float32
+    gradients of their own (the lookup's scatter, the fused loss's float32 dW)."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(path, x):
+        names = [getattr(k, "key", "") for k in path]
+        if (names[-1] == "kernel" and str(names[0]).startswith("layers")
+                and x.dtype == jnp.float32 and dtype.itemsize < 4):
+            return x.astype(dtype)
+        return x
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def layer_view(model: nn.Module, run: RunConfig):

@@ -17,8 +17,8 @@ from helpers import hf_model, our_config, our_params, rel_err
 from jais2_jax import Jais2ForCausalLM, data
 from jais2_jax.run_config import RunConfig
 from jais2_jax.trainer import load_trained, train
-from jais2_jax.training import (init_state, loss_sums, make_optimizer, make_train_step,
-                                target_count, train_loss_sums)
+from jais2_jax.training import (compute_copies, init_state, loss_sums, make_optimizer,
+                                make_train_step, target_count, train_loss_sums)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,9 +59,11 @@ def test_train_step_loss_equals_transformers(hf, tmp_path):
 
 def _ce(kind, model, p, batch, chunk, z_loss=0.0):
     """sum CE + z_loss * sum lse^2 by `loss_sums` (backward recomputes chunks) or by
-    `train_loss_sums` (gradient made in the forward pass, the train step's)."""
-    if kind == "fused":
-        return train_loss_sums(model, p, batch, chunk=chunk, z_loss=z_loss)[0]
+    `train_loss_sums` (gradient made in the forward pass, the train step's; "fused_pallas" with
+    the one-pass logsumexp kernel, interpreted on CPU)."""
+    if kind.startswith("fused"):
+        return train_loss_sums(model, p, batch, chunk=chunk, z_loss=z_loss,
+                               lse_impl="pallas" if kind == "fused_pallas" else "xla")[0]
     ce, z = loss_sums(model, p, batch, chunk=chunk)
     return ce + z_loss * z
 
@@ -88,7 +90,7 @@ def test_loss_gradient_matches_torch_autograd(hf, kind):
 
 
 @pytest.mark.parametrize("kind,tied", [("checkpointed", False), ("fused", False),
-                                       ("fused", True)])
+                                       ("fused", True), ("fused_pallas", False)])
 def test_chunked_loss_equals_unchunked(hf, kind, tied):
     _, config, params = hf
     if tied:  # the lm_head is the embedding table: its gradient has both contributions
@@ -153,6 +155,33 @@ def test_loss_on_compute_dtype_logits(hf, kind):
     ref_grads = jax.jit(jax.grad(reference), static_argnums=1)(params, jnp.bfloat16)
     for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
         assert rel_err(g, r) <= 2e-2
+
+
+def test_compute_dtype_copies_give_the_same_gradient(hf):
+    """The train step differentiates with respect to bf16 copies of the layers' kernels: the
+    gradient, upcast, is bitwise the float32 params' gradient, and is stored in bf16."""
+    _, config, params = hf
+    model = Jais2ForCausalLM(config, dtype=jnp.bfloat16)
+    batch = _shifted_batch(np.random.default_rng(4).integers(0, config.vocab_size, (2, 16)))
+
+    def loss(p):
+        return train_loss_sums(model, p, batch, chunk=4, z_loss=1e-3)[0]
+
+    ref = jax.jit(jax.grad(loss))(params)
+    copies = compute_copies(params, jnp.bfloat16)
+    got = jax.jit(jax.grad(loss))(copies)
+    flat_ref = dict(jax.tree_util.tree_flatten_with_path(ref)[0])
+    kernels = 0
+    for path, g in jax.tree_util.tree_flatten_with_path(got)[0]:
+        key = jax.tree_util.keystr(path)
+        if key.startswith("['layers']") and key.endswith("['kernel']"):
+            assert g.dtype == jnp.bfloat16, key
+            kernels += 1
+        else:
+            assert g.dtype == jnp.float32, key
+        np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(flat_ref[path]),
+                                      err_msg=key)
+    assert kernels == 6  # q, k, v, o, up, down
 
 
 def test_unrolled_step_equals_scanned_step(hf, tmp_path):
