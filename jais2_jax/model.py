@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jais2_jax.attention import dot_product_attention
+from jais2_jax.bias_relu2 import bias_relu2
+from jais2_jax.bias_relu2 import slope as relu2_slope
 from jais2_jax.cache import KVCache
 from jais2_jax.config import Jais2Config
 from jais2_jax.layernorm import layer_norm
@@ -49,19 +51,12 @@ def _relu2_fwd(x):
 
 
 def _relu2_bwd(y, g):
-    # In the activation's dtype, as autodiff of the formula would compute 2 relu(x) g. The sqrt
-    # sits behind a double where so that its derivative stays finite at y = 0 (second order).
-    positive = y > 0
-    slope = jnp.where(positive, 2 * jnp.sqrt(jnp.where(positive, y, 1)), 0).astype(y.dtype)
-    return ((slope * g.astype(y.dtype)).astype(g.dtype),)
+    # In the activation's dtype, as autodiff of the formula would compute 2 relu(x) g.
+    return ((relu2_slope(y) * g.astype(y.dtype)).astype(g.dtype),)
 
 
 relu2.defvjp(_relu2_fwd, _relu2_bwd)
 
-
-# Activations whose derivative comes from their output, which they tag "mlp_act" themselves: the
-# up_proj output then needs no tag (it is not needed after the activation).
-_OUTPUT_SAVING = {"relu2"}
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "relu2": relu2,
@@ -160,7 +155,11 @@ class Linear(nn.Module):
     param_dtype: Any
     init_std: float
     float32_output: bool = False
-    tag_output: bool = True  # checkpoint_name(y, name) for the remat policies
+    # relu(y + b)^2 as the bias add (bias_relu2.py: its backward makes dy and db in one pass);
+    # the activation, tagged "mlp_act" for the remat policies, is returned instead of y (which
+    # the backward pass then never needs, so it is not tagged)
+    fused_relu2: bool = False
+    kernels: str | None = None  # bias_relu2's backward: Pallas on one GPU (None), "xla", "pallas"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -185,8 +184,12 @@ class Linear(nn.Module):
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                    self.out_axes),
                               self.features, self.param_dtype)
+            if self.fused_relu2:
+                return bias_relu2(y, bias, self.kernels)
             y = (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(y.dtype)
-        if self.float32_output or not self.tag_output:
+        if self.fused_relu2:
+            return relu2(y)
+        if self.float32_output:
             return y
         return checkpoint_name(y, self.name)  # remat policies save by name
 
@@ -270,15 +273,20 @@ class MLP(nn.Module):
     config: Jais2Config
     dtype: Any
     param_dtype: Any
+    kernels: str | None = None
 
     @nn.compact
     def __call__(self, x):
         c = self.config
         kw = dict(use_bias=c.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                   init_std=c.initializer_range)
-        h = Linear((c.intermediate_size,), ("embed",), ("mlp",), name="up_proj",
-                   tag_output=c.hidden_act not in _OUTPUT_SAVING, **kw)(x)
-        h = _constrain(ACTIVATIONS[c.hidden_act](h), ("batch", "length", "mlp"))
+        up = functools.partial(Linear, (c.intermediate_size,), ("embed",), ("mlp",),
+                               name="up_proj", **kw)
+        if c.hidden_act == "relu2":  # bias and activation in one function (Linear.fused_relu2)
+            h = up(fused_relu2=True, kernels=self.kernels)(x)
+        else:
+            h = ACTIVATIONS[c.hidden_act](up()(x))
+        h = _constrain(h, ("batch", "length", "mlp"))
         return Linear((c.hidden_size,), ("mlp",), ("embed",), name="down_proj", **kw)(h)
 
 
@@ -287,21 +295,21 @@ class DecoderLayer(nn.Module):
     dtype: Any
     param_dtype: Any
     attention_impl: str | None = None
-    norm_impl: str | None = None
+    kernels: str | None = None
     fuse_qkv: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache):
         c = self.config
         norm = dict(eps=c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                    impl=self.norm_impl)
+                    impl=self.kernels)
         x = _constrain(x, ("batch", "length", "embed"))
         h = LayerNorm(name="input_layernorm", **norm)(x)
         h, new_cache = Attention(c, self.dtype, self.param_dtype, self.attention_impl, self.fuse_qkv,
                                  name="self_attn")(h, cos, sin, mask, layer_cache)
         x = x + h
         h = LayerNorm(name="post_attention_layernorm", **norm)(x)
-        x = x + MLP(c, self.dtype, self.param_dtype, name="mlp")(h)
+        x = x + MLP(c, self.dtype, self.param_dtype, self.kernels, name="mlp")(h)
         return _constrain(x, ("batch", "length", "embed")), new_cache
 
 
@@ -319,7 +327,9 @@ class Jais2ForCausalLM(nn.Module):
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str | None = None  # None: by backend (cuDNN on GPU for bf16, XLA otherwise)
-    norm_impl: str | None = None  # None: by backend (Pallas on one GPU, XLA otherwise), layernorm.py
+    # LayerNorm and the MLP's bias + relu^2 backward: Pallas kernels on one GPU (None), "xla" or
+    # "pallas" (layernorm.py, bias_relu2.py)
+    kernels: str | None = None
     # Inference on one device: q/k/v as one GEMM over params from unstack_layers(fuse_qkv=True).
     # The fused heads axis is replicated by the sharding rules, so keep it off under tensor parallelism.
     fuse_qkv: bool = False
@@ -341,7 +351,7 @@ class Jais2ForCausalLM(nn.Module):
             raise ValueError("fuse_qkv is an inference layout: use it with scan_layers=False and "
                              "unstack_layers(params, fuse_qkv=True)")
         layer_kw = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype,
-                        attention_impl=self.attention_impl, norm_impl=self.norm_impl,
+                        attention_impl=self.attention_impl, kernels=self.kernels,
                         fuse_qkv=self.fuse_qkv)
         if self.scan_layers:
             self.layers = nn.scan(
@@ -352,7 +362,7 @@ class Jais2ForCausalLM(nn.Module):
         else:
             self.layers = [layer_cls(**layer_kw, name=f"layers_{i}")
                            for i in range(c.num_hidden_layers)]
-        self.norm = LayerNorm(c.layer_norm_eps, self.dtype, self.param_dtype, self.norm_impl)
+        self.norm = LayerNorm(c.layer_norm_eps, self.dtype, self.param_dtype, self.kernels)
         if not c.tie_word_embeddings:
             self.lm_head = Linear((c.vocab_size,), ("embed",), ("vocab",), use_bias=False,
                                   dtype=self.dtype, param_dtype=self.param_dtype,

@@ -247,7 +247,7 @@ def _program(config: Jais2Config, run: RunConfig, mesh) -> _Program:
     runs of one shape (a notebook, a resumed run, the tests) compiles the steps once."""
     model = Jais2ForCausalLM(config, dtype=as_dtype(run.dtype), param_dtype=as_dtype(run.param_dtype),
                              remat_policy=run.remat_policy, attention_impl=run.attention_impl,
-                             norm_impl=run.kernels)
+                             kernels=run.kernels)
     optimizer = make_optimizer(run)
     params_sh = sharding.param_shardings(config, mesh)
     abstract_params = nn.meta.unbox(

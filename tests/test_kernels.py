@@ -1,12 +1,14 @@
 """The Pallas kernels (interpreted on CPU) against their XLA formulas: LayerNorm's values and
-gradients, the one-pass logsumexp, row counts that do not fill a program, the choice of
+gradients, the one-pass logsumexp, the MLP's bias + relu^2 backward, row counts that do not fill a program, the choice of
 implementation and its errors."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from helpers import rel_err
+from jais2_jax.bias_relu2 import bias_relu2
 from jais2_jax.layernorm import layer_norm
 from jais2_jax.logsumexp import logsumexp
 
@@ -67,3 +69,30 @@ def test_logsumexp_choice_and_errors():
         logsumexp(x, impl="cuda")
     text = jax.jit(logsumexp).lower(jnp.ones((2, 256))).as_text()
     assert "pallas" not in text.lower() and "triton" not in text.lower()
+
+
+@pytest.mark.parametrize("dtype,shape", [(jnp.bfloat16, (2, 64, 256)), (jnp.float32, (3, 96)),
+                                         (jnp.bfloat16, (130, 128))])
+def test_bias_relu2_backward_pallas_equals_xla(dtype, shape):
+    """dy bitwise (the same roundings), db to float32 summation order; the forward is XLA's."""
+    k = jax.random.split(jax.random.key(shape[-2]), 3)
+    y = jax.random.normal(k[0], shape).astype(dtype)
+    bias = 0.3 * jax.random.normal(k[1], shape[-1:])
+    g = jax.random.normal(k[2], shape).astype(dtype)
+
+    def grads(impl):
+        out, vjp = jax.vjp(lambda y, b: bias_relu2(y, b, impl), y, bias)
+        return out, vjp(g)
+
+    (out, (dy, db)), (out_ref, (dy_ref, db_ref)) = grads("pallas"), grads("xla")
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(out_ref, np.float32))
+    ref = jnp.square(jax.nn.relu((y.astype(jnp.float32) + bias).astype(dtype)))
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+    assert dy.dtype == dtype and db.dtype == bias.dtype
+    np.testing.assert_array_equal(np.asarray(dy, np.float32), np.asarray(dy_ref, np.float32))
+    assert rel_err(db, db_ref) <= 1e-6
+    # and the XLA rule is autodiff of the formula (2 relu(z) g), up to its bf16 roundings
+    _, vjp = jax.vjp(lambda y, b: jnp.square(jax.nn.relu(y.astype(jnp.float32) + b)), y, bias)
+    dy_auto, db_auto = vjp(g.astype(jnp.float32))
+    assert rel_err(dy_ref, dy_auto) <= (1e-6 if dtype == jnp.float32 else 1e-2)
+    assert rel_err(db_ref, db_auto) <= (1e-6 if dtype == jnp.float32 else 1e-2)

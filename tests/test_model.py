@@ -107,8 +107,8 @@ def test_bf16_compute_close_to_float32_reference():
     assert 1e-5 < err <= 3e-2, err  # lower bound: bf16 really ran
 
 
-@pytest.mark.parametrize("norm_impl", ["xla", "pallas"])  # pallas: its kernels, interpreted on CPU
-def test_gradients_match_torch_autograd(norm_impl):
+@pytest.mark.parametrize("kernels", ["xla", "pallas"])  # pallas: its kernels, interpreted on CPU
+def test_gradients_match_torch_autograd(kernels):
     hf = hf_model(seed=5, num_key_value_heads=2, tie_word_embeddings=True)
     config = our_config(hf)
     params = our_params(hf, config)
@@ -116,7 +116,7 @@ def test_gradients_match_torch_autograd(norm_impl):
     hf.zero_grad()
     hf(torch.tensor(ids), labels=torch.tensor(ids)).loss.backward()
     ref = {n: p.grad.numpy() for n, p in hf.named_parameters()}
-    model = Jais2ForCausalLM(config, norm_impl=norm_impl)
+    model = Jais2ForCausalLM(config, kernels=kernels)
 
     def loss_fn(p):
         logits = model.apply({"params": p}, jnp.asarray(ids))[:, :-1]
