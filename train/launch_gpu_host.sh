@@ -8,6 +8,7 @@
 # itself from those.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Let XLA overlap the FSDP all-gathers / reduce-scatters with compute.
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
+# Let XLA overlap the FSDP all-gathers / reduce-scatters with compute, and let its autotuner pick
+# Triton GEMMs with fused elementwise work where they beat cuBLAS (~1% of a one-H100 2B step).
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_triton_gemm_any=true"
 exec python train/train.py "$@"
