@@ -10,24 +10,12 @@ projections (no attention) in each form and counts its kernels.
   python benchmarks/probe_gemv.py
 """
 
-import statistics
-import time
+from probe_common import BW, bench
 
 import jax
 import jax.numpy as jnp
 
 D, F, L = (3328, 26624, 32) if jax.default_backend() == "gpu" else (64, 256, 2)
-BW = 3.0e12  # measured copy bandwidth of the H100, bytes/s
-
-
-def bench(fn, *args, reps=30):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def kernels(fn, *args):

@@ -8,29 +8,13 @@ each side's median over repeated calls, and the bytes floor at the measured copy
 """
 
 import argparse
-import os
-import statistics
-import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from probe_common import BW, bench
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from jais2_jax.layernorm import layer_norm  # noqa: E402
-
-BW = 3.0e12
-
-
-def bench(f, *args, reps=50):
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+from jais2_jax.layernorm import layer_norm
 
 
 def main():

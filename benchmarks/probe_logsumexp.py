@@ -7,29 +7,13 @@ float32: both agree, each side's median time, and the read floor at the measured
 """
 
 import argparse
-import os
-import statistics
-import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from probe_common import BW, bench
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from jais2_jax import logsumexp as lse_mod  # noqa: E402
-
-BW = 3.0e12
-
-
-def bench(f, *args, reps=30):
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+from jais2_jax import logsumexp as lse_mod
 
 
 def main():
