@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jais2_jax.sharding import pallas_by_default
+
 Array = jax.Array
 IMPLS = (None, "xla", "pallas")
 # rows a program, rows a loop step, widest column block, warps (`probe_bias_relu2.py --sweep`)
@@ -61,7 +63,7 @@ def _bwd(impl, res, g):
     width = out.shape[-1]
     cols = min(width & -width, _COLS)
     if impl is None:
-        impl = "pallas" if _pallas_fits(cols) else "xla"
+        impl = "pallas" if pallas_by_default() and cols >= 128 else "xla"
     if impl == "xla":
         dz = (slope(out) * g.astype(out.dtype)).astype(out.dtype)
         db = jnp.sum(dz.astype(jnp.float32), axis=tuple(range(dz.ndim - 1)))
@@ -74,12 +76,6 @@ def _bwd(impl, res, g):
 
 _bias_relu2.defvjp(_fwd, _bwd)
 
-
-def _pallas_fits(cols: int) -> bool:
-    if jax.default_backend() != "gpu" or cols < 128:
-        return False
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh.empty or mesh.size == 1
 
 
 def _bwd_kernel(out_ref, g_ref, dz_ref, db_ref, *, sub):

@@ -20,6 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jais2_jax.sharding import pallas_by_default
+
 Array = jax.Array
 IMPLS = (None, "xla", "pallas")
 # rows a program (forward, backward), rows a step of the backward's loop, warps a program
@@ -35,10 +37,10 @@ def layer_norm(x: Array, scale: Array, bias: Array, *, eps: float, dtype=None,
         raise ValueError(f"layer norm impl {impl!r}: choose one of {IMPLS}")
     dtype = jnp.dtype(dtype or x.dtype)
     if impl is None:
-        impl = "pallas" if _pallas_fits(x.shape[-1]) else "xla"
+        impl = "pallas" if pallas_by_default() and _pow2(x.shape[-1]) else "xla"
     if impl == "xla":
         return _xla(x, scale, bias, eps, dtype)
-    if x.shape[-1] & (x.shape[-1] - 1):
+    if not _pow2(x.shape[-1]):
         raise ValueError(f"the Pallas layer norm wants a power-of-two width, got {x.shape[-1]}")
     interpret = jax.default_backend() != "gpu"
     y = _pallas(x.reshape(-1, x.shape[-1]), scale, bias, float(eps), dtype, interpret)
@@ -53,11 +55,9 @@ def _xla(x, scale, bias, eps, dtype):
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
 
 
-def _pallas_fits(width: int) -> bool:
-    if jax.default_backend() != "gpu" or width & (width - 1):
-        return False
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh.empty or mesh.size == 1
+
+def _pow2(n: int) -> bool:
+    return n & (n - 1) == 0
 
 
 def _pow2_divisor(n: int, cap: int) -> int:

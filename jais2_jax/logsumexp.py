@@ -17,6 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jais2_jax.sharding import pallas_by_default
+
 Array = jax.Array
 IMPLS = (None, "xla", "pallas")
 # rows a program, widest vocabulary block, warps a program (`benchmarks/probe_logsumexp.py --sweep`)
@@ -30,7 +32,7 @@ def logsumexp(x: Array, *, impl: str | None = None) -> Array:
         raise ValueError(f"logsumexp impl {impl!r}: choose one of {IMPLS}")
     block = min(x.shape[-1] & -x.shape[-1], _MAX_BLOCK)
     if impl is None:
-        impl = "pallas" if _pallas_fits(block) else "xla"
+        impl = "pallas" if pallas_by_default() and block >= _MIN_BLOCK else "xla"
     if impl == "xla":
         x32 = x.astype(jnp.float32)
         top = jax.lax.stop_gradient(jnp.max(x32, axis=-1, keepdims=True))
@@ -41,12 +43,6 @@ def logsumexp(x: Array, *, impl: str | None = None) -> Array:
     rows = x.reshape(-1, x.shape[-1])
     return _pallas(rows, block, jax.default_backend() != "gpu").reshape(x.shape[:-1])
 
-
-def _pallas_fits(block: int) -> bool:
-    if jax.default_backend() != "gpu" or block < _MIN_BLOCK:
-        return False
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh.empty or mesh.size == 1
 
 
 def _kernel(x_ref, out_ref, *, block):

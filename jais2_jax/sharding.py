@@ -169,6 +169,20 @@ def use_mesh(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
         yield mesh
 
 
+def on_one_device() -> bool:
+    """True while tracing without a mesh or under a one-device mesh (`use_mesh`): the GPU kernels
+    (a Pallas call is not partitioned by XLA) and the train step's compute-dtype gradients (whose
+    cross-device sums would then be in bf16) apply only there."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or mesh.size == 1
+
+
+def pallas_by_default() -> bool:
+    """What `impl=None` of the GPU kernels (layernorm, logsumexp, bias_relu2) starts from: a GPU
+    backend, traced on one device; each kernel adds its own shape condition."""
+    return jax.default_backend() == "gpu" and on_one_device()
+
+
 # ----------------------------------------------------------------------------- logical -> mesh
 def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh, what: str,
                     logical: Sequence[str | None] | None = None) -> None:

@@ -1,7 +1,8 @@
 """Training: train state, optimizer, chunked loss, jitted train/eval steps, model FLOPs.
 
-The loss never holds the full float32 logits: `hidden_states` runs the decoder once, then a scan
-over sequence chunks makes `[batch, chunk, vocab]` float32 logits at a time. The train step's loss
+The loss never holds the full logits: `hidden_states` runs the decoder once, then a scan over
+sequence chunks makes `[batch, chunk, vocab]` logits at a time (float32, or the compute dtype with
+`run.logits_dot_in_fp32=False`; the cross-entropy is float32 either way). The train step's loss
 (`train_loss_sums`) also makes the gradient of each chunk there, while its logits are at hand: the
 logits' gradient `mask * ((1 + 2 z_loss lse) softmax - onehot)` in the compute dtype, then dh and
 dW by two GEMMs; the backward pass only scales them. This drops the lm_head GEMM that a
@@ -226,8 +227,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
 
     def train_step(state: TrainState, batch: Batch):
         count = target_count(batch)
-        # Differentiate with respect to the projections' compute-dtype copies: the same gradient
-        # (see compute_copies), half the bytes to write and to read back in the optimizer.
+        # On one device, differentiate with respect to the projections' compute-dtype copies: the
+        # same gradient (see compute_copies), half the bytes to write and to read back.
         params = compute_copies(state.params, model.dtype)
         if accum == 1:
             (_, (ce, z)), grads = grad_fn(params, batch, count)
@@ -279,8 +280,12 @@ def compute_copies(params, dtype) -> Any:
     upcast; differentiating with respect to the cast copy gives those same values in the compute
     dtype (upcasting them back is exact), so they are stored at half the size. Only kernels under
     `layers*` change: each is used once a layer, while the embedding and the lm_head have float32
-    gradients of their own (the lookup's scatter, the fused loss's float32 dW)."""
+    gradients of their own (the lookup's scatter, the fused loss's float32 dW). On a mesh of
+    several devices nothing changes: the gradients' cross-device sums stay in float32."""
+    from jais2_jax.sharding import on_one_device
     dtype = jnp.dtype(dtype)
+    if not on_one_device():
+        return params
 
     def cast(path, x):
         names = [getattr(k, "key", "") for k in path]

@@ -184,6 +184,22 @@ def test_compute_dtype_copies_give_the_same_gradient(hf):
     assert kernels == 6  # q, k, v, o, up, down
 
 
+def test_compute_dtype_copies_only_on_one_device(hf):
+    """On a mesh of several devices the gradients stay float32: their cross-device sums would
+    otherwise run in bf16. The GPU kernels' default follows the same test (on_one_device)."""
+    from jais2_jax.sharding import make_mesh, on_one_device, use_mesh
+    _, _, params = hf
+
+    def kernel_dtypes():
+        out = jax.eval_shape(lambda p: compute_copies(p, jnp.bfloat16), params)
+        return {x.dtype for x in jax.tree_util.tree_leaves(out["layers"])}
+
+    with use_mesh(make_mesh("fsdp", devices=jax.devices()[:1])):
+        assert on_one_device() and jnp.dtype(jnp.bfloat16) in kernel_dtypes()
+    with use_mesh(make_mesh("fsdp")):  # the 8 CPU devices of conftest
+        assert not on_one_device() and kernel_dtypes() == {jnp.dtype(jnp.float32)}
+
+
 def test_unrolled_step_equals_scanned_step(hf, tmp_path):
     """run.scan_layers=False runs the layers unrolled over slices of the stacked params: the
     same loss and the same updated (still stacked) params as the scanned step."""
