@@ -3,9 +3,10 @@ in one read: XLA, or a Pallas (Triton) kernel on GPU.
 
 Forward: z = y + b (float32, rounded to y's dtype), relu(z)^2, tagged "mlp_act" as `model.relu2`
 does (the remat policies save it). Backward from the output alone: dz = 2 sqrt(out) g in y's dtype
-(`model.relu2`'s rule, rounded where it rounds), db = the float32 sum of dz over the rows. XLA
-makes both in one fusion at ~72% of the bandwidth on the H100 2B step; the kernel walks row blocks
-of `_ROWS` rows by `_COLS` columns, keeping the column sums in registers.
+(`model.relu2`'s rule, rounded where it rounds), db = the float32 sum of dz over the rows (the
+kernel sums the rounded dz, as torch does; XLA under jit may sum them before rounding, its excess
+precision). XLA makes both in one fusion at ~72% of the bandwidth on the H100 2B step; the kernel
+walks row blocks of `_ROWS` rows by `_COLS` columns, keeping the column sums in registers.
 
 `impl=None` picks the kernel on GPU when the width has a power-of-two block of at least 128 that
 divides it and no multi-device mesh is in use, XLA otherwise; "pallas" takes any width, and off GPU
