@@ -15,6 +15,7 @@ and the softmax statistics are kept, never the [T, T] scores) unless `attention=
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import jax
@@ -174,6 +175,11 @@ def make_plan(config: Jais2Config, mesh, *, batch: int, seq: int, mode: str = "t
             from jais2_jax.training import make_optimizer
             optimizer = make_optimizer(RunConfig(model="-", data="-", output_dir="-"))
         grads = params  # same tree, dtype and shardings as the parameters
+        if math.prod(mesh.shape.values()) == 1:  # one device: the layers' kernel gradients in
+            # the compute dtype (training.compute_copies)
+            from jais2_jax.training import compute_copies
+            grads = sharding.bytes_per_device(
+                jax.eval_shape(lambda p: compute_copies(p, dtype), abstract), params_sh)
         opt_sh = sharding.opt_state_shardings(optimizer, params_sh, abstract)
         opt = sharding.bytes_per_device(jax.eval_shape(optimizer.init, abstract), opt_sh)
         saved, layer = _activation_bytes(local, **acts)

@@ -44,6 +44,18 @@ def test_counts_equal_real_sharded_arrays():
     assert decode.params * 2 == train.params  # bfloat16 vs float32
 
 
+def test_one_device_counts_compute_dtype_kernel_gradients():
+    """On one device the train step keeps the layers' kernel gradients in bf16
+    (training.compute_copies); on a mesh every gradient is float32, as its parameter."""
+    one = P.make_plan(CONFIG, S.abstract_mesh((1, 1, 1), 1), batch=2, seq=128, mode="train")
+    layers = S.unboxed_shapes(S.abstract_params(CONFIG, param_dtype=jnp.float32))["layers"]
+    kernels = sum(x.size for path, x in jax.tree_util.tree_flatten_with_path(layers)[0]
+                  if jax.tree_util.keystr(path).endswith("['kernel']"))
+    assert one.grads == one.params - 2 * kernels  # 4 -> 2 bytes each
+    mesh = P.make_plan(CONFIG, S.abstract_mesh((2, 1, 1), 2), batch=2, seq=128, mode="train")
+    assert mesh.grads == mesh.params
+
+
 def test_activations_follow_remat_policy():
     mesh = S.abstract_mesh(SHAPE, 8)  # 8 rows over data*fsdp = 4: 2 rows per device
 
