@@ -8,10 +8,9 @@ kernel sums the rounded dz, as torch does; XLA under jit may sum them before rou
 precision). XLA makes both in one fusion at ~72% of the bandwidth on the H100 2B step; the kernel
 walks row blocks of `_ROWS` rows by `_COLS` columns, keeping the column sums in registers.
 
-`impl=None` picks the kernel on GPU when the width has a power-of-two block of at least 128 that
-divides it and no multi-device mesh is in use, XLA otherwise; "pallas" takes any width, and off GPU
-runs the kernel in Pallas' interpreter (tests). The kernel is not differentiable (no second order
-through it).
+`impl` as in `pallas_gpu.py` (None: the kernel on one GPU when the width has a power-of-two block
+of at least 128 that divides it; "pallas" takes any width). The kernel is not differentiable (no
+second order through it).
 """
 
 from __future__ import annotations
@@ -22,18 +21,16 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jais2_jax.sharding import pallas_by_default
+from jais2_jax import pallas_gpu
 
 Array = jax.Array
-IMPLS = (None, "xla", "pallas")
 # rows a program, rows a loop step, widest column block, warps (`probe_bias_relu2.py --sweep`)
 _ROWS, _SUB, _COLS, _WARPS = 64, 2, 2048, 4
 
 
 def bias_relu2(y: Array, bias: Array, impl: str | None = None) -> Array:
     """relu(y + bias)^2 in y's dtype; y [..., F], bias [F] (any float dtype)."""
-    if impl not in IMPLS:
-        raise ValueError(f"bias_relu2 impl {impl!r}: choose one of {IMPLS}")
+    pallas_gpu.check(impl, "bias_relu2")
     return _bias_relu2(y, bias, impl)
 
 
@@ -63,14 +60,11 @@ def _bwd(impl, res, g):
     out, bias = res
     width = out.shape[-1]
     cols = min(width & -width, _COLS)
-    if impl is None:
-        impl = "pallas" if pallas_by_default() and cols >= 128 else "xla"
-    if impl == "xla":
+    if pallas_gpu.resolve(impl, cols >= 128) == "xla":
         dz = (slope(out) * g.astype(out.dtype)).astype(out.dtype)
         db = jnp.sum(dz.astype(jnp.float32), axis=tuple(range(dz.ndim - 1)))
     else:  # (asked for by name, any width: blocks of its largest power-of-two divisor)
-        dz, db = _pallas_bwd(out.reshape(-1, width), g.reshape(-1, width).astype(out.dtype), cols,
-                             jax.default_backend() != "gpu")
+        dz, db = _pallas_bwd(out.reshape(-1, width), g.reshape(-1, width).astype(out.dtype), cols)
         dz = dz.reshape(out.shape)
     return dz, db.astype(bias.dtype)
 
@@ -96,19 +90,16 @@ def _bwd_kernel(out_ref, g_ref, dz_ref, db_ref, *, sub):
     db_ref[...] = acc[None, :]
 
 
-def _pallas_bwd(out, g, cols, interpret):
+def _pallas_bwd(out, g, cols):
     from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plt
     n, f = out.shape
     r = min(n & -n, _ROWS)
     sub = min(r, _SUB)
     p = n // r
     block = pl.BlockSpec((r, cols), lambda i, j: (i, j))
-    dz, partial = pl.pallas_call(
+    dz, partial = pallas_gpu.call(
         functools.partial(_bwd_kernel, sub=sub), grid=(p, f // cols),
         in_specs=[block, block], out_specs=[block, pl.BlockSpec((1, cols), lambda i, j: (i, j))],
         out_shape=[jax.ShapeDtypeStruct((n, f), out.dtype),
-                   jax.ShapeDtypeStruct((p, f), jnp.float32)],
-        interpret=interpret,
-        compiler_params=plt.CompilerParams(num_warps=_WARPS, num_stages=1))(out, g)
+                   jax.ShapeDtypeStruct((p, f), jnp.float32)], warps=_WARPS)(out, g)
     return dz, jnp.sum(partial, axis=0)

@@ -8,9 +8,8 @@ backward pass), each a pass over the activations. The Pallas kernels read each r
   (64 rows, one at a time, so the partial sums are 1/64 of x's size), then over programs by XLA.
 
 Both compute in float32 with the two-pass variance of `model.LayerNorm` (mean, then mean of
-squared deviations). `impl=None` picks Pallas on GPU when the kernel takes the shape (D a power of
-two) and no multi-device mesh is in use (a Pallas call is not partitioned by XLA), XLA otherwise;
-`impl="pallas"` off GPU runs the kernels in Pallas' interpreter (tests).
+squared deviations). The Pallas kernels take widths that are powers of two; `impl` as in
+`pallas_gpu.py` (None: Pallas on one GPU).
 """
 
 from __future__ import annotations
@@ -20,10 +19,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jais2_jax.sharding import pallas_by_default
+from jais2_jax import pallas_gpu
 
 Array = jax.Array
-IMPLS = (None, "xla", "pallas")
 # rows a program (forward, backward), rows a step of the backward's loop, warps a program
 # (the fastest of a sweep on an H100 at 32768 x 2048 bf16: `benchmarks/probe_layernorm.py --sweep`)
 _FWD_ROWS, _BWD_ROWS, _BWD_SUB, _FWD_WARPS, _BWD_WARPS = 2, 64, 1, 4, 4
@@ -33,18 +31,13 @@ def layer_norm(x: Array, scale: Array, bias: Array, *, eps: float, dtype=None,
                impl: str | None = None) -> Array:
     """torch.nn.LayerNorm(x) * scale + bias over the last axis, statistics in float32, the result
     in `dtype` (default x's)."""
-    if impl not in IMPLS:
-        raise ValueError(f"layer norm impl {impl!r}: choose one of {IMPLS}")
+    pallas_gpu.check(impl, "layer norm")
     dtype = jnp.dtype(dtype or x.dtype)
-    if impl is None:
-        impl = "pallas" if pallas_by_default() and _pow2(x.shape[-1]) else "xla"
-    if impl == "xla":
+    if pallas_gpu.resolve(impl, _pow2(x.shape[-1])) == "xla":
         return _xla(x, scale, bias, eps, dtype)
     if not _pow2(x.shape[-1]):
         raise ValueError(f"the Pallas layer norm wants a power-of-two width, got {x.shape[-1]}")
-    interpret = jax.default_backend() != "gpu"
-    y = _pallas(x.reshape(-1, x.shape[-1]), scale, bias, float(eps), dtype, interpret)
-    return y.reshape(x.shape)
+    return _pallas(x.reshape(-1, x.shape[-1]), scale, bias, float(eps), dtype).reshape(x.shape)
 
 
 def _xla(x, scale, bias, eps, dtype):
@@ -101,28 +94,21 @@ def _bwd_kernel(x_ref, g_ref, mean_ref, rstd_ref, dy_ref, dx_ref, dg_ref, db_ref
     db_ref[...] = db[None, :]
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, warps):
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plt
-    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                          out_shape=out_shape, interpret=interpret,
-                          compiler_params=plt.CompilerParams(num_warps=warps, num_stages=1))
-
-
-def _forward(x, scale, bias, eps, dtype, interpret):
+def _forward(x, scale, bias, eps, dtype):
     from jax.experimental import pallas as pl
     n, d = x.shape
     r = _pow2_divisor(n, _FWD_ROWS)
     rows = pl.BlockSpec((r, d), lambda i: (i, 0))
     vec = pl.BlockSpec((d,), lambda i: (0,))
     stat = pl.BlockSpec((r,), lambda i: (i,))
-    return _call(functools.partial(_fwd_kernel, eps=eps), (n // r,), [rows, vec, vec],
-                 [rows, stat, stat],
-                 [jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((n,), jnp.float32),
-                  jax.ShapeDtypeStruct((n,), jnp.float32)], interpret, _FWD_WARPS)(x, scale, bias)
+    return pallas_gpu.call(
+        functools.partial(_fwd_kernel, eps=eps), grid=(n // r,), in_specs=[rows, vec, vec],
+        out_specs=[rows, stat, stat],
+        out_shape=[jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((n,), jnp.float32),
+                   jax.ShapeDtypeStruct((n,), jnp.float32)], warps=_FWD_WARPS)(x, scale, bias)
 
 
-def _backward(x, scale, mean, rstd, dy, interpret):
+def _backward(x, scale, mean, rstd, dy):
     from jax.experimental import pallas as pl
     n, d = x.shape
     r = _pow2_divisor(n, _BWD_ROWS)
@@ -131,29 +117,29 @@ def _backward(x, scale, mean, rstd, dy, interpret):
     rows = pl.BlockSpec((r, d), lambda i: (i, 0))
     stat = pl.BlockSpec((r,), lambda i: (i,))
     part = pl.BlockSpec((1, d), lambda i: (i, 0))
-    dx, dg, db = _call(functools.partial(_bwd_kernel, sub=sub), (p,),
-                       [rows, pl.BlockSpec((d,), lambda i: (0,)), stat, stat, rows],
-                       [rows, part, part],
-                       [jax.ShapeDtypeStruct((n, d), x.dtype),
-                        jax.ShapeDtypeStruct((p, d), jnp.float32),
-                        jax.ShapeDtypeStruct((p, d), jnp.float32)], interpret, _BWD_WARPS)(
+    dx, dg, db = pallas_gpu.call(
+        functools.partial(_bwd_kernel, sub=sub), grid=(p,),
+        in_specs=[rows, pl.BlockSpec((d,), lambda i: (0,)), stat, stat, rows],
+        out_specs=[rows, part, part],
+        out_shape=[jax.ShapeDtypeStruct((n, d), x.dtype), jax.ShapeDtypeStruct((p, d), jnp.float32),
+                   jax.ShapeDtypeStruct((p, d), jnp.float32)], warps=_BWD_WARPS)(
         x, scale, mean, rstd, dy)
     return dx, jnp.sum(dg, axis=0), jnp.sum(db, axis=0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _pallas(x, scale, bias, eps, dtype, interpret):
-    return _forward(x, scale, bias, eps, dtype, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _pallas(x, scale, bias, eps, dtype):
+    return _forward(x, scale, bias, eps, dtype)[0]
 
 
-def _pallas_fwd(x, scale, bias, eps, dtype, interpret):
-    y, mean, rstd = _forward(x, scale, bias, eps, dtype, interpret)
+def _pallas_fwd(x, scale, bias, eps, dtype):
+    y, mean, rstd = _forward(x, scale, bias, eps, dtype)
     return y, (x, scale, bias, mean, rstd)
 
 
-def _pallas_bwd(eps, dtype, interpret, res, dy):
+def _pallas_bwd(eps, dtype, res, dy):
     x, scale, bias, mean, rstd = res
-    dx, dg, db = _backward(x, scale, mean, rstd, dy, interpret)
+    dx, dg, db = _backward(x, scale, mean, rstd, dy)
     return dx, dg.astype(scale.dtype), db.astype(bias.dtype)
 
 

@@ -113,9 +113,8 @@ class RunConfig:
             raise ValueError(f"remat_policy {self.remat_policy!r}: choose one of "
                              f"{sorted(REMAT_POLICIES)}")
         as_dtype(self.dtype), as_dtype(self.param_dtype)
-        from jais2_jax.layernorm import IMPLS
-        if self.kernels not in IMPLS:
-            raise ValueError(f"kernels {self.kernels!r}: choose one of {IMPLS}")
+        from jais2_jax import pallas_gpu
+        pallas_gpu.check(self.kernels, "kernels")
 
     # ------------------------------------------------------------------------------------------ i/o
     @classmethod

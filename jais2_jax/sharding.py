@@ -177,12 +177,6 @@ def on_one_device() -> bool:
     return mesh.empty or mesh.size == 1
 
 
-def pallas_by_default() -> bool:
-    """What `impl=None` of the GPU kernels (layernorm, logsumexp, bias_relu2) starts from: a GPU
-    backend, traced on one device; each kernel adds its own shape condition."""
-    return jax.default_backend() == "gpu" and on_one_device()
-
-
 # ----------------------------------------------------------------------------- logical -> mesh
 def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh, what: str,
                     logical: Sequence[str | None] | None = None) -> None:
