@@ -67,11 +67,11 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "silu": jax.nn.silu,
 }
 
-# Every projection's output is tagged with its Linear's name (q_proj ... down_proj) and the attention
-# output with "attention" (jax.ad_checkpoint.checkpoint_name); for relu^2 the activation's output is
-# tagged "mlp_act" instead of up_proj's (see relu2). Policies save tags, not primitives: the dots
-# sit inside a custom_vjp (dot_f32) and cuDNN attention is a custom call, so jax's primitive-based
-# policies (checkpoint_dots) would see nothing to save.
+# Every projection's output is tagged with its Linear's name (q_proj ... down_proj; q and k after
+# RoPE) and the attention output with "attention" (jax.ad_checkpoint.checkpoint_name); for relu^2
+# the activation's output is tagged "mlp_act" instead of up_proj's (see relu2). Policies save
+# tags, not primitives: the dots sit inside a custom_vjp (dot_f32) and cuDNN attention is a custom
+# call, so jax's primitive-based policies (checkpoint_dots) would see nothing to save.
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "mlp_act", "down_proj")
 _save = jax.checkpoint_policies.save_only_these_names
 
@@ -155,6 +155,9 @@ class Linear(nn.Module):
     param_dtype: Any
     init_std: float
     float32_output: bool = False
+    # tag the output with the Linear's name for the remat policies (q/k: Attention tags them
+    # after RoPE instead)
+    tag_output: bool = True
     # relu(y + b)^2 as the bias add (bias_relu2.py: its backward makes dy and db in one pass);
     # the activation, tagged "mlp_act" for the remat policies, is returned instead of y (which
     # the backward pass then never needs, so it is not tagged)
@@ -191,7 +194,7 @@ class Linear(nn.Module):
             return relu2(y)
         if self.float32_output:
             return y
-        return checkpoint_name(y, self.name)  # remat policies save by name
+        return checkpoint_name(y, self.name) if self.tag_output else y  # policies save by name
 
 
 class LayerNorm(nn.Module):
@@ -231,13 +234,17 @@ class Attention(nn.Module):
             q, k, v = jnp.split(qkv, (h, h + kv), axis=2)
         else:
             q = Linear((h, c.head_dim), ("embed",), ("heads", "head_dim"),
-                       name="q_proj", **kw)(x)  # [B, T, H, hd]
+                       name="q_proj", tag_output=False, **kw)(x)  # [B, T, H, hd]
             k = Linear((kv, c.head_dim), ("embed",), ("kv_heads", "head_dim"),
-                       name="k_proj", **kw)(x)  # [B, T, KV, hd]
+                       name="k_proj", tag_output=False, **kw)(x)  # [B, T, KV, hd]
             v = Linear((kv, c.head_dim), ("embed",), ("kv_heads", "head_dim"),
                        name="v_proj", **kw)(x)
-        q = _constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
-        k = _constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+        # q and k are tagged (saved by the `dots` policies) after RoPE: what attention's backward
+        # reads, so the rotation is not recomputed there (RoPE's own backward needs no input)
+        q = checkpoint_name(apply_rope(q, cos, sin), "q_proj")
+        k = checkpoint_name(apply_rope(k, cos, sin), "k_proj")
+        q = _constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = _constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = _constrain(v, ("batch", "length", "kv_heads", "head_dim"))
 
         if layer_cache is None:

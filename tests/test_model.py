@@ -182,6 +182,40 @@ def test_relu2_backward_from_its_output(capsys):
     assert len(wide) == config.num_hidden_layers, saved
 
 
+def test_dots_policy_saves_q_and_k_after_rope():
+    """Under `dots` the backward pass reads the rotated q and k that attention saw, saved in the
+    forward pass, instead of re-running RoPE on saved projections: the vjp's residuals hold
+    RoPE(q_proj(x)) and RoPE(k_proj(x)) of the first layer, not the unrotated projections."""
+    from jais2_jax import init_params
+    from jais2_jax.config import preset
+    from jais2_jax.model import LayerNorm
+    from jais2_jax.rope import apply_rope, rope_cos_sin
+    config = preset("jais2-tiny")
+    params = unstack_layers(init_params(config, jax.random.key(1)))
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (2, 16)))
+    model = Jais2ForCausalLM(config, remat_policy="dots", scan_layers=False)
+    _, vjp = jax.vjp(lambda p: model.apply({"params": p}, ids), params)
+    residuals = [np.asarray(r) for r in jax.tree_util.tree_leaves(vjp)]
+
+    layer = params["layers_0"]
+    x = params["embed_tokens"]["embedding"][ids]
+    h = LayerNorm(config.layer_norm_eps, jnp.float32, jnp.float32).apply(
+        {"params": layer["input_layernorm"]}, x)
+    cos, sin = rope_cos_sin(config, jnp.broadcast_to(jnp.arange(16), (2, 16)))
+    heads = (config.num_attention_heads, config.num_key_value_heads)
+    for name, n in zip(("q_proj", "k_proj"), heads):
+        w = layer["self_attn"][name]
+        proj = (h @ w["kernel"].reshape(config.hidden_size, -1) + w["bias"].reshape(-1)
+                ).reshape(2, 16, n, config.head_dim)
+
+        def held(a):
+            return any(r.shape == a.shape and np.allclose(r, a, rtol=1e-5, atol=1e-5)
+                       for r in residuals)
+
+        assert held(np.asarray(apply_rope(proj, cos, sin))), name
+        assert not held(np.asarray(proj)), name
+
+
 def test_fused_qkv_inference_view():
     """unstack_layers(fuse_qkv=True) + Jais2ForCausalLM(fuse_qkv=True): same logits as transformers,
     same greedy tokens through the KV cache as the unfused view, and stack_layers undoes it."""
