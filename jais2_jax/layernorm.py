@@ -9,7 +9,7 @@ backward pass), each a pass over the activations. The Pallas kernels read each r
 
 Both compute in float32 with the two-pass variance of `model.LayerNorm` (mean, then mean of
 squared deviations). The Pallas kernels take widths that are powers of two; `impl` as in
-`pallas_gpu.py` (None: Pallas on one GPU).
+`pallas_gpu.py` (None: Pallas on GPU; on a mesh each device normalises its own rows).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jais2_jax import pallas_gpu
 
@@ -33,11 +34,20 @@ def layer_norm(x: Array, scale: Array, bias: Array, *, eps: float, dtype=None,
     in `dtype` (default x's)."""
     pallas_gpu.check(impl, "layer norm")
     dtype = jnp.dtype(dtype or x.dtype)
-    if pallas_gpu.resolve(impl, _pow2(x.shape[-1])) == "xla":
+    whole_rows = pallas_gpu.local_width(_spec(x), x.shape[-1]) == x.shape[-1]
+    if pallas_gpu.resolve(impl, _pow2(x.shape[-1]) and whole_rows) == "xla":
         return _xla(x, scale, bias, eps, dtype)
     if not _pow2(x.shape[-1]):
         raise ValueError(f"the Pallas layer norm wants a power-of-two width, got {x.shape[-1]}")
-    return _pallas(x.reshape(-1, x.shape[-1]), scale, bias, float(eps), dtype).reshape(x.shape)
+    if not whole_rows:
+        raise ValueError("the Pallas layer norm wants whole rows on each device; the mesh rules "
+                         f"split the normalised dimension ({_spec(x)[-1]!r})")
+    return _pallas(x, scale, bias, float(eps), dtype)
+
+
+def _spec(x):
+    """x's split over the mesh in context (None: one device)."""
+    return pallas_gpu.activation_spec(x.shape, "embed")
 
 
 def _xla(x, scale, bias, eps, dtype):
@@ -129,18 +139,39 @@ def _backward(x, scale, mean, rstd, dy):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _pallas(x, scale, bias, eps, dtype):
-    return _forward(x, scale, bias, eps, dtype)[0]
+    return _pallas_fwd(x, scale, bias, eps, dtype)[0]
 
 
 def _pallas_fwd(x, scale, bias, eps, dtype):
-    y, mean, rstd = _forward(x, scale, bias, eps, dtype)
+    """Each device normalises its own rows (x [..., D])."""
+    def local(x, scale, bias):
+        y, mean, rstd = _forward(x.reshape(-1, x.shape[-1]), scale, bias, eps, dtype)
+        return y.reshape(x.shape), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
+
+    spec = _spec(x)
+    rows = None if spec is None else P(*spec[:-1])
+    y, mean, rstd = pallas_gpu.per_shard(local, spec, (spec, P(), P()), (spec, rows, rows))(
+        x, scale, bias)
     return y, (x, scale, bias, mean, rstd)
 
 
 def _pallas_bwd(eps, dtype, res, dy):
     x, scale, bias, mean, rstd = res
-    dx, dg, db = _backward(x, scale, mean, rstd, dy)
-    return dx, dg.astype(scale.dtype), db.astype(bias.dtype)
+
+    def local(x, scale, mean, rstd, dy):
+        d = x.shape[-1]
+        dx, dg, db = _backward(x.reshape(-1, d), scale, mean.reshape(-1), rstd.reshape(-1),
+                               dy.reshape(-1, d))
+        return dx.reshape(x.shape), dg[None], db[None]  # this device's partial sums
+
+    spec = _spec(x)
+    if spec is None:
+        dx, dg, db = local(x, scale, mean, rstd, dy)
+    else:
+        rows, part = P(*spec[:-1]), pallas_gpu.partial_spec(spec)
+        dx, dg, db = pallas_gpu.per_shard(local, spec, (spec, P(), rows, rows, spec),
+                                          (spec, part, part))(x, scale, mean, rstd, dy)
+    return dx, jnp.sum(dg, axis=0).astype(scale.dtype), jnp.sum(db, axis=0).astype(bias.dtype)
 
 
 _pallas.defvjp(_pallas_fwd, _pallas_bwd)

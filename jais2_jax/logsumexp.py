@@ -6,7 +6,7 @@ program walks its rows' vocabulary in blocks, keeping a running max and a sum re
 (online softmax). Not differentiable: the fused loss makes its own gradient (training.py).
 
 The kernel wants a width with a power-of-two block of at least 128 that divides it (150272 =
-587 x 256); `impl` as in `pallas_gpu.py` (None: Pallas on one GPU).
+587 x 256) and whole rows on each device; `impl` as in `pallas_gpu.py` (None: Pallas on GPU).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jais2_jax import pallas_gpu
 
@@ -28,14 +29,23 @@ def logsumexp(x: Array, *, impl: str | None = None) -> Array:
     """log(sum(exp(x), -1)) in float32, x of any float dtype [..., V]."""
     pallas_gpu.check(impl, "logsumexp")
     block = min(x.shape[-1] & -x.shape[-1], _MAX_BLOCK)
-    if pallas_gpu.resolve(impl, block >= _MIN_BLOCK) == "xla":
+    spec = pallas_gpu.activation_spec(x.shape, "vocab")  # [batch, length, vocab] logits
+    whole_rows = pallas_gpu.local_width(spec, x.shape[-1]) == x.shape[-1]
+    if pallas_gpu.resolve(impl, block >= _MIN_BLOCK and whole_rows) == "xla":
         x32 = x.astype(jnp.float32)
         top = jax.lax.stop_gradient(jnp.max(x32, axis=-1, keepdims=True))
         return jnp.log(jnp.sum(jnp.exp(x32 - top), axis=-1)) + top[..., 0]
     if block < _MIN_BLOCK:
         raise ValueError(f"the Pallas logsumexp wants a width divisible by {_MIN_BLOCK}, "
                          f"got {x.shape[-1]}")
-    return _pallas(x.reshape(-1, x.shape[-1]), block).reshape(x.shape[:-1])
+    if not whole_rows:
+        raise ValueError("the Pallas logsumexp wants whole rows on each device; the mesh rules "
+                         f"split the vocabulary ({spec[-1]!r})")
+
+    def local(x):  # each device its own rows
+        return _pallas(x.reshape(-1, x.shape[-1]), block).reshape(x.shape[:-1])
+    rows = None if spec is None else P(*spec[:-1])
+    return pallas_gpu.per_shard(local, spec, (spec,), rows)(x)
 
 
 

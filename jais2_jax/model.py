@@ -162,7 +162,7 @@ class Linear(nn.Module):
     # the activation, tagged "mlp_act" for the remat policies, is returned instead of y (which
     # the backward pass then never needs, so it is not tagged)
     fused_relu2: bool = False
-    kernels: str | None = None  # bias_relu2's backward: Pallas on one GPU (None), "xla", "pallas"
+    kernels: str | None = None  # bias_relu2's backward: Pallas on GPU (None), "xla", "pallas"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -334,8 +334,8 @@ class Jais2ForCausalLM(nn.Module):
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str | None = None  # None: by backend (cuDNN on GPU for bf16, XLA otherwise)
-    # LayerNorm and the MLP's bias + relu^2 backward: Pallas kernels on one GPU (None), "xla" or
-    # "pallas" (layernorm.py, bias_relu2.py)
+    # LayerNorm and the MLP's bias + relu^2 backward: Pallas kernels on GPU (None; per device on a
+    # mesh), "xla" or "pallas" (layernorm.py, bias_relu2.py)
     kernels: str | None = None
     # Inference on one device: q/k/v as one GEMM over params from unstack_layers(fuse_qkv=True).
     # The fused heads axis is replicated by the sharding rules, so keep it off under tensor parallelism.

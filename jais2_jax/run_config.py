@@ -52,7 +52,8 @@ class RunConfig:
     remat_policy: str = "dots"
     attention_impl: str | None = None
     # LayerNorm, the loss's logsumexp and the MLP's bias + relu^2 backward: None picks the Pallas
-    # kernels on one GPU, XLA otherwise; "xla" or "pallas" (layernorm.py, logsumexp.py, bias_relu2.py)
+    # kernels on GPU (each device's block under a mesh), XLA otherwise; "xla" or "pallas"
+    # (layernorm.py, logsumexp.py, bias_relu2.py)
     kernels: str | None = None
     # False: the step runs the layers unrolled over a per-layer view of the (still stacked) params;
     # no stacked buffers of saved activations to fill and copy (faster on GPU), longer compiles

@@ -170,9 +170,8 @@ def use_mesh(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
 
 
 def on_one_device() -> bool:
-    """True while tracing without a mesh or under a one-device mesh (`use_mesh`): the GPU kernels
-    (a Pallas call is not partitioned by XLA) and the train step's compute-dtype gradients (whose
-    cross-device sums would then be in bf16) apply only there."""
+    """True while tracing without a mesh or under a one-device mesh (`use_mesh`): the train
+    step's compute-dtype gradients (whose cross-device sums would be in bf16) apply only there."""
     mesh = jax.sharding.get_abstract_mesh()
     return mesh.empty or mesh.size == 1
 

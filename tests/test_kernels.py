@@ -1,6 +1,7 @@
 """The Pallas kernels (interpreted on CPU) against their XLA formulas: LayerNorm's values and
-gradients, the one-pass logsumexp, the MLP's bias + relu^2 backward, row counts that do not fill a program, the choice of
-implementation and its errors."""
+gradients, the one-pass logsumexp, the MLP's bias + relu^2 backward, row counts that do not fill
+a program, the choice of implementation and its errors, and each kernel on its device's block
+under a mesh of several devices (shard_map)."""
 
 import jax
 import jax.numpy as jnp
@@ -96,3 +97,91 @@ def test_bias_relu2_backward_pallas_equals_xla(dtype, shape):
     dy_auto, db_auto = vjp(g.astype(jnp.float32))
     assert rel_err(dy_ref, dy_auto) <= (1e-6 if dtype == jnp.float32 else 1e-2)
     assert rel_err(db_ref, db_auto) <= (1e-6 if dtype == jnp.float32 else 1e-2)
+
+
+# ------------------------------------------------------------------------- under a device mesh
+def _mesh(shape):
+    from jais2_jax.sharding import make_mesh
+    return make_mesh(shape, devices=jax.devices()[:4])
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 4, 1), (1, 2, 2)])
+def test_kernels_per_device_under_a_mesh(mesh_shape):
+    """On a mesh (rows over fsdp; the MLP's columns over tensor in (1, 2, 2)) each kernel runs on
+    its device's block: values and gradients equal the kernels' on one device (which equal XLA's,
+    above), the scale, bias and MLP bias gradients being the sums of every device's partial sums."""
+    from jais2_jax.sharding import use_mesh
+    k = jax.random.split(jax.random.key(2), 8)
+    x = 2.0 * jax.random.normal(k[0], (4, 8, 128)) + 0.5
+    scale, bias = jax.random.normal(k[1], (128,)), jax.random.normal(k[2], (128,))
+    y = jax.random.normal(k[3], (4, 8, 512)).astype(jnp.bfloat16)
+    b2 = 0.3 * jax.random.normal(k[4], (512,))
+    dx, dh = jax.random.normal(k[5], x.shape), jax.random.normal(k[6], y.shape)
+    logits = 8.0 * jax.random.normal(k[7], (4, 8, 1024))
+
+    def run(impl, lse_impl):
+        def f(x, scale, bias, y, b2):
+            a = layer_norm(x, scale, bias, eps=1e-5, impl=impl)
+            h = bias_relu2(y, b2, impl).astype(jnp.float32)
+            return jnp.sum(a * dx) + jnp.sum(h * dh)
+        value, grads = jax.value_and_grad(f, argnums=range(5))(x, scale, bias, y, b2)
+        return value, grads, logsumexp(logits, impl=lse_impl)
+
+    want = jax.jit(lambda: run("pallas", "pallas"))()
+    vocab_whole = mesh_shape[2] == 1  # the rules split the vocabulary over tensor
+    with use_mesh(_mesh(mesh_shape)):
+        got = jax.jit(lambda: run("pallas", "pallas" if vocab_whole else "xla"))()
+        if not vocab_whole:
+            with pytest.raises(ValueError, match="whole rows on each device"):
+                logsumexp(logits, impl="pallas")
+        # a batch the mesh does not divide (a model's init on [1, 1]) stays whole on each device
+        one = jax.jit(lambda x: layer_norm(x, scale, bias, eps=1e-5, impl="pallas"))(x[:1, :3])
+    assert rel_err(got[0], want[0]) <= 1e-6
+    for g, r in zip(got[1], want[1]):
+        assert g.dtype == r.dtype and rel_err(g, r) <= 1e-6
+    assert rel_err(got[2], want[2]) <= 1e-6
+    assert rel_err(one, layer_norm(x[:1, :3], scale, bias, eps=1e-5, impl="xla")) <= 1e-6
+
+
+def test_default_on_gpu_under_a_mesh_is_pallas_per_device(monkeypatch):
+    """impl=None on a GPU backend picks the kernels under a mesh of several devices too, each
+    inside a shard_map (traced only: there is no GPU here)."""
+    from jais2_jax.sharding import use_mesh
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    x, ones = jnp.ones((4, 8, 128)), jnp.ones((128,))
+
+    def f(x):
+        a = layer_norm(x, ones, ones, eps=1e-5)
+        return jax.grad(lambda y: jnp.sum(bias_relu2(y, ones)))(a), logsumexp(a)
+
+    with use_mesh(_mesh((1, 4, 1))):
+        text = str(jax.make_jaxpr(f)(x))
+    assert text.count("pallas_call") == 3 and text.count("shard_map") == 3, text
+
+
+def test_model_gradients_on_a_mesh_with_kernels():
+    """The tiny model's loss and gradients on a (1, 2, 2) mesh with the kernels per device equal
+    one device's with XLA's."""
+    from jais2_jax import Jais2ForCausalLM, init_params
+    from jais2_jax.config import preset
+    from jais2_jax.sharding import use_mesh
+    config = preset("jais2-tiny")
+    params = init_params(config, jax.random.key(3))
+    params = jax.tree_util.tree_map(  # non-trivial norms and biases
+        lambda p: p + 0.1 * jax.random.normal(jax.random.key(p.size), p.shape), params)
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, config.vocab_size, (4, 16)))
+
+    def loss_and_grads(kernels):
+        model = Jais2ForCausalLM(config, kernels=kernels, remat_policy="dots")
+
+        def loss(p):
+            logp = jax.nn.log_softmax(model.apply({"params": p}, ids)[:, :-1], axis=-1)
+            return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], -1))
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    want = loss_and_grads("xla")
+    with use_mesh(_mesh((1, 2, 2))):
+        got = loss_and_grads("pallas")
+    assert rel_err(got[0], want[0]) <= 1e-6
+    for g, r in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(want[1])):
+        assert rel_err(g, r) <= 1e-5

@@ -186,7 +186,7 @@ def test_compute_dtype_copies_give_the_same_gradient(hf):
 
 def test_compute_dtype_copies_only_on_one_device(hf):
     """On a mesh of several devices the gradients stay float32: their cross-device sums would
-    otherwise run in bf16. The GPU kernels' default follows the same test (on_one_device)."""
+    otherwise run in bf16."""
     from jais2_jax.sharding import make_mesh, on_one_device, use_mesh
     _, _, params = hf
 
