@@ -9,8 +9,8 @@ precision). XLA makes both in one fusion at ~72% of the bandwidth on the H100 2B
 walks row blocks of `_ROWS` rows by `_COLS` columns, keeping the column sums in registers.
 
 `impl` as in `pallas_gpu.py` (None: the kernel on GPU when each device's width has a power-of-two
-block of at least 128 that divides it; "pallas" takes any width). The kernel is not differentiable (no
-second order through it).
+block of at least 128 that divides it; "pallas" takes any width). The kernel is not differentiable
+(no second order through it).
 """
 
 from __future__ import annotations
@@ -63,14 +63,15 @@ def _bwd(impl, res, g):
     cols = min(width & -width, _COLS)
     if pallas_gpu.resolve(impl, cols >= 128) == "xla":
         dz = (slope(out) * g.astype(out.dtype)).astype(out.dtype)
-        return dz, jnp.sum(dz.astype(jnp.float32), axis=tuple(range(dz.ndim - 1))).astype(bias.dtype)
+        db = jnp.sum(dz.astype(jnp.float32), axis=tuple(range(dz.ndim - 1)))
+        return dz, db.astype(bias.dtype)
 
     # (asked for by name, any width: blocks of its largest power-of-two divisor)
     def local(out, g):  # each device its rows and columns; db: its partial sums [1, columns]
         dz, db = _pallas_bwd(out.reshape(-1, width), g.reshape(-1, width).astype(out.dtype), cols)
         return dz.reshape(out.shape), db[None]
 
-    part = None if spec is None else pallas_gpu.partial_spec(spec)
+    part = pallas_gpu.partial_spec(spec)
     dz, db = pallas_gpu.per_shard(local, spec, (spec, spec), (spec, part))(out, g)
     return dz, jnp.sum(db, axis=0).astype(bias.dtype)
 

@@ -149,7 +149,7 @@ def _pallas_fwd(x, scale, bias, eps, dtype):
         return y.reshape(x.shape), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
 
     spec = _spec(x)
-    rows = None if spec is None else P(*spec[:-1])
+    rows = pallas_gpu.rows_spec(spec)
     y, mean, rstd = pallas_gpu.per_shard(local, spec, (spec, P(), P()), (spec, rows, rows))(
         x, scale, bias)
     return y, (x, scale, bias, mean, rstd)
@@ -165,12 +165,9 @@ def _pallas_bwd(eps, dtype, res, dy):
         return dx.reshape(x.shape), dg[None], db[None]  # this device's partial sums
 
     spec = _spec(x)
-    if spec is None:
-        dx, dg, db = local(x, scale, mean, rstd, dy)
-    else:
-        rows, part = P(*spec[:-1]), pallas_gpu.partial_spec(spec)
-        dx, dg, db = pallas_gpu.per_shard(local, spec, (spec, P(), rows, rows, spec),
-                                          (spec, part, part))(x, scale, mean, rstd, dy)
+    rows, part = pallas_gpu.rows_spec(spec), pallas_gpu.partial_spec(spec)
+    dx, dg, db = pallas_gpu.per_shard(local, spec, (spec, P(), rows, rows, spec),
+                                      (spec, part, part))(x, scale, mean, rstd, dy)
     return dx, jnp.sum(dg, axis=0).astype(scale.dtype), jnp.sum(db, axis=0).astype(bias.dtype)
 
 

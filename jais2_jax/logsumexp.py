@@ -15,7 +15,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from jais2_jax import pallas_gpu
 
@@ -44,8 +43,7 @@ def logsumexp(x: Array, *, impl: str | None = None) -> Array:
 
     def local(x):  # each device its own rows
         return _pallas(x.reshape(-1, x.shape[-1]), block).reshape(x.shape[:-1])
-    rows = None if spec is None else P(*spec[:-1])
-    return pallas_gpu.per_shard(local, spec, (spec,), rows)(x)
+    return pallas_gpu.per_shard(local, spec, (spec,), pallas_gpu.rows_spec(spec))(x)
 
 
 

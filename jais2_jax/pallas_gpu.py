@@ -69,9 +69,16 @@ def local_width(spec: PartitionSpec | None, width: int) -> int:
     return width // math.prod(mesh.shape[a] for a in _axes(spec[-1]))
 
 
-def partial_spec(spec: PartitionSpec) -> PartitionSpec:
+def rows_spec(spec: PartitionSpec | None) -> PartitionSpec | None:
+    """Spec of per-row results (statistics) of an array split as `spec`."""
+    return None if spec is None else PartitionSpec(*spec[:-1])
+
+
+def partial_spec(spec: PartitionSpec | None) -> PartitionSpec | None:
     """Spec of per-device partial sums [devices, last] of an array split as `spec`: the first
     dimension over every mesh axis that splits the array's leading dimensions."""
+    if spec is None:
+        return None
     rows = tuple(a for entry in spec[:-1] for a in _axes(entry))
     return PartitionSpec(rows or None, spec[-1])
 

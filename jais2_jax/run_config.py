@@ -41,7 +41,7 @@ class RunConfig:
     eps: float = 1e-8
     clip_grad_norm: float | None = 1.0
     z_loss: float = 0.0  # weight of mean(logsumexp^2); 1e-4 is usual when enabled
-    loss_chunk: int = 512  # tokens of each sequence per chunk of the float32 logits
+    loss_chunk: int = 512  # tokens of each sequence per chunk of the logits
     # False (default): the lm_head GEMM returns its logits in the compute dtype, as transformers
     # does under bf16 autocast (the reference the benchmarks compare with) and MaxText and Megatron
     # by default; the cross-entropy still runs in float32 on them, and the loss's passes over the
