@@ -48,13 +48,16 @@ def model_config(shape: str):
                        eos_token_id=1, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
 
 
-def run_config(shape: str, batch: int, remat: str, *, loss_chunk: int, scan_layers: bool = True):
-    """The RunConfig both benchmark scripts time: float32 params, bf16 compute (float32 on tiny)."""
+def run_config(shape: str, batch: int, remat: str, *, loss_chunk: int, scan_layers: bool = True,
+               overrides=()):
+    """The RunConfig both benchmark scripts time: float32 params, bf16 compute (float32 on tiny);
+    `overrides` ("KEY=VALUE" strings) parsed and checked as `jais2 train --set` does."""
     from jais2_jax.run_config import RunConfig
-    return RunConfig(model="", data="", output_dir="", seq_len=SHAPES[shape]["seq"], batch_size=batch,
-                     loss_chunk=loss_chunk, dtype="float32" if shape == "tiny" else "bfloat16",
-                     param_dtype="float32", remat_policy=remat, warmup_steps=10, total_steps=1000,
-                     scan_layers=scan_layers)
+    run = RunConfig(model="", data="", output_dir="", seq_len=SHAPES[shape]["seq"], batch_size=batch,
+                    loss_chunk=loss_chunk, dtype="float32" if shape == "tiny" else "bfloat16",
+                    param_dtype="float32", remat_policy=remat, warmup_steps=10, total_steps=1000,
+                    scan_layers=scan_layers)
+    return RunConfig.from_dict(dataclasses.asdict(run), list(overrides)) if overrides else run
 
 
 def random_batch(config, batch: int, seq: int) -> dict:
@@ -97,9 +100,7 @@ def run_jax(args):
                 emit(side="jax", batch=batch, remat=variant, skipped="time budget")
                 continue
             run = run_config(args.shape, batch, remat, loss_chunk=args.loss_chunk,
-                             scan_layers=layout != "unrolled")
-            if args.set:  # RunConfig overrides, parsed and checked as `jais2 train --set` does
-                run = type(run).from_dict(dataclasses.asdict(run), args.set)
+                             scan_layers=layout != "unrolled", overrides=args.set)
             try:
                 program = _program(config, run, mesh)
                 data = random_batch(config, batch, seq)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import glob
 import gzip
 import json
@@ -125,9 +124,7 @@ def profile_train(args):
     batch = 2 if args.tiny else args.batch
     mesh = make_mesh("fsdp", devices=jax.devices()[:1])
     run = bench_train.run_config(shape, batch, args.remat, loss_chunk=args.loss_chunk,
-                                 scan_layers=not args.unrolled)
-    if args.set:  # RunConfig overrides, as bench_train.py --set
-        run = type(run).from_dict(dataclasses.asdict(run), args.set)
+                                 scan_layers=not args.unrolled, overrides=args.set)
     if args.loss == "checkpointed":  # the earlier loss: backward recomputes each chunk's logits
         from jais2_jax import training
 

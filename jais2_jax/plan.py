@@ -15,7 +15,6 @@ and the softmax statistics are kept, never the [T, T] scores) unless `attention=
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 
 import jax
@@ -175,7 +174,7 @@ def make_plan(config: Jais2Config, mesh, *, batch: int, seq: int, mode: str = "t
             from jais2_jax.training import make_optimizer
             optimizer = make_optimizer(RunConfig(model="-", data="-", output_dir="-"))
         grads = params  # same tree, dtype and shardings as the parameters
-        if math.prod(mesh.shape.values()) == 1:  # one device: the layers' kernel gradients in
+        if mesh.size == 1:  # one device: the layers' kernel gradients in
             # the compute dtype (training.compute_copies)
             from jais2_jax.training import compute_copies
             grads = sharding.bytes_per_device(
