@@ -453,6 +453,28 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (out / "train" / "checkpoints" / "3").is_dir()
 
 
+def test_demo_eval_note_reads_the_held_out_curve(tmp_path):
+    """The demo explains a rising held-out loss from the run's own metrics (step and value of its
+    minimum, passes over the training tokens) and says nothing while it is still near its lowest."""
+    from jais2_jax.commands.demo import eval_note
+    metrics = tmp_path / "metrics.jsonl"
+
+    def write(evals):
+        with open(metrics, "w", encoding="utf-8") as f:
+            for step, loss in evals:
+                f.write(json.dumps({"step": step, "loss": 1.0}) + "\n")
+                f.write(json.dumps({"step": step, "eval_loss": loss}) + "\n")
+
+    write([(20, 6.0), (40, 5.5), (60, 7.0), (400, 11.5)])
+    note = eval_note(str(metrics), train_tokens=6000, tokens_per_step=2048)
+    assert "lowest at step 40 (5.500)" in note and "rose to 11.500" in note
+    assert "6,000 training tokens 137 times" in note  # 400 * 2048 / 6000
+    write([(20, 6.0), (40, 5.5), (60, 5.6)])  # within 5% of the lowest
+    assert eval_note(str(metrics), 6000, 2048) is None
+    write([(20, 6.0)])
+    assert eval_note(str(metrics), 6000, 2048) is None
+
+
 def test_fresh_state_can_be_donated():
     """Each scalar field owns its buffer: a state built outside jit is donated to the train step,
     and one buffer shared by several fields would be 'donated twice'."""

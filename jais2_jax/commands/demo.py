@@ -50,6 +50,12 @@ def run(args) -> int:
     print(f"      {result['status']} at step {result['step']} in {time.perf_counter() - start:.0f} s; "
           f"loss {result['loss']:.3f}, eval loss "
           + ("n/a" if result["eval_loss"] is None else f"{result['eval_loss']:.3f}"))
+    from jais2_jax.data import TokenStore
+    note = eval_note(os.path.join(run_config.output_dir, "metrics.jsonl"),
+                     TokenStore(store).index["splits"]["train"]["num_tokens"],
+                     run_config.batch_size * run_config.seq_len)
+    if note:
+        print(note)
 
     print("[3/4] sample from the trained checkpoint")
     samples = _sample(run_config.output_dir, os.path.join(store, "tokenizer"), args.max_new_tokens)
@@ -62,6 +68,26 @@ def run(args) -> int:
     png = _plot(os.path.join(run_config.output_dir, "metrics.jsonl"), os.path.join(out, "loss_curve.png"))
     print(f"done: {png}, {os.path.join(out, 'samples.txt')}, checkpoints in {run_config.output_dir}")
     return 0
+
+
+def eval_note(metrics_file: str, train_tokens: int, tokens_per_step: int) -> str | None:
+    """What the held-out curve of a run says when it turned up: where the eval loss was lowest and
+    how often the model had read its training tokens by the end (the bundled corpus is a few
+    thousand tokens, which the tiny model memorises). None while the eval loss is still near its
+    lowest (within 5%) or with fewer than two evaluations."""
+    with open(metrics_file, encoding="utf-8") as f:
+        held_out = [(r["step"], r["eval_loss"]) for r in map(json.loads, f) if "eval_loss" in r]
+    if len(held_out) < 2:
+        return None
+    best_step, best = min(held_out, key=lambda r: r[1])
+    last_step, last = held_out[-1]
+    if last <= 1.05 * best:
+        return None
+    epochs = last_step * tokens_per_step / train_tokens
+    return (f"      eval loss was lowest at step {best_step} ({best:.3f}) and rose to {last:.3f}: by step "
+            f"{last_step} the model had read its {train_tokens:,} training tokens {epochs:.0f} times "
+            "and memorised them (the samples below continue the training text). Give prepare-data "
+            "more text for a model that generalises.")
 
 
 def _sample(train_dir: str, tokenizer_dir: str, max_new_tokens: int) -> list[tuple[str, str]]:
