@@ -86,8 +86,8 @@ def eval_note(metrics_file: str, train_tokens: int, tokens_per_step: int) -> str
     epochs = last_step * tokens_per_step / train_tokens
     return (f"      eval loss was lowest at step {best_step} ({best:.3f}) and rose to {last:.3f}: by step "
             f"{last_step} the model had read its {train_tokens:,} training tokens {epochs:.0f} times "
-            "and memorised them (the samples below continue the training text). Give prepare-data "
-            "more text for a model that generalises.")
+            "and memorised them (expect the samples to continue the training text). For a model "
+            "that generalises, train on more text: `jais2 prepare-data YOUR_FILES ...`.")
 
 
 def _sample(train_dir: str, tokenizer_dir: str, max_new_tokens: int) -> list[tuple[str, str]]:
