@@ -16,6 +16,7 @@ so nothing is served from L2) and checks each result against XLA's; part 2 times
 of the four projections (no attention), XLA vs the fused kernels with the best tiles of part 1.
 
   python benchmarks/probe_decode_linear.py [--rows 1,16,64] [--limit 10] [--verbose]
+  python benchmarks/probe_decode_linear.py --read-only --limit 48   # next step, not yet run
 """
 
 import argparse
@@ -379,6 +380,49 @@ def part2(rows, best):
               f"floor {floor:.3f} ms; max rel diff {err:.1e}", flush=True)
 
 
+def read_only(limit):
+    """How fast a Pallas (Triton) program streams a weight at all: column sums of the up
+    projection's [K, N] weight (each program its block of columns, a loop over K), against XLA's
+    jnp.sum over the same array. The ceiling any Pallas GEMV of this layout could reach."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+    k, n = D, F
+    w = (0.02 * jax.random.normal(jax.random.key(3), (k, n))).astype(DT)
+    floor = k * n * 2 / BW * 1e6
+    t_xla = bench(jax.jit(lambda w: jnp.sum(w.astype(jnp.float32), axis=0)), w) * 1e6
+    print(f"read-only {k} x {n}: XLA column sums {t_xla:.1f} us, floor {floor:.1f} us")
+
+    def kernel(w_ref, o_ref, *, bk, unroll):
+        def body(i, acc):
+            for u in range(unroll):
+                acc = acc + w_ref[pl.ds((i * unroll + u) * bk, bk), :].astype(jnp.float32)
+            return acc
+        acc = jax.lax.fori_loop(0, k // bk // unroll, body,
+                                jnp.zeros((bk, o_ref.shape[0]), jnp.float32))
+        o_ref[...] = jnp.sum(acc, axis=0)
+
+    results = []
+    for bn, bk, unroll, warps, stages in itertools.product((32, 64, 128), (32, 64, 128), (1, 2),
+                                                           (4, 8), (1, 3)):
+        if k % (bk * unroll) or bn * bk > 8192:
+            continue
+        f = jax.jit(pl.pallas_call(
+            functools.partial(kernel, bk=bk, unroll=unroll), grid=(n // bn,),
+            in_specs=[pl.BlockSpec((k, bn), lambda j: (0, j))],
+            out_specs=pl.BlockSpec((bn,), lambda j: (j,)),
+            out_shape=jax.ShapeDtypeStruct((n,), jnp.float32), interpret=not GPU,
+            compiler_params=plt.CompilerParams(num_warps=warps, num_stages=stages)))
+        got = f(w)
+        want = jnp.sum(w.astype(jnp.float32), axis=0)
+        assert float(jnp.max(jnp.abs(got - want))) <= 1e-3 * float(jnp.max(jnp.abs(want))) + 1e-3
+        results.append((bench(f, w) * 1e6, (bn, bk, unroll, warps, stages)))
+        if len(results) >= limit:
+            break
+    for us, cfg in sorted(results)[:5]:
+        print(f"  pallas (block_n, block_k, unroll, warps, stages) = {cfg}: {us:.1f} us "
+              f"({k * n * 2 / us / 1e6:.2f} TB/s)")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,16,64")
@@ -387,8 +431,14 @@ if __name__ == "__main__":
     ap.add_argument("--no-chain", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="every tile setting's time")
     ap.add_argument("--only", default="", help="projections to sweep (default all)")
+    ap.add_argument("--read-only", action="store_true",
+                    help="only the weight-streaming ceiling of a Pallas program vs XLA")
     a = ap.parse_args()
     rows = tuple(int(r) for r in a.rows.split(","))
+    if a.read_only:
+        print(jax.devices()[0].device_kind, jax.__version__, flush=True)
+        read_only(a.limit)
+        raise SystemExit(0)
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     best = part1(rows, a.quick, a.limit, a.verbose, a.only.split(",") if a.only else ())
     if not a.no_chain:
