@@ -186,6 +186,10 @@ def generate(model: Jais2ForCausalLM, params, input_ids, attention_mask=None, *,
     eos_ids = _eos_ids(config, eos_token_id)
     pad_id = config.pad_token_id if config.pad_token_id is not None else (
         eos_ids[0] if eos_ids else 0)
+    # Masked-out positions still go through the embedding: whatever the caller padded with (an id
+    # outside the vocabulary embeds as NaN, which attention's zero weights do not cancel) becomes
+    # the pad id.
+    ids = np.where(mask == 1, ids, pad_id).astype(np.int32)
 
     # Prompt columns: the longest row, rounded up (never past the cache) to reuse compilations.
     width = min(_round_up(longest, PROMPT_BUCKET), cache_length)

@@ -138,13 +138,15 @@ class Tokenizer:
             hf = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # the Rust side raises a bare Exception on malformed files
             raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
-        # As transformers does: tokens named in the config but missing from the vocabulary are
-        # added, as special tokens.
+        # As transformers does: added tokens of the config missing from the vocabulary are added,
+        # and every named special token (bos, eos, pad, ...) is registered as special, added if
+        # missing and marked if it is an ordinary vocabulary entry (its id unchanged), so that
+        # encode never splits it and decode(skip_special_tokens=True) drops it.
         extra = [AddedToken(**{k: v for k, v in t.items() if k != "__type"})
                  for t in config.get("added_tokens_decoder", {}).values()
                  if hf.token_to_id(t["content"]) is None]
         extra += [AddedToken(t, special=True, normalized=False) for t in special.values()
-                  if t is not None and hf.token_to_id(t) is None]
+                  if t is not None]
         if extra:
             hf.add_special_tokens(extra)
         # Which special tokens `encode` adds is the post-processor's business: transformers (>= 5)
@@ -214,18 +216,24 @@ class Tokenizer:
         if self._hf is not None:
             return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
         special = {self.token_to_id(t) for t in self.special_tokens.values()}
-        pieces, text = [], []
+        runs, text = [[]], []  # runs of ordinary pieces between special tokens
         for i in ids:  # sentencepiece would drop control pieces: keep them unless asked not to
             if i in special or self._spm.is_control(i):
-                if pieces:
-                    text.append(self._spm.decode(pieces))
-                    pieces = []
                 if not skip_special_tokens:
-                    text.append(self._spm.id_to_piece(i))
+                    runs.append(self._spm.id_to_piece(i))
+                    runs.append([])
             else:
-                pieces.append(i)
-        if pieces:
-            text.append(self._spm.decode(pieces))
+                runs[-1].append(i)
+        first = True
+        for run in runs:
+            if isinstance(run, str):
+                text.append(run)
+            elif run:
+                # sentencepiece drops the word-start space of the first piece of the text only;
+                # later runs keep theirs ("hello</s> world", as decoding the pieces at once gives)
+                lead = "" if first or not self._spm.id_to_piece(run[0]).startswith("\u2581") else " "
+                text.append(lead + self._spm.decode(run))
+                first = False
         return "".join(text)
 
     def batch_encode(self, texts: list[str], add_special_tokens: bool = True,

@@ -101,6 +101,18 @@ def test_greedy_matches_transformers_with_eos(ref, scan):
         assert cols.shape[1] == n or (got[:, cols.shape[1]:] == 0).all()
 
 
+def test_padded_positions_may_hold_any_id(ref):
+    """What sits under attention_mask == 0 is ignored, as in transformers, even an id outside the
+    vocabulary (which would embed as NaN and poison the row's attention)."""
+    hf, config, params = ref
+    model = Jais2ForCausalLM(config)
+    kw = dict(max_new_tokens=6, eos_token_id=[])
+    want = _hf_greedy(hf, *_left_padded([3, 7, 5]), 6, eos=None)
+    for pad in (config.vocab_size, config.vocab_size + 1000, -7):
+        ids, mask = _left_padded([3, 7, 5], pad=pad)
+        np.testing.assert_array_equal(np.asarray(generate(model, params, ids, mask, **kw)), want)
+
+
 def test_sampling_is_reproducible(ref):
     _, config, params = ref
     model = Jais2ForCausalLM(config)
@@ -221,6 +233,37 @@ def test_cli_streams_the_greedy_continuation(cli_folder, capsys, tmp_path):
         assert main(["generate", "--checkpoint", str(folder), "--prompt", prompt,
                      "--max-new-tokens", "24"]) == 0
         assert capsys.readouterr().out == want + "\n"
+
+
+def test_cli_stops_at_generation_config_eos(cli_folder, capsys, tmp_path):
+    """An eos id listed only in generation_config.json (as instruct checkpoints do) ends the reply,
+    as in transformers' generate, which reads it from there."""
+    import json
+    import shutil
+    from transformers import AutoModelForCausalLM
+    from jais2_jax.cli import main
+    path, hf, tok = cli_folder
+    folder = tmp_path / "ckpt"
+    shutil.copytree(path, folder)
+    prompt = "مرحبا بكم في the lazy fox"
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        free = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):]
+    # the first token the free-running reply emits that it had not emitted before (not the first)
+    at = next(i for i in range(1, len(free)) if int(free[i]) not in free[:i].tolist())
+    stop = int(free[at])
+    assert stop != tok.eos_token_id
+    gen = json.loads((folder / "generation_config.json").read_text())
+    gen["eos_token_id"] = [tok.eos_token_id, stop]
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    with torch.no_grad():  # transformers stops there (and keeps the stop token)
+        out = AutoModelForCausalLM.from_pretrained(folder).eval().generate(
+            torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):]
+    assert out.tolist() == free[:at + 1].tolist()
+    assert main(["generate", "--checkpoint", str(folder), "--prompt", prompt,
+                 "--max-new-tokens", "12"]) == 0
+    # the CLI prints the reply up to its stop token, as for the config's eos
+    assert capsys.readouterr().out == tok.decode(free[:at], skip_special_tokens=True) + "\n"
 
 
 def test_cli_chat_keeps_the_conversation(cli_folder, capsys, monkeypatch):

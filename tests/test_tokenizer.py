@@ -158,3 +158,32 @@ def test_sentencepiece_model_matches_sentencepiece(tmp_path):
         assert ours.decode(ids) == "<s>" + ref.decode(ids)
     assert ours.encode("a</s>b", add_special_tokens=False) == \
         ref.encode("a") + [ref.eos_id()] + ref.encode("b")
+    # a special token mid-text: the words after it keep their space
+    ids = ours.encode("The lazy fox</s> writes Arabic")
+    assert ref.eos_id() in ids[1:-1]
+    assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids) == \
+        "The lazy fox writes Arabic"
+    assert ours.decode(ids) == "<s>The lazy fox</s> writes Arabic"
+
+
+def test_special_tokens_in_the_vocabulary_are_special(tmp_path):
+    """eos / pad named in tokenizer_config.json that are ordinary entries of tokenizer.json's
+    vocabulary (not added tokens): transformers makes them special, so encode keeps them whole and
+    decode(skip_special_tokens=True) drops them; ids unchanged."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer
+    vocab = {c: i for i, c in enumerate(["a", "b", "c", "<", ">", "/", "s", "</s>", "<pad>"])}
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>", "pad_token": "<pad>"}))
+    ours, ref = Tokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    assert ours.vocab_size == len(ref) == len(vocab)
+    assert (ours.eos_token_id, ours.pad_token_id) == (ref.eos_token_id, ref.pad_token_id) == (7, 8)
+    for text in ("ab</s>c", "<pad>a</s>"):
+        ids = ours.encode(text)
+        assert ids == ref.encode(text) and 7 in ids
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == \
+                ref.decode(ids, skip_special_tokens=skip)
