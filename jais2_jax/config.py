@@ -59,6 +59,13 @@ def parse_json_object(text: str, where: str) -> dict:
     return data
 
 
+_ABSENT = "<absent>"  # a key config.json did not have
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_json_object(path: str) -> dict:
     """The JSON object in the file `path` (config.json, tokenizer_config.json, ...)."""
     with open(path, encoding="utf-8") as f:
@@ -89,7 +96,10 @@ class Jais2Config:
     rope_parameters: dict | None = None  # None -> {"rope_type": "default", "rope_theta": 10000.0}
     # Bookkeeping for the HF round trip; not part of the model.
     hf_metadata: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    # config.json spelled RoPE the legacy way (top-level rope_theta / rope_scaling): written back
+    # so; its rope_scaling value as read (or _ABSENT) is kept to write it back unchanged
     legacy_rope_keys: bool = dataclasses.field(default=False, compare=False, repr=False)
+    legacy_rope_scaling: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -97,6 +107,8 @@ class Jais2Config:
             set_("num_key_value_heads", self.num_attention_heads)
         if isinstance(self.eos_token_id, list):
             set_("eos_token_id", tuple(self.eos_token_id))
+        if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
+            raise ValueError(f"rope_parameters must be an object, got {self.rope_parameters!r}")
         rope = dict(self.rope_parameters or {})
         rope.setdefault("rope_type", rope.get("type", "default"))
         rope.setdefault("rope_theta", DEFAULT_ROPE_THETA)
@@ -118,8 +130,13 @@ class Jais2Config:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
                 f"({self.num_attention_heads}); set head_dim explicitly")
-        if (self.head_dim or 2) % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}"
+                             + ("" if self.head_dim else " (hidden_size / num_attention_heads)"))
+        for name in ("use_cache", "tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) is not divisible by "
@@ -127,12 +144,14 @@ class Jais2Config:
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; "
                              f"choose one of {SUPPORTED_ACTIVATIONS}")
-        if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
+        if not (_number(self.layer_norm_eps) and self.layer_norm_eps > 0):
             raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
-        if not 0.0 <= self.attention_dropout < 1.0:
-            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
-        if not self.initializer_range >= 0:
-            raise ValueError(f"initializer_range must be >= 0, got {self.initializer_range!r}")
+        # null as transformers accepts it (no dropout: this implementation has none anyway)
+        dropout = self.attention_dropout
+        if dropout is not None and not (_number(dropout) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"attention_dropout must be in [0, 1), got {dropout!r}")
+        if not (_number(self.initializer_range) and self.initializer_range >= 0):
+            raise ValueError(f"initializer_range must be a number >= 0, got {self.initializer_range!r}")
         for name in ("pad_token_id", "bos_token_id"):
             self._check_token_id(name, getattr(self, name))
         eos = self.eos_token_id
@@ -223,28 +242,43 @@ class Jais2Config:
             raise ValueError(f"model_type is {model_type!r}, expected 'jais2'")
         metadata = {k: d.pop(k) for k in list(d) if k in HF_METADATA_KEYS}
         legacy = "rope_theta" in d or "rope_scaling" in d
-        rope = dict(d.pop("rope_parameters", None) or {})
-        if legacy:
-            theta = d.pop("rope_theta", None)
-            scaling = d.pop("rope_scaling", None) or {}
-            rope.update(scaling)
-            if theta is not None:
-                rope.setdefault("rope_theta", theta)
-        fields = {f.name for f in dataclasses.fields(cls)} - {"hf_metadata", "legacy_rope_keys"}
-        unknown = sorted(set(d) - fields)
+        params = d.pop("rope_parameters", None)
+        theta = d.pop("rope_theta", None)
+        scaling = d.pop("rope_scaling", _ABSENT)
+        for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+            if value not in (None, _ABSENT) and not isinstance(value, dict):
+                raise ValueError(f"{name} must be an object or null, got {value!r}")
+        # As transformers reads it: a legacy rope_scaling replaces rope_parameters; the top-level
+        # rope_theta fills in a theta the chosen one lacks.
+        rope = dict(scaling if scaling not in (None, _ABSENT) else params or {})
+        if theta is not None:
+            rope.setdefault("rope_theta", theta)
+        internal = {"hf_metadata", "legacy_rope_keys", "legacy_rope_scaling"}
+        unknown = sorted(set(d) - ({f.name for f in dataclasses.fields(cls)} - internal))
         if unknown:
             raise ValueError(f"unknown config keys: {unknown}")
-        return cls(**d, rope_parameters=rope or None, hf_metadata=metadata, legacy_rope_keys=legacy)
+        return cls(**d, rope_parameters=rope or None, hf_metadata=metadata, legacy_rope_keys=legacy,
+                   legacy_rope_scaling=scaling)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("hf_metadata", "legacy_rope_keys", "rope_parameters")}
+               if f.name not in ("hf_metadata", "legacy_rope_keys", "legacy_rope_scaling",
+                                 "rope_parameters")}
         if isinstance(out["eos_token_id"], tuple):
             out["eos_token_id"] = list(out["eos_token_id"])
         rope = dict(self.rope_parameters)
         if self.legacy_rope_keys:
             out["rope_theta"] = rope.pop("rope_theta")
-            out["rope_scaling"] = None if rope == {"rope_type": "default"} else rope
+            scaling = None if rope == {"rope_type": "default"} else rope
+            read = self.legacy_rope_scaling  # as config.json had it, if it still says the same
+            if read is _ABSENT or read is None:
+                if scaling is not None or read is None:
+                    out["rope_scaling"] = scaling
+            else:
+                same = dict(read)
+                same.setdefault("rope_type", same.get("type", "default"))
+                same.pop("rope_theta", None)
+                out["rope_scaling"] = read if same == rope else scaling
         else:
             out["rope_parameters"] = rope
         out.update(self.hf_metadata)

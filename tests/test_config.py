@@ -76,10 +76,45 @@ BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
     (dict(layer_norm_eps=0.0), "layer_norm_eps"),
     (dict(eos_token_id=[2, -1]), "eos_token_id"),
     (dict(attention_dropout=1.5), "attention_dropout"),
+    (dict(hidden_size=60), "head_dim must be even"),  # 60 / 4 heads = 15
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings"),
+    (dict(attention_bias=1), "attention_bias"),
+    (dict(mlp_bias=None), "mlp_bias"),
+    (dict(initializer_range=None), "initializer_range"),
+    (dict(rope_parameters="default"), "rope_parameters"),
 ])
 def test_invalid_config_names_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
         Jais2Config(**{**BASE, **changes})
+
+
+def test_rope_keys_read_as_transformers_reads_them():
+    """A legacy rope_scaling replaces rope_parameters (theta then from rope_theta or the default);
+    rope_theta beside rope_parameters does not override it; null attention_dropout is accepted;
+    a rope_scaling that is not an object is named."""
+    from transformers import Jais2Config as HFConfig
+    for extra in ({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
+                   "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+                  {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5},
+                   "rope_theta": 1e4},
+                  {"rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}},
+                  {"attention_dropout": None}):
+        d = {**BASE, "model_type": "jais2", **extra}
+        assert Jais2Config.from_dict(d).rope_parameters == HFConfig(**d).rope_parameters, extra
+    with pytest.raises(ValueError, match="rope_scaling must be an object"):
+        Jais2Config.from_dict({**BASE, "rope_theta": 1e4, "rope_scaling": "linear"})
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_theta": 5e5},  # no rope_scaling key at all
+    {"rope_theta": 5e5, "rope_scaling": None},
+    {"rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}},  # the old "type" key
+    {"rope_theta": 5e5, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+])
+def test_legacy_rope_keys_are_written_back_as_read(rope):
+    d = {**BASE, "model_type": "jais2", **rope}
+    out = Jais2Config.from_dict(d).to_dict()
+    assert {k: v for k, v in out.items() if k.startswith("rope")} == rope
 
 
 def test_unknown_keys_are_listed():
