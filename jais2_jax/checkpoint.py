@@ -99,9 +99,12 @@ def _read_safetensors_header(path: str) -> dict[str, _Tensor]:
             continue
         try:
             dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(d) for d in shape)
+            shape = tuple(shape)
         except (KeyError, TypeError, ValueError):
             raise corrupt(f"bad header entry for {name!r}") from None
+        if not all(_is_int(v) and v >= 0 for v in (begin, end, *shape)):
+            raise corrupt(f"bad header entry for {name!r}: shape {list(shape)} and data_offsets "
+                          f"{[begin, end]} must be non-negative integers")
         if dtype_name not in _ST_DTYPES:
             raise ValueError(f"{path}: tensor {name} has dtype {dtype_name}; only floating point "
                              f"weights ({', '.join(_ST_DTYPES)}) can be converted")
@@ -112,7 +115,22 @@ def _read_safetensors_header(path: str) -> dict[str, _Tensor]:
             raise corrupt(f"tensor {name} ends at byte {end} of the data, but the file holds only "
                           f"{data_size}")
         tensors[name] = _Tensor(path, dtype, shape, data_start + begin)
+    # As the safetensors library demands: the tensors tile the data exactly, none sharing bytes.
+    at = 0
+    for t in sorted(tensors.values(), key=lambda t: t.offset):
+        if t.offset - data_start != at:
+            what = "overlaps the tensor before it" if t.offset - data_start < at else "leaves a gap"
+            name = next(k for k, v in tensors.items() if v is t)
+            raise corrupt(f"tensor {name} starts at byte {t.offset - data_start} of the data and "
+                          f"{what} (which ends at {at})")
+        at += math.prod(t.shape) * t.dtype.itemsize
+    if at != data_size:
+        raise corrupt(f"the tensors cover {at} bytes of data, but the file holds {data_size}")
     return tensors
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _pread(fd: int, path: str, out: np.ndarray, offset: int) -> None:
@@ -295,8 +313,25 @@ class HFCheckpoint:
             for name in spec.hf_names(n):
                 hf_mapping.check_hf_shape(spec, name, self.tensors[name].shape)
         dtypes = {self.tensors[name].dtype for s in self.specs for name in s.hf_names(n)}
-        # The checkpoint's dtype (the widest if mixed): what convert keeps by default.
-        self.dtype = max(dtypes, key=lambda d: d.itemsize)
+        # The checkpoint's dtype (the widest if mixed; float32 for float16 with bfloat16, which
+        # neither holds): what convert keeps by default.
+        widest = max(d.itemsize for d in dtypes)
+        wide = [d for d in dtypes if d.itemsize == widest]
+        self.dtype = wide[0] if len(wide) == 1 else np.dtype(np.float32)
+        if self.config.tie_word_embeddings and hf_mapping.TIED_HEAD in self.tensors:
+            self._check_tied_head()
+
+    def _check_tied_head(self) -> None:
+        """A tied checkpoint's stored lm_head must equal the embedding (read a slab at a time)."""
+        head, embed = self.tensors[hf_mapping.TIED_HEAD], self.tensors["model.embed_tokens.weight"]
+        if head.shape != embed.shape or head.dtype != embed.dtype:
+            raise hf_mapping.tied_head_differs(self.config)
+        rows = max(1, _SLAB_BYTES // max(1, _row_bytes(head)))
+        for r0 in range(0, head.shape[0], rows):
+            r1 = min(r0 + rows, head.shape[0])
+            if not np.array_equal(_as_bits(_read_rows(head, r0, r1)),
+                                  _as_bits(_read_rows(embed, r0, r1))):
+                raise hf_mapping.tied_head_differs(self.config)
 
     def read(self, spec: TensorSpec, box: tuple[slice, ...] | None = None) -> np.ndarray:
         """`spec`'s parameter in our layout (stored dtype), restricted to `box` of its full shape."""
@@ -613,7 +648,11 @@ class OrbaxCheckpoint:
                 tuple(m.shape), m.dtype if dtype is None else dtype,
                 sharding=hf_mapping.tree_get(shardings, spec.path)))
         with ocp.StandardCheckpointer() as ck:
-            return ck.restore(self.params_dir, target)
+            try:
+                return ck.restore(self.params_dir, target)
+            except Exception as e:  # TensorStore's errors are bare Exceptions
+                raise ValueError(f"{self.params_dir}: could not read the Orbax checkpoint (damaged "
+                                 f"or incomplete files?): {e}") from None
 
 
 # ------------------------------------------------------------------------------ HF (write side)

@@ -102,7 +102,7 @@ def expected_hf_names(config: Jais2Config) -> set[str]:
 
 def optional_hf_names(config: Jais2Config) -> set[str]:
     """Names a checkpoint may carry that we do not need: a tied lm_head copy, rotary buffers."""
-    extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    extra = {TIED_HEAD} if config.tie_word_embeddings else set()
     return extra | {f"model.layers.{i}.self_attn.rotary_emb.inv_freq"
                     for i in range(config.num_hidden_layers)}
 
@@ -156,10 +156,23 @@ def check_params(config: Jais2Config, params: Mapping) -> None:
         raise ValueError("parameters do not match the config: " + "; ".join(problems[:8]))
 
 
+TIED_HEAD = "lm_head.weight"
+
+
+def tied_head_differs(config: Jais2Config) -> ValueError:
+    return ValueError(f"config.json says tie_word_embeddings=true, but the checkpoint's {TIED_HEAD} "
+                      "differs from model.embed_tokens.weight (transformers then does not tie them); "
+                      "set tie_word_embeddings to false in config.json")
+
+
 def params_from_state_dict(config: Jais2Config, state_dict: Mapping[str, np.ndarray],
                            dtype=None) -> dict:
     """HF state dict (numpy arrays) -> our scanned params tree of numpy arrays."""
     check_hf_names(config, state_dict.keys())
+    if config.tie_word_embeddings and TIED_HEAD in state_dict:  # a copy: it must be one
+        if not np.array_equal(np.asarray(state_dict[TIED_HEAD]),
+                              np.asarray(state_dict["model.embed_tokens.weight"])):
+            raise tied_head_differs(config)
     params: dict = {}
     for spec in tensor_specs(config):
         parts = []

@@ -15,7 +15,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from helpers import hf_model, rel_err
-from jais2_jax import Jais2ForCausalLM
+from jais2_jax import Jais2Config, Jais2ForCausalLM
 from jais2_jax import checkpoint as ckpt_lib
 from jais2_jax import hf_mapping
 from jais2_jax.checkpoint import load_checkpoint, parse_size
@@ -238,6 +238,98 @@ def test_corrupt_safetensors(hf_copy, capsys, damage):
     err = _fails(["convert", str(hf_copy), str(hf_copy.parent / "out")], capsys,
                  "not a valid safetensors file", shard.name)
     assert ("ends at byte" in err) if damage == "truncate" else ("header length" in err)
+
+
+def _all_tensors(folder):
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(folder / f))
+    return out
+
+
+def _single_file(folder, tensors):
+    """Replaces the folder's shards with one model.safetensors holding `tensors`."""
+    for f in os.listdir(folder):
+        if f.endswith(".safetensors") or f == ckpt_lib.INDEX_FILE:
+            os.remove(folder / f)
+    save_file(tensors, folder / ckpt_lib.SINGLE_FILE, metadata={"format": "pt"})
+
+
+def test_tied_config_with_a_different_lm_head(hf_copy, capsys):
+    """tie_word_embeddings=true beside an lm_head.weight that is not the embedding: transformers
+    then keeps them apart, so dropping the head would change the logits. An equal copy is fine."""
+    config = json.loads((hf_copy / "config.json").read_text())
+    (hf_copy / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    _fails(["convert", str(hf_copy), str(hf_copy.parent / "out")], capsys,
+           "tie_word_embeddings", "lm_head.weight differs")
+    tensors = _all_tensors(hf_copy)
+    with pytest.raises(ValueError, match="lm_head.weight differs"):  # the in-memory path too
+        hf_mapping.params_from_state_dict(Jais2Config.from_json_file(hf_copy), tensors)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    _single_file(hf_copy, tensors)
+    config, params = load_checkpoint(hf_copy)
+    assert config.tie_word_embeddings and "lm_head" not in params
+
+
+def _edit_header(path, change):
+    """Rewrites a safetensors file's JSON header with `change(header)` (data bytes unchanged)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    change(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+
+@pytest.mark.parametrize("damage, phrase", [
+    ("float offsets", "must be non-negative integers"),
+    ("overlap", "overlaps the tensor before it"),
+])
+def test_safetensors_header_offsets_are_checked(hf_copy, capsys, damage, phrase):
+    """What the safetensors library itself rejects: non-integer offsets, tensors sharing bytes."""
+    shard = hf_copy / _index(hf_copy)["weight_map"]["model.layers.0.self_attn.q_proj.weight"]
+
+    def change(header):
+        entries = sorted((k for k in header if k != "__metadata__"),
+                         key=lambda k: header[k]["data_offsets"][0])
+        if damage == "float offsets":
+            header[entries[0]]["data_offsets"] = [float(v) for v in header[entries[0]]["data_offsets"]]
+        else:  # the second tensor starts where the first does (its length unchanged)
+            a, b = entries[:2]
+            begin, end = header[b]["data_offsets"]
+            start = header[a]["data_offsets"][0]
+            header[b]["data_offsets"] = [start, start + end - begin]
+    _edit_header(shard, change)
+    _fails(["convert", str(hf_copy), str(hf_copy.parent / "out")], capsys, phrase, shard.name)
+
+
+def test_float16_with_bfloat16_loads_as_float32(hf_copy):
+    """A checkpoint mixing float16 and bfloat16 (same width, neither holds the other) keeps every
+    value: float32, not whichever 2-byte type came first (1e6 is inf in float16)."""
+    import ml_dtypes
+    tensors = {k: v.astype(np.float16) for k, v in _all_tensors(hf_copy).items()}
+    embed = tensors["model.embed_tokens.weight"].astype(ml_dtypes.bfloat16)
+    embed[0, 0] = 1e6
+    tensors["model.embed_tokens.weight"] = embed
+    _single_file(hf_copy, tensors)
+    assert ckpt_lib.HFCheckpoint(hf_copy).dtype == np.float32
+    assert main(["convert", str(hf_copy), str(hf_copy.parent / "ob"), "--quiet"]) == 0
+    _, params = load_checkpoint(hf_copy.parent / "ob")
+    table = np.asarray(params["embed_tokens"]["embedding"])
+    assert table.dtype == np.float32 and table[0, 0] == float(embed[0, 0].astype(np.float32))
+
+
+def test_damaged_orbax_files_are_named(hf_src, tmp_path):
+    assert main(["convert", str(hf_src), str(tmp_path / "ob"), "--quiet"]) == 0
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "ob" / "params") for f in fs
+             if os.path.basename(d) == "d"]  # OCDBT data files
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 2)
+    with pytest.raises(ValueError, match="could not read the Orbax checkpoint"):
+        load_checkpoint(tmp_path / "ob")
 
 
 def test_pickle_only_folder_is_refused(hf_copy, capsys):
