@@ -778,8 +778,12 @@ def export_run_to_hf(run_dir, hf_dir, *, step=None, max_shard_size="5GB", dtype=
     """A training run's checkpoint (default: the latest step) -> HF folder, through a temporary
     Orbax model folder. Returns the exported step."""
     from jais2_jax.trainer import load_trained, run_tokenizer_dir
+    target = os.path.abspath(os.fspath(hf_dir))
+    if os.path.lexists(target) and not force:  # before the load, not after it
+        raise FileExistsError(f"{target} exists; pass --force (force=True) to replace it")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
     config, params, step = load_trained(os.fspath(run_dir), step)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(os.fspath(hf_dir)))) as t:
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as t:
         model_dir = os.path.join(t, "model")
         save_model(model_dir, config, jax.device_get(params),
                    tokenizer_dir=run_tokenizer_dir(os.fspath(run_dir)))

@@ -15,6 +15,7 @@ import pytest
 
 from helpers import hf_model, our_config, our_params, rel_err
 from jais2_jax import Jais2ForCausalLM, data
+from jais2_jax.checkpoint import export_run_to_hf
 from jais2_jax.run_config import RunConfig
 from jais2_jax.trainer import load_trained, train
 from jais2_jax.training import (compute_copies, init_state, loss_sums, make_optimizer,
@@ -494,8 +495,10 @@ def test_export_a_training_run_to_transformers(straight_run, tmp_path):
     from transformers import AutoTokenizer
     from transformers import Jais2ForCausalLM as HFModel
     from jais2_jax.cli import main
-    out = tmp_path / "hf"
+    out = tmp_path / "new" / "folders" / "hf"  # parents made as needed
     assert main(["export", str(straight_run), str(out), "--quiet"]) == 0
+    with pytest.raises(FileExistsError, match="--force"):
+        export_run_to_hf(straight_run / "absent-run", out)  # the output is checked first
     config, params, step = load_trained(str(straight_run))
     assert step == 6
     hf = HFModel.from_pretrained(out).eval()
