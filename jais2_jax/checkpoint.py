@@ -325,13 +325,13 @@ class HFCheckpoint:
         """A tied checkpoint's stored lm_head must equal the embedding (read a slab at a time)."""
         head, embed = self.tensors[hf_mapping.TIED_HEAD], self.tensors["model.embed_tokens.weight"]
         if head.shape != embed.shape or head.dtype != embed.dtype:
-            raise hf_mapping.tied_head_differs(self.config)
+            raise hf_mapping.tied_head_differs()
         rows = max(1, _SLAB_BYTES // max(1, _row_bytes(head)))
         for r0 in range(0, head.shape[0], rows):
             r1 = min(r0 + rows, head.shape[0])
             if not np.array_equal(_as_bits(_read_rows(head, r0, r1)),
                                   _as_bits(_read_rows(embed, r0, r1))):
-                raise hf_mapping.tied_head_differs(self.config)
+                raise hf_mapping.tied_head_differs()
 
     def read(self, spec: TensorSpec, box: tuple[slice, ...] | None = None) -> np.ndarray:
         """`spec`'s parameter in our layout (stored dtype), restricted to `box` of its full shape."""

@@ -159,7 +159,7 @@ def check_params(config: Jais2Config, params: Mapping) -> None:
 TIED_HEAD = "lm_head.weight"
 
 
-def tied_head_differs(config: Jais2Config) -> ValueError:
+def tied_head_differs() -> ValueError:
     return ValueError(f"config.json says tie_word_embeddings=true, but the checkpoint's {TIED_HEAD} "
                       "differs from model.embed_tokens.weight (transformers then does not tie them); "
                       "set tie_word_embeddings to false in config.json")
@@ -172,7 +172,7 @@ def params_from_state_dict(config: Jais2Config, state_dict: Mapping[str, np.ndar
     if config.tie_word_embeddings and TIED_HEAD in state_dict:  # a copy: it must be one
         if not np.array_equal(np.asarray(state_dict[TIED_HEAD]),
                               np.asarray(state_dict["model.embed_tokens.weight"])):
-            raise tied_head_differs(config)
+            raise tied_head_differs()
     params: dict = {}
     for spec in tensor_specs(config):
         parts = []

@@ -1,7 +1,6 @@
 """Sharding on 8 fake CPU devices: the table, sharded init, and sharded forward / train step /
 generation equal to one device; bad meshes get clear errors."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
