@@ -38,7 +38,9 @@ INPUT_SUFFIXES = (".txt", ".jsonl")
 
 # ------------------------------------------------------------------------------------- reading text
 def _input_files(inputs: Sequence[str]) -> list[str]:
-    files = []
+    """The files of `inputs` (files, or folders of them), each once: a file named twice (itself
+    and its folder) would otherwise be read twice, and its documents could land in both splits."""
+    files, seen = [], set()
     for path in inputs:
         if os.path.isdir(path):
             found = sorted(os.path.join(path, f) for f in os.listdir(path)
@@ -52,7 +54,12 @@ def _input_files(inputs: Sequence[str]) -> list[str]:
             files.append(path)
         else:
             raise FileNotFoundError(f"input {path} does not exist")
-    return files
+    unique = []
+    for f in files:
+        if os.path.realpath(f) not in seen:
+            seen.add(os.path.realpath(f))
+            unique.append(f)
+    return unique
 
 
 def _documents(path: str, text_key: str, progress) -> Iterator[tuple[str, str | None]]:
@@ -77,12 +84,15 @@ def _documents(path: str, text_key: str, progress) -> Iterator[tuple[str, str | 
                 if not line.strip():
                     continue
                 record = parse_json_object(line, f"{path}:{n}")
-                if "prompt" in record and "completion" in record:
-                    yield str(record["completion"]), str(record["prompt"])
-                elif text_key in record:
-                    yield str(record[text_key]), None
-                else:
+                keys = (("completion", "prompt") if "prompt" in record and "completion" in record
+                        else (text_key,) if text_key in record else None)
+                if keys is None:
                     raise ValueError(f"{path}:{n}: no {text_key!r} (or prompt + completion) field")
+                for key in keys:
+                    if not isinstance(record[key], str):
+                        raise ValueError(f"{path}:{n}: {key!r} must be a string, got "
+                                         f"{type(record[key]).__name__} {record[key]!r:.40}")
+                yield record[keys[0]], (record[keys[1]] if len(keys) > 1 else None)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
@@ -130,7 +140,10 @@ def prepare_data(inputs: Sequence[str], tokenizer: str, output: str, *, eval_fra
         if len(documents) == 0 or documents[:, 2].sum() == 0:
             raise ValueError(f"no text found in {', '.join(files)}")
         is_eval = np.random.default_rng(seed).random(len(documents)) < eval_fraction
-        if eval_fraction > 0 and not is_eval.any() and len(documents) > 1:
+        if eval_fraction > 0 and not is_eval.any():
+            if len(documents) == 1:
+                raise ValueError(f"eval_fraction {eval_fraction} asks for an eval split, but the "
+                                 "input holds one document; give more documents or --eval-fraction 0")
             is_eval[-1] = True  # a requested eval split gets at least one document
         if is_eval.all():
             raise ValueError("eval_fraction leaves no training documents")
@@ -239,8 +252,14 @@ class TokenStore:
             self.tokens.append(np.memmap(file, np.uint32, mode="r")
                                if shard["num_tokens"] else np.zeros(0, np.uint32))
             mask = shard.get("mask")
+            if mask is not None:
+                mask = os.path.join(path, mask)
+                if not os.path.isfile(mask) or os.path.getsize(mask) != shard["num_tokens"]:
+                    raise ValueError(f"{mask} is missing or does not hold {shard['num_tokens']} "
+                                     "mask bytes")
             self.masks.append(None if mask is None else
-                              np.memmap(os.path.join(path, mask), np.uint8, mode="r"))
+                              np.memmap(mask, np.uint8, mode="r") if shard["num_tokens"] else
+                              np.zeros(0, np.uint8))
 
     @property
     def vocab_size(self) -> int:
@@ -256,8 +275,18 @@ class TokenStore:
         if info is None:
             raise ValueError(f"{self.path} has no {split!r} split")
         docs = np.load(os.path.join(self.path, info["documents"]), allow_pickle=False)
+        where = f"{self.path}/{info['documents']}"
         if docs.ndim != 2 or docs.shape[1] != 3 or docs.dtype != np.int64:
-            raise ValueError(f"{self.path}/{info['documents']} is not an int64 [n, 3] array")
+            raise ValueError(f"{where} is not an int64 [n, 3] array")
+        sizes = np.array([s["num_tokens"] for s in self.index["shards"]] + [0], np.int64)
+        shard, first, length = docs.T
+        bad = ((shard < 0) | (shard >= len(sizes) - 1) | (first < 0) | (length < 0)
+               | (first + length > sizes[np.clip(shard, 0, len(sizes) - 1)]))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{where}: document {i} (shard {shard[i]}, tokens {first[i]}.."
+                             f"{first[i] + length[i]}) lies outside the store's shards: a corrupt "
+                             "store; prepare it again")
         return docs
 
 

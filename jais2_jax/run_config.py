@@ -8,6 +8,7 @@ construction, before any device is touched.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -88,9 +89,22 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps",
+                     "clip_grad_norm", "z_loss", "peak_tflops_per_device"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         for name in ("warmup_steps", "eval_every", "weight_decay", "z_loss", "lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.eps <= 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+        if self.peak_tflops_per_device is not None and self.peak_tflops_per_device <= 0:
+            raise ValueError(f"peak_tflops_per_device must be positive or null, got "
+                             f"{self.peak_tflops_per_device}")
         if self.warmup_steps > self.total_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds total_steps "
                              f"({self.total_steps})")

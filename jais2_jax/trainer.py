@@ -70,8 +70,16 @@ class _Metrics:
         path = os.path.join(output_dir, "metrics.jsonl")
         if os.path.exists(path):
             # A resumed run repeats the steps after its checkpoint: drop their earlier records.
+            kept = []
             with open(path, encoding="utf-8") as f:
-                kept = [line for line in f if json.loads(line).get("step", 0) <= start_step]
+                for n, line in enumerate(f, 1):
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short when the run was killed
+                        print(f"{path}:{n}: dropping an unreadable line (cut short?)")
+                        continue
+                    if record.get("step", 0) <= start_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
             with open(path + ".tmp", "w", encoding="utf-8") as f:
                 f.writelines(kept)
             os.replace(path + ".tmp", path)
@@ -125,6 +133,14 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
     eval_data = (data.eval_batches(store, seq_len=run.seq_len, batch_size=run.batch_size,
                                    num_batches=run.eval_batches, process_index=process,
                                    process_count=processes) if run.eval_every else [])
+    if run.eval_every and not eval_data:
+        eval_tokens = store.index["splits"].get("eval", {}).get("num_tokens", 0)
+        if eval_tokens:  # an eval split was prepared but cannot make one row
+            raise ValueError(f"the eval split of {store.path} has {eval_tokens} tokens; one row of "
+                             f"seq_len {run.seq_len} needs {run.seq_len + 1} (prepare more eval "
+                             "text, or set eval_every: 0)")
+        print(f"no eval: {store.path} has no eval split (prepare-data --eval-fraction); "
+              f"eval_every {run.eval_every} is ignored")
 
     p = _program(config, run.replace(output_dir="", data="", init_from=None), mesh)
     model, optimizer, state_sh, batch_sh = p.model, p.optimizer, p.state_sh, p.batch_sh
@@ -297,6 +313,12 @@ def _restore(manager, step, config, run, meta, state_sh, train_iter, optimizer, 
                          f"{_config_diff(saved_config.to_dict(), config.to_dict())}; use another "
                          f"output_dir or the model it was made with")
     changed = [k for k in DATA_ORDER_KEYS if saved["run"].get(k) != getattr(run, k)]
+    if (saved["run"].get("clip_grad_norm") is None) != (run.clip_grad_norm is None):
+        # the optimizer state's structure holds the clipping stage or not
+        raise ValueError(f"cannot resume step {step} with clip_grad_norm {run.clip_grad_norm}: the "
+                         f"checkpoint was made with clip_grad_norm "
+                         f"{saved['run'].get('clip_grad_norm')} (null and a value change the "
+                         "optimizer state; any two values work)")
     if changed or saved.get("processes") != meta["processes"]:
         raise ValueError(f"cannot resume the data position of step {step}: "
                          f"{changed or ['process count']} changed since the checkpoint was made")

@@ -187,3 +187,55 @@ def test_broken_stores_are_errors(store, tmp_path):
 def test_too_little_data_for_a_row_is_an_error(store):
     with pytest.raises(ValueError, match="needs 100001"):
         data.PackedRows(store, "train", seq_len=100_000, seed=0)
+
+
+@pytest.mark.parametrize("line, field", [('{"text": null}', "'text' must be a string"),
+                                         ('{"text": ["a", "b"]}', "'text' must be a string"),
+                                         ('{"prompt": 42, "completion": "x"}', "'prompt' must be")])
+def test_jsonl_fields_must_be_strings(tmp_path, line, field):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"bad.jsonl:2: {field}"):
+        data.prepare_data([str(bad)], TOKENIZER, str(tmp_path / "out"), show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_input_named_twice_is_read_once(store, tmp_path):
+    """A file given itself and through its folder: read once, so no document sits in both splits."""
+    out = tmp_path / "twice"
+    data.prepare_data([CORPUS, os.path.join(CORPUS, "english.txt")], TOKENIZER, str(out),
+                      eval_fraction=0.1, show_progress=False)
+    twice = data.TokenStore(str(out))
+    count = lambda st: sum(v["num_documents"] for v in st.index["splits"].values())  # noqa: E731
+    assert count(twice) == count(store) == len(_paragraphs())
+    assert twice.index["num_tokens"] == store.index["num_tokens"]
+    train = {tuple(d) for d in _store_docs(twice, "train")}
+    assert not train & {tuple(d) for d in _store_docs(twice, "eval")}
+
+
+def test_eval_split_of_one_document_is_an_error(tmp_path):
+    one = tmp_path / "one.txt"
+    one.write_text("a single paragraph of text\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="asks for an eval split, but the input holds one document"):
+        data.prepare_data([str(one)], TOKENIZER, str(tmp_path / "out"), eval_fraction=0.5,
+                          show_progress=False)
+
+
+def test_corrupt_masks_and_documents_are_errors(store, tmp_path):
+    import shutil
+    pairs = tmp_path / "pairs.jsonl"  # prompt + completion: a store with a loss mask
+    pairs.write_text("".join(json.dumps({"prompt": f"question {i}", "completion": f"answer {i}"})
+                             + "\n" for i in range(5)), encoding="utf-8")
+    masked = tmp_path / "mask"
+    data.prepare_data([str(pairs)], TOKENIZER, str(masked), show_progress=False)
+    mask = masked / data.TokenStore(str(masked)).index["shards"][0]["mask"]
+    mask.write_bytes(mask.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="does not hold .* mask bytes"):
+        data.TokenStore(str(masked))
+    outside = tmp_path / "docs"
+    shutil.copytree(store.path, outside)
+    docs = store.documents("train").copy()
+    docs[3, 2] += 10 ** 6  # a length past its shard
+    np.save(outside / store.index["splits"]["train"]["documents"], docs, allow_pickle=False)
+    with pytest.raises(ValueError, match="document 3 .* lies outside the store's shards"):
+        data.TokenStore(str(outside)).documents("train")

@@ -309,8 +309,8 @@ def test_resume_is_bitwise_identical(store, straight_run, tmp_path):
     straight, split = straight_run, tmp_path / "split"
     first = train(_loop_run(store, split), until_step=3, show_progress=False)
     assert first["status"] == "stopped" and first["step"] == 3
-    with open(split / "metrics.jsonl", "a", encoding="utf-8") as f:  # as if killed after step 4
-        f.write(json.dumps({"step": 4, "loss": -1.0}) + "\n")
+    with open(split / "metrics.jsonl", "a", encoding="utf-8") as f:  # as if killed in step 5
+        f.write(json.dumps({"step": 4, "loss": -1.0}) + "\n" + '{"step": 5, "lo')  # cut short
     second = train(_loop_run(store, split), show_progress=False)
     assert second["status"] == "done" and second["step"] == 6
     with open(split / "metrics.jsonl", encoding="utf-8") as f:
@@ -376,6 +376,41 @@ def test_set_overrides_parse_as_yaml(tmp_path):
     assert isinstance(run.lr, float)  # YAML 1.1 reads 1e-4 as a string
     with pytest.raises(ValueError, match="batch_size must be int"):
         RunConfig.from_yaml(path, ["batch_size=big"])
+
+
+@pytest.mark.parametrize("key, value", [("beta1", 1.5), ("beta2", -1.0), ("eps", -1.0),
+                                        ("lr", float("nan")), ("lr", float("inf")),
+                                        ("clip_grad_norm", float("nan")),
+                                        ("peak_tflops_per_device", -5.0)])
+def test_optimizer_values_are_checked(key, value):
+    with pytest.raises(ValueError, match=key):
+        RunConfig(model="jais2-tiny", data="x", output_dir="y", **{key: value})
+
+
+def test_clip_grad_norm_null_vs_value_on_resume_is_named(store, straight_run):
+    """Clipping on or off changes the optimizer state's structure; say so instead of Orbax's
+    tree mismatch (the saved run clipped at 1.0)."""
+    with pytest.raises(ValueError, match="checkpoint was made with clip_grad_norm 1.0"):
+        train(_loop_run(store, straight_run, clip_grad_norm=None, total_steps=8),
+              show_progress=False)
+
+
+def test_eval_split_shorter_than_a_row(tmp_path, capsys):
+    """eval_every with an eval split that cannot make one row is an error; with no eval split at
+    all the run says it will not evaluate."""
+    text = tmp_path / "short.txt"
+    text.write_text("".join(f"note {i}\n\n" for i in range(60)), encoding="utf-8")
+    tok = os.path.join(ROOT, "data", "tokenizer")
+    data.prepare_data([str(text)], tok, str(tmp_path / "s"), eval_fraction=0.02, show_progress=False)
+    eval_tokens = data.TokenStore(str(tmp_path / "s")).index["splits"]["eval"]["num_tokens"]
+    assert 0 < eval_tokens <= 32
+    with pytest.raises(ValueError, match=f"eval split .* has {eval_tokens} tokens; one row"):
+        train(_loop_run(str(tmp_path / "s"), tmp_path / "o", eval_every=2), show_progress=False)
+    assert _no_step_ran(tmp_path / "o")
+    data.prepare_data([str(text)], tok, str(tmp_path / "n"), show_progress=False)
+    train(_loop_run(str(tmp_path / "n"), tmp_path / "o2", eval_every=2, total_steps=2),
+          show_progress=False)
+    assert "has no eval split" in capsys.readouterr().out
 
 
 def _no_step_ran(out):
