@@ -250,7 +250,7 @@ class Jais2Config:
                 raise ValueError(f"{name} must be an object or null, got {value!r}")
         # As transformers reads it: a legacy rope_scaling replaces rope_parameters; the top-level
         # rope_theta fills in a theta the chosen one lacks.
-        rope = dict(scaling if scaling not in (None, _ABSENT) else params or {})
+        rope = dict(scaling if scaling not in (None, _ABSENT, {}) else params or {})
         if theta is not None:
             rope.setdefault("rope_theta", theta)
         internal = {"hf_metadata", "legacy_rope_keys", "legacy_rope_scaling"}

@@ -98,6 +98,8 @@ def test_rope_keys_read_as_transformers_reads_them():
                   {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5},
                    "rope_theta": 1e4},
                   {"rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}},
+                  {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 300.0},
+                   "rope_scaling": {}},  # an empty rope_scaling replaces nothing
                   {"attention_dropout": None}):
         d = {**BASE, "model_type": "jais2", **extra}
         assert Jais2Config.from_dict(d).rope_parameters == HFConfig(**d).rope_parameters, extra
