@@ -352,7 +352,8 @@ def test_sigterm_leaves_a_checkpoint_to_resume_from(store, tmp_path):
 
 
 def test_nonfinite_steps_in_a_row_stop_the_run(store, tmp_path):
-    result = train(_loop_run(store, tmp_path / "nan", z_loss=1e38,  # finite, its loss term overflows total_steps=20,
+    # a finite z_loss weight whose loss term overflows float32
+    result = train(_loop_run(store, tmp_path / "nan", z_loss=1e38, total_steps=20,
                              max_nonfinite_in_a_row=3), show_progress=False)
     assert result["status"] == "nonfinite" and result["step"] <= 5
 
