@@ -119,6 +119,8 @@ def prepare_data(inputs: Sequence[str], tokenizer: str, output: str, *, eval_fra
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     if os.path.exists(output) and not overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"{output} is a file, not a token store; --overwrite replaces only a store")
     from jais2_jax.tokenizer import Tokenizer
     files = _input_files(inputs)
     tok = Tokenizer.from_pretrained(tokenizer)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Sequence
 
 import flax.linen as nn
@@ -66,22 +67,28 @@ def parse_mesh(spec: str | Sequence[int]) -> tuple[int, ...] | str:
     (unnamed axes default to 1) or a sequence of three ints.
     """
     if not isinstance(spec, str):
+        spec = tuple(spec)
+        if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in spec):
+            raise ValueError(f"mesh {spec}: sizes must be integers")
         return tuple(int(s) for s in spec)
     spec = spec.strip()
     if spec in MESH_PRESETS:
         return spec
     try:
         if "=" in spec:
-            sizes = dict.fromkeys(MESH_AXES, 1)
+            sizes, named = dict.fromkeys(MESH_AXES, 1), set()
             for part in spec.split(","):
                 name, value = (s.strip() for s in part.split("="))
                 if name not in sizes:
                     raise ValueError(f"unknown mesh axis {name!r}; axes are {MESH_AXES}")
+                if name in named:
+                    raise ValueError(f"mesh {spec!r} names the axis {name!r} twice")
+                named.add(name)
                 sizes[name] = int(value)
             return tuple(sizes.values())
         return tuple(int(s) for s in spec.split(","))
     except ValueError as e:
-        if "unknown mesh axis" in str(e):
+        if "unknown mesh axis" in str(e) or "twice" in str(e):
             raise
         raise ValueError(f"mesh {spec!r}: expected a preset {tuple(MESH_PRESETS)}, sizes like "
                          f"'2,-1,4' or 'data=2,fsdp=-1,tensor=4'") from None
@@ -90,6 +97,8 @@ def parse_mesh(spec: str | Sequence[int]) -> tuple[int, ...] | str:
 def mesh_shape(spec: str | Sequence[int], num_devices: int,
                devices_per_host: int | None = None) -> tuple[int, int, int]:
     """Resolve a mesh spec (preset, sizes with one -1) against a device count; checks the product."""
+    if not isinstance(num_devices, numbers.Integral) or num_devices < 1:
+        raise ValueError(f"a mesh needs at least one device, got {num_devices}")
     parsed = parse_mesh(spec)
     if parsed == "fsdp+tp":
         per_host = devices_per_host or jax.local_device_count()

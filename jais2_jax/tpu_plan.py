@@ -417,16 +417,17 @@ def _global(s: Setting, dcn) -> Setting:
 
 
 def suggest(config: Jais2Config, result: Result, *, run=None, param_dtype=None, dtype="bfloat16",
-            cache_dtype="bfloat16", verify: int = 2) -> Suggestion | None:
+            cache_dtype="bfloat16", verify: int = 2, dcn_mesh=None) -> Suggestion | None:
     """The nearest setting that fits: analytic estimates (scaled by the compiled / analytic ratio
-    of the failed setting) rank the candidates; the best `verify` are compiled until one fits."""
+    of the failed setting) rank the candidates; the best `verify` are compiled until one fits.
+    `dcn_mesh`: how the axes span the slices, as given to `plan_topology` (default data)."""
     from jais2_jax.model import REMAT_POLICIES
     topo, s, mode = result.topology, result.setting, result.mode
     param_dtype = param_dtype or (run.param_dtype if run else
                                   ("float32" if mode == "train" else "bfloat16"))
     estimator = _Estimator(config, mode, param_dtype, dtype, cache_dtype, run)
     ratio = max(result.total / result.estimate, 1.0) if result.total and result.estimate else 1.0
-    dcn = (topo.num_slices, 1, 1) if topo.num_slices > 1 else None
+    dcn = dcn_mesh or ((topo.num_slices, 1, 1) if topo.num_slices > 1 else None)
     policies = [] if mode != "train" else sorted(  # the policy keeping most first
         REMAT_POLICIES, key=lambda r: -_try(estimator, _global(dataclasses.replace(s, remat=r), dcn),
                                             topo.chips)[0])
@@ -448,8 +449,8 @@ def suggest(config: Jais2Config, result: Result, *, run=None, param_dtype=None, 
         if tried >= verify:
             return suggestion
         tried += 1
-        suggestion.checked = plan_topology(config, topo, cand, mode=mode, run=run,
-                                           param_dtype=param_dtype, dtype=dtype,
+        suggestion.checked = plan_topology(config, topo, cand, mode=mode, dcn_mesh=dcn_mesh,
+                                           run=run, param_dtype=param_dtype, dtype=dtype,
                                            cache_dtype=cache_dtype)
         if suggestion.checked.fits:
             return suggestion

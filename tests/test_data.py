@@ -157,6 +157,14 @@ def test_unreadable_inputs_are_errors(tmp_path):
         data.prepare_data([str(tmp_path / "missing.txt")], TOKENIZER, str(tmp_path / "out"))
 
 
+def test_overwrite_never_replaces_a_file(tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("not a token store", encoding="utf-8")
+    with pytest.raises(ValueError, match="is a file, not a token store"):
+        data.prepare_data([CORPUS], TOKENIZER, str(file), overwrite=True, show_progress=False)
+    assert file.read_text(encoding="utf-8") == "not a token store"
+
+
 def test_existing_output_is_kept(store, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         data.prepare_data([CORPUS], TOKENIZER, store.path, show_progress=False)

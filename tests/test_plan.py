@@ -104,6 +104,25 @@ def test_plan_command(capsys):
     assert rc == 1 and "a batch of 16" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [(["--devices", "0"], "--devices must be at least 1"),
+                                           (["--devices", "-4"], "--devices must be at least 1"),
+                                           (["--devices", "2", "--grad-accum", "0"],
+                                            "--grad-accum must be at least 1")])
+def test_plan_counts_below_one_are_errors(capsys, flags, message):
+    rc = main(["plan", "--model", "jais2-tiny", "--batch", "8", "--seq", "64", *flags])
+    assert rc == 1 and message in capsys.readouterr().err
+
+
+def test_plan_dtype_flag_beats_the_run_config(capsys, tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("model: jais2-tiny\ndata: x\noutput_dir: y\nbatch_size: 8\nseq_len: 64\n"
+                   "dtype: float32\nparam_dtype: float32\n")
+    assert main(["plan", "--run", str(run), "--devices", "1"]) == 0
+    assert "compute float32" in capsys.readouterr().out  # the run's
+    assert main(["plan", "--run", str(run), "--devices", "1", "--dtype", "bfloat16"]) == 0
+    assert "compute bfloat16" in capsys.readouterr().out  # asked for, though it is the default
+
+
 def test_cli_grad_accum_keeps_one_micro_batch_of_activations(capsys):
     from jais2_jax.cli import main
 

@@ -109,6 +109,24 @@ def test_decode_compiles(capsys):
     assert "prefill (128 tokens per row): compiled" in out and "decode step: compiled" in out
 
 
+def test_suggest_keeps_the_dcn_mesh(monkeypatch):
+    """Suggestions for a multi-slice run are estimated and compiled with the run's DCN mesh
+    (here fsdp across 2 slices), not data-over-slices."""
+    config = Jais2Config.from_json_file(TINY)
+    topo = tpu_plan.parse_topology("v5e:2x2", num_slices=2)
+    failed = tpu_plan.Result(topo, "train", tpu_plan.Setting(mesh=(1, 4, 1), batch=8, seq=128,
+                                                             remat="none"),
+                             [], skipped="pretend", estimate=10 ** 12, state=10 ** 12)
+    used, compiled = set(), []
+    real_global = tpu_plan._global
+    monkeypatch.setattr(tpu_plan, "_global", lambda s, dcn: (used.add(dcn), real_global(s, dcn))[1])
+    monkeypatch.setattr(tpu_plan, "plan_topology", lambda config, topology, setting, **kw: (
+        compiled.append(kw.get("dcn_mesh")),
+        tpu_plan.Result(topology, "train", setting, [tpu_plan.Compiled("x", 0.0)]))[1])
+    tpu_plan.suggest(config, failed, verify=1, dcn_mesh=(1, 2, 1))
+    assert used == {(1, 2, 1)} and compiled == [(1, 2, 1)]
+
+
 def test_bad_topology_is_a_clear_error():
     with pytest.raises(ValueError, match="v5p takes 3 positive dimensions"):
         tpu_plan.parse_topology("v5p:4x4")

@@ -132,6 +132,14 @@ def test_bad_mesh_errors():
         S.parse_mesh("model=2")
     with pytest.raises(ValueError, match="preset"):
         S.parse_mesh("lots")
+    for sizes in ((2.5, -1, 1), (True, -1, 1)):  # not rounded or read as 1
+        with pytest.raises(ValueError, match="sizes must be integers"):
+            S.parse_mesh(sizes)
+    with pytest.raises(ValueError, match="names the axis 'data' twice"):
+        S.parse_mesh("data=2,data=4")
+    for n in (0, -4):
+        with pytest.raises(ValueError, match="at least one device"):
+            S.mesh_shape("fsdp", n)
 
 
 def test_indivisible_heads_error():

@@ -47,7 +47,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--remat", default=None, help="a policy of jais2_jax.model.REMAT_POLICIES: none, full, dots, ... (train)")
     parser.add_argument("--param-dtype", default=None,
                         help="default float32 for train, bfloat16 for decode")
-    parser.add_argument("--dtype", default="bfloat16", help="compute dtype")
+    parser.add_argument("--dtype", default=None, help="compute dtype (default bfloat16, or --run's)")
     parser.add_argument("--cache-dtype", default="bfloat16")
     parser.add_argument("--attention", choices=("flash", "xla"), default="flash",
                         help="flash: splash/cuDNN kernels keep no [T, T] scores (default)")
@@ -68,7 +68,7 @@ def _fill_from_run(args):
         args.mesh = run.mesh
     if args.dcn_mesh is None:
         args.dcn_mesh = run.dcn_mesh
-    if args.dtype == "bfloat16":
+    if args.dtype is None:
         args.dtype = run.dtype
     return run
 
@@ -76,9 +76,14 @@ def _fill_from_run(args):
 def run(args) -> int:
     from jais2_jax import plan, sharding
     run_config = _fill_from_run(args)
+    args.dtype = args.dtype or "bfloat16"
     missing = [f"--{n}" for n in ("model", "batch", "seq") if getattr(args, n) is None]
     if missing:
         raise ValueError(f"{', '.join(missing)} required (or --run CONFIG.yaml)")
+    for flag in ("batch", "seq", "devices", "grad_accum", "prefill", "num_slices"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     args.remat = args.remat or "dots"
     args.mesh = args.mesh or "fsdp"
     from jais2_jax.config import load_model_config
@@ -89,7 +94,7 @@ def run(args) -> int:
     if args.hardware:
         hw = plan.hardware(args.hardware)
         devices, hbm, per_host = hw.devices, hw.bytes_per_device, hw.devices_per_host
-    elif args.devices:
+    elif args.devices is not None:
         devices = args.devices
     else:
         import jax
@@ -138,6 +143,6 @@ def _run_topology(args, config, run_config) -> int:
     print(tpu_plan.format_result(result, title), flush=True)
     if result.fits:
         return 0
-    print(tpu_plan.format_suggestion(tpu_plan.suggest(config, result, verify=args.verify, **kw),
-                                     args.mode))
+    print(tpu_plan.format_suggestion(tpu_plan.suggest(config, result, verify=args.verify,
+                                                      dcn_mesh=dcn, **kw), args.mode))
     return tpu_plan.EXIT_DOES_NOT_FIT
