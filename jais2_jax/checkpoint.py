@@ -852,7 +852,7 @@ def load_checkpoint(path, *, dtype=None, mesh=None) -> tuple[Jais2Config, dict]:
         shardings = param_shardings(config, mesh)
     else:
         shardings = {}
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's
         for s in tensor_specs(config):
             hf_mapping.tree_set(shardings, s.path, device)
     if is_orbax_folder(folder):

@@ -92,6 +92,18 @@ def local_batch_rows(sharding: NamedSharding, global_shape: Sequence[int]) -> sl
     return slice(lo, hi)
 
 
+def check_batch_split(sharding: NamedSharding, global_shape: Sequence[int]) -> None:
+    """Each process must hold its own 1/process_count of the batch rows, which is what the data
+    loader gives it: a mesh whose batch axes (data x fsdp) do not span the processes (e.g. tensor
+    across hosts) would have them all hold the same rows, fed with different data."""
+    rows = local_batch_rows(sharding, global_shape)
+    share = global_shape[0] // jax.process_count()
+    if rows.stop - rows.start != share:
+        raise ValueError(f"process {jax.process_index()} holds {rows.stop - rows.start} of the "
+                         f"{global_shape[0]} batch rows, not its share {share}: the mesh's batch "
+                         "axes (data x fsdp) must span the processes (keep tensor within a host)")
+
+
 def global_batch(local_data, sharding: NamedSharding, global_batch_size: int | None = None):
     """One global array (or a tree of them, e.g. ids and mask) from each process's rows.
 

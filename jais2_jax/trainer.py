@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from jais2_jax import data, sharding
+from jais2_jax import data, distributed, sharding
 from jais2_jax.config import Jais2Config, load_model_config
 from jais2_jax.distributed import global_batch
 from jais2_jax.model import Jais2ForCausalLM, as_dtype
@@ -126,6 +126,8 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
                          f"{micro} sequences per micro-batch is not divisible by the {dp} "
                          f"data-parallel devices (mesh data x fsdp = {mesh.shape['data']} x "
                          f"{mesh.shape['fsdp']})")
+    distributed.check_batch_split(sharding.batch_sharding(mesh, (run.batch_size, run.seq_len)),
+                                  (run.batch_size, run.seq_len))
     process, processes = jax.process_index(), jax.process_count()
     train_iter = data.train_iterator(store, seq_len=run.seq_len, batch_size=run.batch_size,
                                      seed=run.seed, process_index=process,
@@ -363,7 +365,7 @@ def load_trained(output_dir: str, step: int | None = None) -> tuple[Jais2Config,
         run = RunConfig.from_dict(meta["run"])
         abstract_params = nn.meta.unbox(
             sharding.abstract_params(config, param_dtype=as_dtype(run.param_dtype)))
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's
         abstract = jax.eval_shape(lambda p: init_state(p, make_optimizer(run), run.seed),
                                   abstract_params)
         target = jax.tree_util.tree_map(

@@ -81,8 +81,26 @@ def _worker(out_dir):
         new_params = jax.jit(lambda p: p, out_shardings=replicated)(state.params)
         init = jax.jit(lambda p: p, out_shardings=replicated)(
             S.init_params_sharded(config, mesh, jax.random.key(0)))
+    # A mesh with tensor across the processes: each would hold every batch row (an error).
+    across = S.make_mesh((2, 1, 2), dcn_shape=(1, 1, 2))
+    try:
+        distributed.check_batch_split(S.batch_sharding(across, (BATCH, LENGTH - 1)),
+                                      (BATCH, LENGTH - 1))
+        split_error = ""
+    except ValueError as e:
+        split_error = str(e)
+    distributed.check_batch_split(bs, (BATCH, LENGTH - 1))  # the data-across mesh is fine
+    # Without a mesh, every process loads a whole copy onto its own first device.
+    from jais2_jax.checkpoint import load_checkpoint
+    loaded = {}
+    for kind in ("hf", "orbax"):
+        _, tree = load_checkpoint(os.path.join(out_dir, kind))
+        assert {x.sharding.device_set.pop() for x in jax.tree_util.tree_leaves(tree)} == \
+            {jax.local_devices()[0]}, kind
+        loaded.update({kind + k: v for k, v in _flat(tree).items()})
     np.savez(os.path.join(out_dir, f"process{jax.process_index()}.npz"),
-             logits=np.asarray(logits), loss=np.asarray(metrics["loss"]),
+             logits=np.asarray(logits), loss=np.asarray(metrics["loss"]), **loaded,
+             split_error=np.asarray(split_error),
              **{"new" + k: v for k, v in _flat(new_params).items()},
              **{"init" + k: v for k, v in _flat(init).items()})
 
@@ -96,6 +114,10 @@ def _free_port():
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("multihost"))
+    from helpers import hf_model
+    from jais2_jax.checkpoint import convert_hf_to_orbax
+    hf_model(seed=4).save_pretrained(os.path.join(out, "hf"))  # loaded without a mesh
+    convert_hf_to_orbax(os.path.join(out, "hf"), os.path.join(out, "orbax"), progress=False)
     port = _free_port()
     here = os.path.dirname(os.path.abspath(__file__))
     procs = []
@@ -139,6 +161,24 @@ def test_two_processes_agree_with_one(two_processes):
             assert rel_err(out["new" + k], v) <= 1e-5, k
         for k, v in ref_init.items():  # sharded init across processes: the same random values
             np.testing.assert_allclose(out["init" + k], v, rtol=0, atol=1e-7, err_msg=k)
+
+
+def test_a_mesh_not_splitting_the_batch_over_processes_is_named(two_processes):
+    for i, out in enumerate(two_processes):
+        assert f"process {i} holds 8 of the 8 batch rows, not its share 4" in str(out["split_error"])
+
+
+def test_each_process_loads_a_checkpoint_without_a_mesh(two_processes):
+    """load_checkpoint without a mesh in a 2-process job: each process gets the whole tree on its
+    own first device (it used the job's first device, process 0's), HF and Orbax folders alike."""
+    from helpers import hf_model, our_config, our_params
+    hf = hf_model(seed=4)
+    want = _flat(our_params(hf, our_config(hf)))
+    for out in two_processes:
+        for kind in ("hf", "orbax"):
+            assert {k[len(kind):] for k in out if k.startswith(kind + "[")} == set(want)
+            for k, v in want.items():
+                np.testing.assert_array_equal(out[kind + k], v)
 
 
 def test_launch_detection():
