@@ -842,7 +842,7 @@ def load_checkpoint(path, *, dtype=None, mesh=None) -> tuple[Jais2Config, dict]:
     `dtype`: a name ("float32", "bfloat16") or a jnp dtype; default: as stored. `mesh`: a
     `jax.sharding.Mesh` with axes (data, fsdp, tensor); each parameter is then created with its
     NamedSharding from the logical rules, and this process reads only the part its devices own.
-    Without a mesh the parameters go to the default device.
+    Without a mesh the parameters go to this process's first device.
     """
     dtype = None if dtype is None else np.dtype(as_dtype(dtype))
     folder = _check_folder(path)
