@@ -212,6 +212,9 @@ class Tokenizer:
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        if np.ndim(ids) > 1:
+            raise ValueError(f"decode takes one sequence of ids, got shape {np.shape(ids)}; decode "
+                             "each row of a batch")
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]
         if self._hf is not None:
             return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)

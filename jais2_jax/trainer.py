@@ -106,6 +106,8 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
     Returns {"status": "done" | "stopped" | "preempted" | "nonfinite", "step", "loss",
     "eval_loss", "output_dir"}.
     """
+    if until_step is not None and until_step < 1:
+        raise ValueError(f"until_step must be at least 1, got {until_step}")
     # ---------------------------------------------------------------- checks before any work
     config = load_model_config(run.model)
     if config.attention_dropout:

@@ -110,6 +110,12 @@ def test_batch_encode_pads_like_transformers(pair, side):
     np.testing.assert_array_equal(mask, want["attention_mask"])
 
 
+def test_decode_takes_one_sequence(pair):
+    ours, _ = pair
+    with pytest.raises(ValueError, match=r"one sequence of ids, got shape \(2, 3\)"):
+        ours.decode(np.zeros((2, 3), np.int32))  # a batch would have run its rows together
+
+
 def test_chat_template_matches_transformers(pair):
     ours, ref = pair
     for gen in (True, False):

@@ -414,6 +414,17 @@ def test_eval_split_shorter_than_a_row(tmp_path, capsys):
     assert "has no eval split" in capsys.readouterr().out
 
 
+def test_until_step_and_demo_counts_are_checked_first(tmp_path, capsys):
+    from jais2_jax.cli import main
+    with pytest.raises(ValueError, match="until_step must be at least 1"):
+        train(RunConfig(model="jais2-tiny", data="x", output_dir=str(tmp_path / "o")),
+              until_step=0, show_progress=False)
+    out = tmp_path / "demo"
+    assert main(["demo", "--output-dir", str(out), "--max-new-tokens", "0"]) == 1
+    assert "--max-new-tokens must be positive" in capsys.readouterr().err
+    assert not out.exists()  # nothing prepared or trained first
+
+
 def _no_step_ran(out):
     return not os.path.exists(os.path.join(out, "metrics.jsonl"))
 

@@ -32,6 +32,8 @@ def run(args) -> int:
     from jais2_jax.data import prepare_data
     from jais2_jax.run_config import RunConfig
 
+    if args.max_new_tokens <= 0:  # before minutes of data preparation and training
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     out = args.output_dir or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists; choose another --output-dir")
