@@ -40,7 +40,7 @@ INPUT_SUFFIXES = (".txt", ".jsonl")
 def _input_files(inputs: Sequence[str]) -> list[str]:
     """The files of `inputs` (files, or folders of them), each once: a file named twice (itself
     and its folder) would otherwise be read twice, and its documents could land in both splits."""
-    files, seen = [], set()
+    files = []
     for path in inputs:
         if os.path.isdir(path):
             found = sorted(os.path.join(path, f) for f in os.listdir(path)
@@ -54,12 +54,10 @@ def _input_files(inputs: Sequence[str]) -> list[str]:
             files.append(path)
         else:
             raise FileNotFoundError(f"input {path} does not exist")
-    unique = []
+    first = {}  # real path -> the first name it was given by
     for f in files:
-        if os.path.realpath(f) not in seen:
-            seen.add(os.path.realpath(f))
-            unique.append(f)
-    return unique
+        first.setdefault(os.path.realpath(f), f)
+    return list(first.values())
 
 
 def _documents(path: str, text_key: str, progress) -> Iterator[tuple[str, str | None]]:
@@ -263,6 +261,10 @@ class TokenStore:
                               np.memmap(mask, np.uint8, mode="r") if shard["num_tokens"] else
                               np.zeros(0, np.uint8))
 
+    def num_tokens(self, split: str) -> int:
+        """Tokens in `split` (0 when the store has no such split)."""
+        return self.index["splits"].get(split, {}).get("num_tokens", 0)
+
     @property
     def vocab_size(self) -> int:
         return int(self.index["tokenizer"]["vocab_size"])
@@ -363,7 +365,7 @@ def eval_batches(store: TokenStore, *, seq_len: int, batch_size: int, num_batche
                  process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
     """The first `num_batches` batches of the eval split in a fixed order (the split repeats if it
     is shorter). Empty when the store has no eval documents."""
-    if store.index["splits"].get("eval", {}).get("num_tokens", 0) <= seq_len:
+    if store.num_tokens("eval") <= seq_len:
         return []
     ds = _dataset(store, "eval", seq_len, batch_size, 0, process_index, process_count, False)
     return [ds[i] for i in range(num_batches)]

@@ -74,24 +74,30 @@ def parse_mesh(spec: str | Sequence[int]) -> tuple[int, ...] | str:
     spec = spec.strip()
     if spec in MESH_PRESETS:
         return spec
-    try:
-        if "=" in spec:
-            sizes, named = dict.fromkeys(MESH_AXES, 1), set()
-            for part in spec.split(","):
-                name, value = (s.strip() for s in part.split("="))
-                if name not in sizes:
-                    raise ValueError(f"unknown mesh axis {name!r}; axes are {MESH_AXES}")
-                if name in named:
-                    raise ValueError(f"mesh {spec!r} names the axis {name!r} twice")
-                named.add(name)
-                sizes[name] = int(value)
-            return tuple(sizes.values())
-        return tuple(int(s) for s in spec.split(","))
-    except ValueError as e:
-        if "unknown mesh axis" in str(e) or "twice" in str(e):
-            raise
-        raise ValueError(f"mesh {spec!r}: expected a preset {tuple(MESH_PRESETS)}, sizes like "
-                         f"'2,-1,4' or 'data=2,fsdp=-1,tensor=4'") from None
+    malformed = ValueError(f"mesh {spec!r}: expected a preset {tuple(MESH_PRESETS)}, sizes like "
+                           f"'2,-1,4' or 'data=2,fsdp=-1,tensor=4'")
+
+    def size(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise malformed from None
+
+    if "=" not in spec:
+        return tuple(size(s) for s in spec.split(","))
+    sizes, named = dict.fromkeys(MESH_AXES, 1), set()
+    for part in spec.split(","):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq:
+            raise malformed
+        if name not in sizes:
+            raise ValueError(f"unknown mesh axis {name!r}; axes are {MESH_AXES}")
+        if name in named:
+            raise ValueError(f"mesh {spec!r} names the axis {name!r} twice")
+        named.add(name)
+        sizes[name] = size(value)
+    return tuple(sizes.values())
 
 
 def mesh_shape(spec: str | Sequence[int], num_devices: int,

@@ -138,7 +138,7 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
                                    num_batches=run.eval_batches, process_index=process,
                                    process_count=processes) if run.eval_every else [])
     if run.eval_every and not eval_data:
-        eval_tokens = store.index["splits"].get("eval", {}).get("num_tokens", 0)
+        eval_tokens = store.num_tokens("eval")
         if eval_tokens:  # an eval split was prepared but cannot make one row
             raise ValueError(f"the eval split of {store.path} has {eval_tokens} tokens; one row of "
                              f"seq_len {run.seq_len} needs {run.seq_len + 1} (prepare more eval "

@@ -41,8 +41,9 @@ def run(args) -> int:
     run_config = RunConfig.from_yaml(args.config, [f"data={store}", f"output_dir={out}/train",
                                                    *args.set])
     print(f"[1/4] prepare-data: data/corpus -> {store}")
-    prepare_data([os.path.join(ROOT, "data", "corpus")], os.path.join(ROOT, "data", "tokenizer"),
-                 store, eval_fraction=0.1, show_progress=not args.no_progress)
+    index = prepare_data([os.path.join(ROOT, "data", "corpus")],
+                         os.path.join(ROOT, "data", "tokenizer"), store, eval_fraction=0.1,
+                         show_progress=not args.no_progress)
 
     print(f"[2/4] train: {run_config.model}, {run_config.total_steps} steps of "
           f"{run_config.batch_size} x {run_config.seq_len} tokens")
@@ -52,9 +53,8 @@ def run(args) -> int:
     print(f"      {result['status']} at step {result['step']} in {time.perf_counter() - start:.0f} s; "
           f"loss {result['loss']:.3f}, eval loss "
           + ("n/a" if result["eval_loss"] is None else f"{result['eval_loss']:.3f}"))
-    from jais2_jax.data import TokenStore
     note = eval_note(os.path.join(run_config.output_dir, "metrics.jsonl"),
-                     TokenStore(store).index["splits"]["train"]["num_tokens"],
+                     index["splits"]["train"]["num_tokens"],
                      run_config.batch_size * run_config.seq_len)
     if note:
         print(note)
