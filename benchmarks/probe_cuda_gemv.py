@@ -1,0 +1,141 @@
+"""Probe: one-row decode projections as one CUDA kernel each (XLA FFI), over [N, K] weights.
+
+Triton through Pallas did not stream the weights at cuBLAS's rate (`probe_decode_linear.py`,
+`probe_gemv_nk.py`), so this tries the same fusion hand-written: `cuda/decode_proj.cu` does the
+LayerNorm prologue, the GEMV and the bias / relu^2 / residual epilogue in one kernel, registered as
+an XLA FFI custom call that may be captured in XLA's command buffers. Built here with nvcc.
+
+Part 1: each projection (8 weight copies a call), the model's XLA path over [K, N] against the
+kernel for each (rows a warp, loads in flight) setting, checked against XLA's result. Part 2: a
+32-layer chain of the four projections, XLA vs the kernel.
+
+  python benchmarks/probe_cuda_gemv.py [--no-chain]     # GPU only
+"""
+
+import argparse
+import ctypes
+import os
+import subprocess
+import tempfile
+
+from probe_common import BW, bench
+from probe_gemv_nk import D, DT, L, PROJ, make, xla_proj
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+f32 = jnp.float32
+SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda", "decode_proj.cu")
+SETTINGS = ((1, 4), (1, 8), (2, 2), (2, 4), (2, 8), (4, 2), (4, 4), (1, 13), (2, 13))
+
+
+def build() -> None:
+    out = os.path.join(tempfile.mkdtemp(), "libdecode_proj.so")
+    cmd = ["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
+           "-gencode=arch=compute_90a,code=sm_90a", f"-I{jax.ffi.include_dir()}",
+           "-diag-suppress", "940,2473", "-o", out, SRC]
+    subprocess.run(cmd, check=True)
+    lib = ctypes.cdll.LoadLibrary(out)
+    jax.ffi.register_ffi_target("jais2_decode_proj", jax.ffi.pycapsule(lib.Jais2DecodeProj),
+                                platform="CUDA")
+
+
+def cuda_proj(x, wt, bias, norm=None, act=None, residual=None, setting=(2, 4), eps=1e-5):
+    n, k = wt.shape
+    dummy = jnp.zeros((1,), DT)
+    scale, shift = norm if norm is not None else (dummy, dummy)
+    call = jax.ffi.ffi_call("jais2_decode_proj", jax.ShapeDtypeStruct((n,), DT))
+    return call(x, wt, bias, scale, shift, dummy if residual is None else residual,
+                norm=np.int64(norm is not None), relu2=np.int64(act == "relu2"),
+                resid=np.int64(residual is not None), rows=np.int64(setting[0]),
+                unroll=np.int64(setting[1]), eps=np.float32(eps))
+
+
+def part1(only):
+    best = {}
+    print(f"{'proj':>5}{'xla us':>9}{'cuda us':>9}{'floor':>7}  best (rows, unroll), rel err; all")
+    for name in PROJ:
+        if only and name not in only:
+            continue
+        k, n = PROJ[name][:2]
+        copies = 8
+        x, ws, kw = make(name, copies, 7)
+        x = x.reshape(k)
+        kw = {a: (v.reshape(n) if a == "residual" else v) for a, v in kw.items()}
+        wts = [w.T.copy() for w in ws]
+        xla = jax.jit(lambda x, ws: jnp.stack([xla_proj(x, w, **kw) for w in ws]))
+        t_xla = bench(xla, x, ws) / copies * 1e6
+        want = xla(x, ws[:1])[0].astype(f32)
+        results = []
+        for s in SETTINGS:
+            f = jax.jit(lambda x, wts, s=s: jnp.stack([cuda_proj(x, w, setting=s, **kw) for w in wts]))
+            got = f(x, wts[:1])[0].astype(f32)
+            err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+            results.append((bench(f, x, wts) / copies * 1e6, s, err))
+        results.sort(key=lambda r: r[0])
+        us, s, err = results[0]
+        best[name] = s
+        print(f"{name:>5}{t_xla:>9.1f}{us:>9.1f}{2 * k * n / BW * 1e6:>7.1f}  {s}, {err:.1e}; "
+              + " ".join(f"{r[1]}:{r[0]:.1f}/{r[2]:.0e}" for r in results), flush=True)
+        del ws, wts
+    return best
+
+
+def part2(best):
+    def params(i):
+        ks = jax.random.split(jax.random.key(100 + i), 8)
+        p = {name: (0.02 * jax.random.normal(ks[j], PROJ[name][:2])).astype(DT)
+             for j, name in enumerate(PROJ)}
+        for j, name in enumerate(PROJ):
+            p["b" + name] = (0.02 * jax.random.normal(ks[4 + j], (PROJ[name][1],))).astype(DT)
+        p.update(g1=(1 + 0.1 * jax.random.normal(ks[0], (D,))).astype(DT), s1=jnp.zeros(D, DT),
+                 g2=jnp.ones(D, DT), s2=(0.1 * jax.random.normal(ks[1], (D,))).astype(DT))
+        return p
+
+    ps = [params(i) for i in range(L)]
+    x = jax.random.normal(jax.random.key(5), (D,)).astype(DT)
+
+    def xla_layer(x, p):
+        qkv = xla_proj(x, p["qkv"], p["bqkv"], norm=(p["g1"], p["s1"]))
+        x = xla_proj(qkv[2 * D:], p["o"], p["bo"], residual=x)
+        h = xla_proj(x, p["up"], p["bup"], norm=(p["g2"], p["s2"]), act="relu2")
+        return xla_proj(h, p["down"], p["bdown"], residual=x)
+
+    def cuda_layer(x, p):
+        qkv = cuda_proj(x, p["qkv"], p["bqkv"], norm=(p["g1"], p["s1"]), setting=best["qkv"])
+        x = cuda_proj(qkv[2 * D:], p["o"], p["bo"], residual=x, setting=best["o"])
+        h = cuda_proj(x, p["up"], p["bup"], norm=(p["g2"], p["s2"]), act="relu2",
+                      setting=best["up"])
+        return cuda_proj(h, p["down"], p["bdown"], residual=x, setting=best["down"])
+
+    out = {}
+    for label, layer, tr in (("xla", xla_layer, False), ("cuda", cuda_layer, True)):
+        qs = ps if not tr else [{a: (v.T.copy() if a in PROJ else v) for a, v in p.items()}
+                                for p in ps]
+
+        def net(x, qs, layer=layer):
+            for p in qs:
+                x = layer(x, p)
+            return x
+        f = jax.jit(net)
+        t = bench(f, x, qs, reps=30) * 1e3
+        out[label] = (t, f(x, qs).astype(f32))
+        print(f"  {label}: {t:.3f} ms", flush=True)
+        del qs
+    floor = L * 2 * (4 * D * D + 2 * D * PROJ["up"][1]) / BW * 1e3
+    err = float(jnp.max(jnp.abs(out["cuda"][1] - out["xla"][1])) / jnp.max(jnp.abs(out["xla"][1])))
+    print(f"chain of {L} layers: xla {out['xla'][0]:.3f} ms, cuda kernels {out['cuda'][0]:.3f} ms, "
+          f"floor {floor:.3f} ms; max rel diff {err:.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="")
+    ap.add_argument("--no-chain", action="store_true")
+    a = ap.parse_args()
+    print(jax.devices()[0].device_kind, jax.__version__, flush=True)
+    build()
+    best = part1(a.only.split(",") if a.only else ())
+    if not a.no_chain and len(best) == len(PROJ):
+        part2(best)

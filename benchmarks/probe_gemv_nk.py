@@ -1,0 +1,260 @@
+"""Probe: one-row decode projections as one Pallas (Triton) kernel over [N, K] weights.
+
+`probe_decode_linear.py` fused the LayerNorm prologue and the bias / relu^2 / residual epilogue into
+a Pallas GEMV over the model's [K, N] weights, and it streamed them at <= 1.8 TB/s (cuBLAS: 2.96).
+`probe_gemv.py` had seen the same with XLA: column reductions over [K, N] were slow, row reductions
+over [N, K] as fast as cuBLAS. This probe tries the kernel over [N, K] weights (an inference layout,
+like the fused q/k/v): each program owns `block_n` output rows and walks K in contiguous
+[block_n, block_k] tiles, the row's LayerNorm statistics first. Batch 1 only.
+
+Part 1: each projection alone (8 weight copies a call, so nothing is served from L2), XLA's path
+(LayerNorm kernels + cuBLAS over [K, N] + epilogue kernels) against the kernel over a sweep of tiles,
+and the result checked against XLA's. Part 2: a 32-layer chain of the four projections.
+
+  python benchmarks/probe_gemv_nk.py [--limit 12] [--only qkv,up] [--no-chain]
+"""
+
+import argparse
+import functools
+import itertools
+
+from probe_common import BW, bench
+
+import jax
+import jax.numpy as jnp
+
+GPU = jax.default_backend() == "gpu"
+D, F, L = (3328, 26624, 32) if GPU else (256, 512, 2)
+EPS = 1e-5
+DT = jnp.bfloat16 if GPU else jnp.float32
+f32 = jnp.float32
+
+
+def _round(v, dtype):
+    return v.astype(dtype).astype(f32)
+
+
+def epilogue(acc, bias, act, residual, dtype):
+    """The model's roundings after a float32 product: GEMM output, + bias, relu^2, + residual."""
+    y = _round(acc, dtype)
+    if bias is not None:
+        y = _round(y + bias.astype(f32), dtype)
+    if act == "relu2":
+        y = _round(jnp.square(jnp.maximum(y, 0.0)), dtype)
+    if residual is not None:
+        y = residual.astype(f32) + y
+    return y.astype(dtype)
+
+
+def gemv_nk(x, wt, bias=None, *, norm=None, act=None, residual=None, tiles=(8, 256, 1, 4)):
+    """act(LayerNorm(x) @ wt.T + bias) + residual; x [K], wt [N, K], bias / residual [N]."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+    (n, k), (bn, bk, unroll, warps) = wt.shape, tiles
+    if n % bn or k % (bk * unroll):
+        raise ValueError(f"tiles {tiles} do not divide N {n} / K {k}")
+    names, args = ["x", "w"], [x, wt]
+    if norm is not None:
+        names += ["scale", "shift"]
+        args += list(norm)
+    for name, a in (("bias", bias), ("residual", residual)):
+        if a is not None:
+            names.append(name), args.append(a)
+    whole = pl.BlockSpec((k,), lambda j: (0,))
+    rows = pl.BlockSpec((bn,), lambda j: (j,))
+    specs = dict(x=whole, scale=whole, shift=whole, bias=rows, residual=rows,
+                 w=pl.BlockSpec((bn, k), lambda j: (j, 0)))
+    kernel = functools.partial(_kernel, names=tuple(names), k=k, bk=bk, unroll=unroll,
+                               norm=norm is not None, act=act, dtype=x.dtype)
+    return pl.pallas_call(kernel, grid=(n // bn,), in_specs=[specs[a] for a in names],
+                          out_specs=rows, out_shape=jax.ShapeDtypeStruct((n,), x.dtype),
+                          interpret=not GPU,
+                          compiler_params=plt.CompilerParams(num_warps=warps, num_stages=1))(*args)
+
+
+def _kernel(*refs, names, k, bk, unroll, norm, act, dtype):
+    from jax.experimental import pallas as pl
+    ref = dict(zip(names, refs))
+    out_ref = refs[-1]
+    x_ref = ref["x"]
+    if norm:
+        cs = min(k & -k, 512)
+        chunks = [x_ref[pl.ds(i * cs, cs)].astype(f32) for i in range(k // cs)]
+        mean = sum(jnp.sum(c) for c in chunks) / k
+        var = sum(jnp.sum(jnp.square(c - mean)) for c in chunks) / k
+        rstd = jax.lax.rsqrt(var + EPS)
+
+    def step(start, acc):
+        cols = pl.ds(start, bk)
+        xs = x_ref[cols].astype(f32)
+        if norm:
+            xs = _round((xs - mean) * rstd * ref["scale"][cols].astype(f32)
+                        + ref["shift"][cols].astype(f32), dtype)
+        return acc + ref["w"][:, cols].astype(f32) * xs[None, :]
+
+    def body(i, acc):
+        for u in range(unroll):
+            acc = step((i * unroll + u) * bk, acc)
+        return acc
+
+    acc = jax.lax.fori_loop(0, k // bk // unroll, body, jnp.zeros((out_ref.shape[0], bk), f32))
+    acc = jnp.sum(acc, axis=1)
+    out_ref[...] = epilogue(acc, ref["bias"][...] if "bias" in ref else None, act,
+                            ref["residual"][...] if "residual" in ref else None, dtype)
+
+
+# ---------------------------------------------------------------------- XLA's path
+def ln(x, g, b):
+    x32 = x.astype(f32)
+    m = jnp.mean(x32, -1, keepdims=True)
+    v = jnp.mean(jnp.square(x32 - m), -1, keepdims=True)
+    return ((x32 - m) * jax.lax.rsqrt(v + EPS) * g + b).astype(x.dtype)
+
+
+def xla_proj(x, w, bias, norm=None, act=None, residual=None):
+    """The model's path over [K, N] weights: bf16-output dot, float32 bias add, relu^2, residual."""
+    if norm is not None:
+        x = ln(x, norm[0], norm[1])
+    y = jnp.dot(x, w, preferred_element_type=x.dtype)
+    y = (y.astype(f32) + bias.astype(f32)).astype(x.dtype)
+    if act == "relu2":
+        y = jnp.square(jax.nn.relu(y))
+    return y if residual is None else residual + y
+
+
+PROJ = {  # name: (K, N, uses norm, act, uses residual)
+    "qkv": (D, 3 * D, True, None, False),
+    "o": (D, D, False, None, True),
+    "up": (D, F, True, "relu2", False),
+    "down": (F, D, False, None, True),
+}
+
+
+def candidates(k, n):
+    out = []
+    for bn, bk, unroll, warps in itertools.product((2, 4, 8, 16, 32), (128, 256, 512, 1024),
+                                                   (1, 2), (2, 4, 8)):
+        if n % bn or k % (bk * unroll) or not 64 <= n // bn <= 8192:
+            continue
+        if not 1024 <= bn * bk <= 8192 or bn * bk // (32 * warps) > 64:
+            continue
+        out.append((bn, bk, unroll, warps))
+    return out
+
+
+def sample(cands, limit):
+    if len(cands) <= limit:
+        return cands
+    step = len(cands) / limit
+    return [cands[int(i * step)] for i in range(limit)]
+
+
+def make(name, copies, key):
+    k, n, has_norm, act, has_res = PROJ[name]
+    ks = jax.random.split(jax.random.key(key), 6)
+    ws = [(0.02 * jax.random.normal(jax.random.fold_in(ks[0], i), (k, n))).astype(DT)
+          for i in range(copies)]
+    x = jax.random.normal(ks[1], (k,)).astype(DT)
+    kw = dict(bias=(0.02 * jax.random.normal(ks[2], (n,))).astype(DT))
+    if has_norm:
+        kw["norm"] = ((1 + 0.1 * jax.random.normal(ks[3], (k,))).astype(DT),
+                      (0.1 * jax.random.normal(ks[4], (k,))).astype(DT))
+    if act:
+        kw["act"] = act
+    if has_res:
+        kw["residual"] = jax.random.normal(ks[5], (n,)).astype(DT)
+    return x, ws, kw
+
+
+def part1(limit, only, verbose):
+    best = {}
+    print(f"{'proj':>5}{'xla us':>9}{'xla dot':>9}{'ours us':>9}{'floor':>7}  best (bn, bk, unroll, "
+          f"warps) of n tried, rel err")
+    for name in PROJ:
+        if only and name not in only:
+            continue
+        k, n = PROJ[name][:2]
+        copies = 8
+        x, ws, kw = make(name, copies, 7)
+        wts = [w.T.copy() for w in ws]
+        xla = jax.jit(lambda x, ws: jnp.stack([xla_proj(x, w, **kw) for w in ws]))
+        t_xla = bench(xla, x, ws) / copies * 1e6
+        t_dot = bench(jax.jit(lambda x, ws: jnp.stack([jnp.dot(x, w) for w in ws])), x, ws) / copies * 1e6
+        want = xla(x, ws[:1])[0].astype(f32)
+        results = []
+        for t in sample(candidates(k, n), limit):
+            f = jax.jit(lambda x, wts, t=t: jnp.stack([gemv_nk(x, w, tiles=t, **kw) for w in wts]))
+            try:
+                got = f(x, wts[:1])[0].astype(f32)
+                us = bench(f, x, wts) / copies * 1e6
+            except Exception as e:  # a tile setting Triton rejects: say so, go on
+                print(f"    {name} {t}: {type(e).__name__}: {str(e)[:150]}")
+                continue
+            err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+            results.append((us, t, err))
+            if verbose:
+                print(f"    {name} {us:7.1f} us  {t}  err {err:.1e}", flush=True)
+        results.sort(key=lambda r: r[0])
+        us, t, err = results[0]
+        best[name] = t
+        print(f"{name:>5}{t_xla:>9.1f}{t_dot:>9.1f}{us:>9.1f}{2 * k * n / BW * 1e6:>7.1f}  {t} "
+              f"({len(results)}), {err:.1e}; worst err {max(r[2] for r in results):.1e}", flush=True)
+        del ws, wts
+    return best
+
+
+def part2(best):
+    def params(i):
+        ks = jax.random.split(jax.random.key(100 + i), 8)
+        p = {name: (0.02 * jax.random.normal(ks[j], PROJ[name][:2])).astype(DT)
+             for j, name in enumerate(PROJ)}
+        for j, name in enumerate(PROJ):
+            p["b" + name] = (0.02 * jax.random.normal(ks[4 + j], (PROJ[name][1],))).astype(DT)
+        p.update(g1=jnp.ones(D, DT), s1=jnp.zeros(D, DT), g2=jnp.ones(D, DT), s2=jnp.zeros(D, DT))
+        return p
+
+    ps = [params(i) for i in range(L)]
+    x = jax.random.normal(jax.random.key(5), (D,)).astype(DT)
+
+    def xla_layer(x, p):
+        qkv = xla_proj(x, p["qkv"], p["bqkv"], norm=(p["g1"], p["s1"]))
+        x = xla_proj(qkv[2 * D:], p["o"], p["bo"], residual=x)
+        h = xla_proj(x, p["up"], p["bup"], norm=(p["g2"], p["s2"]), act="relu2")
+        return xla_proj(h, p["down"], p["bdown"], residual=x)
+
+    def nk_layer(x, p):
+        qkv = gemv_nk(x, p["qkv"], p["bqkv"], norm=(p["g1"], p["s1"]), tiles=best["qkv"])
+        x = gemv_nk(qkv[2 * D:], p["o"], p["bo"], residual=x, tiles=best["o"])
+        h = gemv_nk(x, p["up"], p["bup"], norm=(p["g2"], p["s2"]), act="relu2", tiles=best["up"])
+        return gemv_nk(h, p["down"], p["bdown"], residual=x, tiles=best["down"])
+
+    out = {}
+    for label, layer, tr in (("xla", xla_layer, False), ("nk", nk_layer, True)):
+        qs = ps if not tr else [{a: (v.T.copy() if a in PROJ else v) for a, v in p.items()}
+                                for p in ps]
+
+        def net(x, qs, layer=layer):
+            for p in qs:
+                x = layer(x, p)
+            return x
+        f = jax.jit(net)
+        t = bench(f, x, qs, reps=20) * 1e3
+        out[label] = (t, f(x, qs).astype(f32))
+        del qs
+    floor = L * 2 * (4 * D * D + 2 * D * F) / BW * 1e3
+    err = float(jnp.max(jnp.abs(out["nk"][1] - out["xla"][1])) / jnp.max(jnp.abs(out["xla"][1])))
+    print(f"chain of {L} layers: xla {out['xla'][0]:.3f} ms, nk kernels {out['nk'][0]:.3f} ms, "
+          f"floor {floor:.3f} ms; max rel diff {err:.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--limit", type=int, default=12, help="tile settings tried per projection")
+    ap.add_argument("--only", default="", help="projections to sweep (default all)")
+    ap.add_argument("--no-chain", action="store_true")
+    ap.add_argument("--verbose", action="store_true")
+    a = ap.parse_args()
+    print(jax.devices()[0].device_kind, jax.__version__, flush=True)
+    best = part1(a.limit, a.only.split(",") if a.only else (), a.verbose)
+    if not a.no_chain and len(best) == len(PROJ):
+        part2(best)
