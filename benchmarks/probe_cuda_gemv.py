@@ -26,8 +26,27 @@ import jax.numpy as jnp
 import numpy as np
 
 f32 = jnp.float32
+PROFILE = ""
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda", "decode_proj.cu")
-SETTINGS = ((1, 4), (1, 8), (2, 2), (2, 4), (2, 8), (4, 2), (4, 4), (1, 13), (2, 13))
+RS = ((1, 4), (1, 8), (1, 16), (2, 4), (2, 8), (2, 16), (4, 4), (4, 8))  # rows a warp, stages
+SMS, SMEM, WARPS = 132, 227 * 1024, 8
+
+
+def settings(k, n, norm):
+    """(rows a warp, ring stages, grid) with every warp the same number of row groups and every
+    block resident at once (shared memory and threads permitting), the two largest grids for each
+    (rows, stages), and the one-block-per-8-groups grid (0)."""
+    out = []
+    for r, s in RS:
+        smem = WARPS * s * (r if norm else r + 1) * 512 + (4 * k if norm else 0)
+        resident = SMS * min(2048 // (32 * WARPS), SMEM // (smem + 1024))
+        groups = n // r
+        grids = [groups // m // WARPS for m in range(1, 65)
+                 if groups % m == 0 and (groups // m) % WARPS == 0 and groups // m // WARPS <= resident]
+        out += [(r, s, g) for g in sorted(set(grids), reverse=True)[:2]]
+        if smem <= SMEM:
+            out.append((r, s, 0))
+    return out
 
 
 def build() -> None:
@@ -41,7 +60,7 @@ def build() -> None:
                                 platform="CUDA")
 
 
-def cuda_proj(x, wt, bias, norm=None, act=None, residual=None, setting=(2, 4), eps=1e-5):
+def cuda_proj(x, wt, bias, norm=None, act=None, residual=None, setting=(2, 8, 0), eps=1e-5):
     n, k = wt.shape
     dummy = jnp.zeros((1,), DT)
     scale, shift = norm if norm is not None else (dummy, dummy)
@@ -49,12 +68,12 @@ def cuda_proj(x, wt, bias, norm=None, act=None, residual=None, setting=(2, 4), e
     return call(x, wt, bias, scale, shift, dummy if residual is None else residual,
                 norm=np.int64(norm is not None), relu2=np.int64(act == "relu2"),
                 resid=np.int64(residual is not None), rows=np.int64(setting[0]),
-                unroll=np.int64(setting[1]), eps=np.float32(eps))
+                stages=np.int64(setting[1]), grid=np.int64(setting[2]), eps=np.float32(eps))
 
 
 def part1(only):
     best = {}
-    print(f"{'proj':>5}{'xla us':>9}{'cuda us':>9}{'floor':>7}  best (rows, unroll), rel err; all")
+    print(f"{'proj':>5}{'xla us':>9}{'cuda us':>9}{'floor':>7}  best (rows, stages, grid), rel err; top 8")
     for name in PROJ:
         if only and name not in only:
             continue
@@ -68,16 +87,21 @@ def part1(only):
         t_xla = bench(xla, x, ws) / copies * 1e6
         want = xla(x, ws[:1])[0].astype(f32)
         results = []
-        for s in SETTINGS:
+        for s in settings(k, n, "norm" in kw):
             f = jax.jit(lambda x, wts, s=s: jnp.stack([cuda_proj(x, w, setting=s, **kw) for w in wts]))
-            got = f(x, wts[:1])[0].astype(f32)
+            try:
+                got = f(x, wts[:1])[0].astype(f32)
+                us = bench(f, x, wts) / copies * 1e6
+            except Exception as e:  # e.g. more shared memory than a block may have
+                print(f"    {name} {s}: {type(e).__name__}: {str(e)[:100]}")
+                continue
             err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-            results.append((bench(f, x, wts) / copies * 1e6, s, err))
+            results.append((us, s, err))
         results.sort(key=lambda r: r[0])
         us, s, err = results[0]
         best[name] = s
         print(f"{name:>5}{t_xla:>9.1f}{us:>9.1f}{2 * k * n / BW * 1e6:>7.1f}  {s}, {err:.1e}; "
-              + " ".join(f"{r[1]}:{r[0]:.1f}/{r[2]:.0e}" for r in results), flush=True)
+              + " ".join(f"{r[1]}:{r[0]:.1f}/{r[2]:.0e}" for r in results[:8]), flush=True)
         del ws, wts
     return best
 
@@ -122,6 +146,10 @@ def part2(best):
         t = bench(f, x, qs, reps=30) * 1e3
         out[label] = (t, f(x, qs).astype(f32))
         print(f"  {label}: {t:.3f} ms", flush=True)
+        if PROFILE:
+            import profile_gpu
+            d, wall = profile_gpu.trace(lambda f=f, qs=qs: f(x, qs), 5, PROFILE, label)
+            print(profile_gpu.summarize(d, 5, wall, top=14), flush=True)
         del qs
     floor = L * 2 * (4 * D * D + 2 * D * PROJ["up"][1]) / BW * 1e3
     err = float(jnp.max(jnp.abs(out["cuda"][1] - out["xla"][1])) / jnp.max(jnp.abs(out["xla"][1])))
@@ -133,7 +161,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="")
     ap.add_argument("--no-chain", action="store_true")
+    ap.add_argument("--profile", default="", help="trace the chains into this folder")
     a = ap.parse_args()
+    PROFILE = a.profile
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     build()
     best = part1(a.only.split(",") if a.only else ())
