@@ -3,7 +3,8 @@
 Triton through Pallas did not stream the weights at cuBLAS's rate (`probe_decode_linear.py`,
 `probe_gemv_nk.py`), so this tries the same fusion hand-written: `cuda/decode_proj.cu` does the
 LayerNorm prologue, the GEMV and the bias / relu^2 / residual epilogue in one kernel, registered as
-an XLA FFI custom call that may be captured in XLA's command buffers. Built here with nvcc.
+an XLA FFI custom call that may be captured in XLA's command buffers. Built here with nvcc. The
+weight is streamed in a blocked layout (`blocked`) by Hopper's bulk copies.
 
 Part 1: each projection (8 weight copies a call), the model's XLA path over [K, N] against the
 kernel for each (rows a warp, loads in flight) setting, checked against XLA's result. Part 2: a
@@ -28,25 +29,32 @@ import numpy as np
 f32 = jnp.float32
 PROFILE = ""
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda", "decode_proj.cu")
-RS = ((1, 4), (1, 8), (1, 16), (2, 4), (2, 8), (2, 16), (4, 4), (4, 8))  # rows a warp, stages
+RS = ((2, 3), (2, 4), (2, 6), (4, 3), (4, 4), (4, 6), (8, 2), (8, 3), (8, 4))  # rows a warp, stages
 SMS, SMEM, WARPS = 132, 227 * 1024, 8
 
 
 def settings(k, n, norm):
-    """(rows a warp, ring stages, grid) with every warp the same number of row groups and every
-    block resident at once (shared memory and threads permitting), the two largest grids for each
-    (rows, stages), and the one-block-per-8-groups grid (0)."""
+    """(rows a warp, ring stages, grid): grids that give every block the same number of row
+    groups, all blocks resident at once (shared memory and threads permitting), the two largest
+    for each (rows, stages)."""
     out = []
     for r, s in RS:
-        smem = WARPS * s * (r if norm else r + 1) * 512 + (4 * k if norm else 0)
+        g = WARPS * r
+        smem = s * g * 512 + k * (4 if norm else 2)
+        if n % g or smem > SMEM:
+            continue
         resident = SMS * min(2048 // (32 * WARPS), SMEM // (smem + 1024))
-        groups = n // r
-        grids = [groups // m // WARPS for m in range(1, 65)
-                 if groups % m == 0 and (groups // m) % WARPS == 0 and groups // m // WARPS <= resident]
-        out += [(r, s, g) for g in sorted(set(grids), reverse=True)[:2]]
-        if smem <= SMEM:
-            out.append((r, s, 0))
+        groups = n // g
+        grids = [d for d in range(1, groups + 1) if groups % d == 0 and d <= resident]
+        out += [(r, s, d) for d in sorted(grids, reverse=True)[:2]]
     return out
+
+
+def blocked(w, rows):
+    """The model's W [K, N] as the kernel's Wb [N / G, K / 256, G, 256], G = 8 rows."""
+    k, n = w.shape
+    g = WARPS * rows
+    return w.T.reshape(n // g, g, k // 256, 256).transpose(0, 2, 1, 3).copy()
 
 
 def build() -> None:
@@ -60,12 +68,12 @@ def build() -> None:
                                 platform="CUDA")
 
 
-def cuda_proj(x, wt, bias, norm=None, act=None, residual=None, setting=(2, 8, 0), eps=1e-5):
-    n, k = wt.shape
+def cuda_proj(x, wb, bias, norm=None, act=None, residual=None, setting=(4, 4, 0), eps=1e-5):
+    n = wb.shape[0] * wb.shape[2]
     dummy = jnp.zeros((1,), DT)
     scale, shift = norm if norm is not None else (dummy, dummy)
     call = jax.ffi.ffi_call("jais2_decode_proj", jax.ShapeDtypeStruct((n,), DT))
-    return call(x, wt, bias, scale, shift, dummy if residual is None else residual,
+    return call(x, wb, bias, scale, shift, dummy if residual is None else residual,
                 norm=np.int64(norm is not None), relu2=np.int64(act == "relu2"),
                 resid=np.int64(residual is not None), rows=np.int64(setting[0]),
                 stages=np.int64(setting[1]), grid=np.int64(setting[2]), eps=np.float32(eps))
@@ -82,13 +90,13 @@ def part1(only):
         x, ws, kw = make(name, copies, 7)
         x = x.reshape(k)
         kw = {a: (v.reshape(n) if a == "residual" else v) for a, v in kw.items()}
-        wts = [w.T.copy() for w in ws]
         xla = jax.jit(lambda x, ws: jnp.stack([xla_proj(x, w, **kw) for w in ws]))
         t_xla = bench(xla, x, ws) / copies * 1e6
         want = xla(x, ws[:1])[0].astype(f32)
         results = []
         for s in settings(k, n, "norm" in kw):
             f = jax.jit(lambda x, wts, s=s: jnp.stack([cuda_proj(x, w, setting=s, **kw) for w in wts]))
+            wts = [blocked(w, s[0]) for w in ws]
             try:
                 got = f(x, wts[:1])[0].astype(f32)
                 us = bench(f, x, wts) / copies * 1e6
@@ -102,7 +110,7 @@ def part1(only):
         best[name] = s
         print(f"{name:>5}{t_xla:>9.1f}{us:>9.1f}{2 * k * n / BW * 1e6:>7.1f}  {s}, {err:.1e}; "
               + " ".join(f"{r[1]}:{r[0]:.1f}/{r[2]:.0e}" for r in results[:8]), flush=True)
-        del ws, wts
+        del ws
     return best
 
 
@@ -135,8 +143,8 @@ def part2(best):
 
     out = {}
     for label, layer, tr in (("xla", xla_layer, False), ("cuda", cuda_layer, True)):
-        qs = ps if not tr else [{a: (v.T.copy() if a in PROJ else v) for a, v in p.items()}
-                                for p in ps]
+        qs = ps if not tr else [{a: (blocked(v, best[a][0]) if a in PROJ else v)
+                                 for a, v in p.items()} for p in ps]
 
         def net(x, qs, layer=layer):
             for p in qs:

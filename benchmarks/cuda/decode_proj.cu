@@ -1,18 +1,18 @@
 // Probe kernel (benchmarks/probe_cuda_gemv.py): one decode projection for one row, as one kernel.
 //
-//   out = act(LayerNorm(x) . W^T + bias) + residual          x [K], W [N, K] (row-major), bf16
+//   out = act(LayerNorm(x) . W^T + bias) + residual                     x [K], bf16
 //
 // with the model's roundings (XLA path): LayerNorm in float32 (two-pass statistics) rounded to bf16,
 // the product accumulated in float32 and rounded, + bias rounded, relu^2 rounded, + residual rounded.
 //
-// Each warp owns groups of R output rows (grid-stride over groups; the caller picks a grid that
-// gives every warp the same number of groups, all blocks resident at once) and walks K in steps
-// of 256 (a lane: 16 bytes, 8 bf16, of each of its R rows). The weights (and x, without a
-// LayerNorm; with one, the normalised row sits in shared memory) stream
-// through a per-warp ring of S shared-memory stages filled by cp.async, S-1 steps ahead, across
-// group boundaries; each lane reads back only the 16 bytes it copied, so a lane waits on its own
-// copies (cp.async.wait_group) and the warp never synchronises. The ring is filled before the
-// LayerNorm prologue, so the statistics are computed while the first S-1 steps are on their way.
+// The weight comes in a blocked layout, Wb [N / G, K / 256, G, 256] (Wb[g, s, i, j] = W[s*256 + j,
+// g*G + i] for the model's W [K, N]), so that one pipeline stage, G rows x 256 K, is one contiguous
+// 512 G bytes: a single bulk copy (Hopper's copy engine, cp.async.bulk) completing on an mbarrier.
+// A block (8 warps, R = G / 8 rows each) owns row groups g = blockIdx.x, + gridDim.x, ... (the caller
+// picks a grid that gives every block the same number of groups) and streams its groups' stages
+// through an S-deep ring, S stages ahead, across group boundaries; thread 0 issues the copies. x
+// sits in shared memory: with a LayerNorm, normalised by the block (float32), computed while the
+// first S stages are on their way; without one, brought by its own bulk copy (bf16).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -45,14 +45,27 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return s;
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(gmem));
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)),
+               "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+  asm volatile(
+      "{\n .reg .pred p;\n WAIT_%=:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      " @!p bra WAIT_%=;\n}\n" ::"r"(smem_u32(bar)), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes,
+                                          uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+      ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
 }
 
 __device__ __forceinline__ float dot8(const uint4& wv, const float* xv) {
@@ -71,41 +84,43 @@ __global__ void __launch_bounds__(kThreads) proj_kernel(
     const __nv_bfloat16* __restrict__ bias, const __nv_bfloat16* __restrict__ scale,
     const __nv_bfloat16* __restrict__ shift, const __nv_bfloat16* __restrict__ residual,
     __nv_bfloat16* __restrict__ out, int n, int k, float eps) {
-  // dynamic shared memory: the rings [kWarps][S][E][32] uint4 (E: R weight rows, and without
-  // NORM x's chunk as well), then with NORM the normalised x [k] float32
-  constexpr int E = NORM ? R : R + 1;
-  extern __shared__ uint4 smem[];
+  constexpr int G = kWarps * R;
+  constexpr int STAGE = G * kStep;  // bf16 elements a stage
+  extern __shared__ __align__(128) unsigned char smem[];
+  __nv_bfloat16* ring = reinterpret_cast<__nv_bfloat16*>(smem);  // [S][G][256]
+  float* xs = reinterpret_cast<float*>(smem + S * STAGE * 2);   // NORM: [k] float32
+  __nv_bfloat16* xb = reinterpret_cast<__nv_bfloat16*>(smem + S * STAGE * 2);  // else [k] bf16
+  __shared__ __align__(8) uint64_t full[S];
+  __shared__ __align__(8) uint64_t xbar;
   __shared__ float scratch[kWarps];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  uint4* ring = smem + warp * S * E * 32;
-  float* xs = reinterpret_cast<float*>(smem + kWarps * S * E * 32);
-
   const int steps = k / kStep;
-  const int groups = (n + R - 1) / R;
-  const int g0 = blockIdx.x * kWarps + warp, gstride = gridDim.x * kWarps;
-  const int mine = g0 < groups ? (groups - 1 - g0) / gstride + 1 : 0;
+  const int groups = n / G;
+  const int mine = blockIdx.x < groups ? (groups - 1 - blockIdx.x) / gridDim.x + 1 : 0;
   const int total = mine * steps;
-  const int64_t row_vecs = k / 8;
-  const uint4* wbase = reinterpret_cast<const uint4*>(w) + lane;
-  auto issue = [&](int t) {  // step t's copies into its ring slot (an empty group past the end)
-    if (t < total) {
-      const int gi = t / steps, s = t - gi * steps;
-      const int base = (g0 + gi * gstride) * R;
-      uint4* slot = ring + (t % S) * E * 32 + lane;
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int row = min(base + r, n - 1);  // past n: read, never written
-        cp_async16(slot + r * 32, wbase + row * row_vecs + s * 32);
-      }
-      if (!NORM) cp_async16(slot + R * 32, reinterpret_cast<const uint4*>(x) + lane + s * 32);
-    }
-    cp_async_commit();
-  };
-#pragma unroll
-  for (int t = 0; t < S - 1; ++t) issue(t);
 
-  // NORM: the normalised input row into shared memory (two-pass statistics)
-  if (NORM) {
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < S; ++i) mbar_init(&full[i], 1);
+    mbar_init(&xbar, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  auto issue = [&](int t) {  // thread 0: stage t into its ring slot
+    const int gi = t / steps, s = t - gi * steps;
+    const int64_t grp = blockIdx.x + static_cast<int64_t>(gi) * gridDim.x;
+    mbar_expect_tx(&full[t % S], STAGE * 2);
+    bulk_copy(ring + (t % S) * STAGE, w + (grp * steps + s) * STAGE, STAGE * 2, &full[t % S]);
+  };
+  if (threadIdx.x == 0) {
+    if (!NORM) {
+      mbar_expect_tx(&xbar, k * 2);
+      bulk_copy(xb, x, k * 2, &xbar);
+    }
+    for (int t = 0; t < S && t < total; ++t) issue(t);
+  }
+
+  if (NORM) {  // the normalised row (two-pass statistics) while the stages are on their way
     float part = 0.f;
     for (int i = threadIdx.x; i < k; i += kThreads) {
       const float v = __bfloat162float(x[i]);
@@ -123,23 +138,24 @@ __global__ void __launch_bounds__(kThreads) proj_kernel(
       xs[i] = bf16_round((xs[i] - mean) * rstd * __bfloat162float(scale[i]) +
                          __bfloat162float(shift[i]));
     __syncthreads();
+  } else {
+    mbar_wait(&xbar, 0);
   }
 
   float acc[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0.f;
   for (int t = 0; t < total; ++t) {
-    issue(t + S - 1);
-    cp_async_wait<S - 1>();  // this lane's copies of step t have landed
+    const int slot = t % S;
+    mbar_wait(&full[slot], (t / S) & 1);
     const int gi = t / steps, s = t - gi * steps;
-    const uint4* slot = ring + (t % S) * E * 32 + lane;
     float xv[8];
     if (NORM) {
       const float4* p = reinterpret_cast<const float4*>(xs + s * kStep + lane * 8);
       *reinterpret_cast<float4*>(xv) = p[0];
       *reinterpret_cast<float4*>(xv + 4) = p[1];
     } else {
-      const uint4 raw = slot[R * 32];
+      const uint4 raw = *reinterpret_cast<const uint4*>(xb + s * kStep + lane * 8);
       const __nv_bfloat162* q = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -148,17 +164,19 @@ __global__ void __launch_bounds__(kThreads) proj_kernel(
         xv[2 * j + 1] = f.y;
       }
     }
+    const __nv_bfloat16* st = ring + slot * STAGE + warp * R * kStep + lane * 8;
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] += dot8(slot[r * 32], xv);
+    for (int r = 0; r < R; ++r)
+      acc[r] += dot8(*reinterpret_cast<const uint4*>(st + r * kStep), xv);
     if (s == steps - 1) {  // the group's rows are done: reduce, epilogue, write
-      const int row0 = (g0 + gi * gstride) * R;
+      const int row0 = (blockIdx.x + gi * gridDim.x) * G + warp * R;
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         float v = acc[r];
         acc[r] = 0.f;
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
         const int row = row0 + r;
-        if (lane == r && row < n) {
+        if (lane == r) {
           float y = bf16_round(v);
           y = bf16_round(y + __bfloat162float(bias[row]));
           if (RELU2) {
@@ -170,8 +188,12 @@ __global__ void __launch_bounds__(kThreads) proj_kernel(
         }
       }
     }
+    __syncthreads();  // every warp is done with this slot
+    if (threadIdx.x == 0 && t + S < total) {
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      issue(t + S);
+    }
   }
-  cp_async_wait<0>();
 }
 
 template <int R, int S, bool NORM, bool RELU2, bool RESID>
@@ -180,17 +202,15 @@ cudaError_t launch(cudaStream_t stream, const __nv_bfloat16* x, const __nv_bfloa
                    const __nv_bfloat16* shift, const __nv_bfloat16* residual,
                    __nv_bfloat16* out, int n, int k, float eps, int grid) {
   auto kernel = proj_kernel<R, S, NORM, RELU2, RESID>;
-  constexpr int E = NORM ? R : R + 1;
-  const size_t smem = static_cast<size_t>(kWarps) * S * E * 32 * sizeof(uint4) +
-                      (NORM ? static_cast<size_t>(k) * sizeof(float) : 0);
+  const size_t smem = static_cast<size_t>(S) * kWarps * R * kStep * 2 +
+                      static_cast<size_t>(k) * (NORM ? 4 : 2);
   if (smem > 227 * 1024) return cudaErrorInvalidValue;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  const int rows_per_block = kWarps * R;
-  if (grid <= 0) grid = (n + rows_per_block - 1) / rows_per_block;
+  if (grid <= 0) grid = n / (kWarps * R);
   kernel<<<grid, kThreads, smem, stream>>>(x, w, bias, scale, shift, residual, out, n, k, eps);
   return cudaGetLastError();
 }
@@ -218,10 +238,12 @@ ffi::Error ProjImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<f
                     ffi::Buffer<ffi::BF16> shift, ffi::Buffer<ffi::BF16> residual,
                     ffi::ResultBuffer<ffi::BF16> out, int64_t norm, int64_t relu2,
                     int64_t resid, int64_t rows, int64_t stages, int64_t grid, float eps) {
-  const auto wd = w.dimensions();
-  if (wd.size() != 2) return ffi::Error::InvalidArgument("w must be [N, K]");
-  const int n = static_cast<int>(wd[0]), k = static_cast<int>(wd[1]);
-  if (k % kStep) return ffi::Error::InvalidArgument("K must be a multiple of 256");
+  const auto wd = w.dimensions();  // [N / G, K / 256, G, 256]
+  if (wd.size() != 4 || wd[3] != kStep || wd[2] % kWarps)
+    return ffi::Error::InvalidArgument("w must be blocked [N / G, K / 256, G, 256], G % 8 == 0");
+  const int g = static_cast<int>(wd[2]);
+  const int n = static_cast<int>(wd[0]) * g, k = static_cast<int>(wd[1]) * kStep;
+  if (rows != g / kWarps) return ffi::Error::InvalidArgument("rows must be G / 8");
   if (x.element_count() != static_cast<size_t>(k) || bias.element_count() != static_cast<size_t>(n))
     return ffi::Error::InvalidArgument("x must be [K] and bias [N]");
   auto* xp = reinterpret_cast<const __nv_bfloat16*>(x.untyped_data());
@@ -236,8 +258,8 @@ ffi::Error ProjImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<f
   if (rows == RR && stages == SS)                                                        \
     e = dispatch_flags<RR, SS>(norm, relu2, resid, stream, xp, wp, bp, gp, sp, rp, op, n, k, \
                                eps, static_cast<int>(grid));
-  JAIS2_CASE(1, 4) JAIS2_CASE(1, 8) JAIS2_CASE(1, 16) JAIS2_CASE(2, 4) JAIS2_CASE(2, 8)
-  JAIS2_CASE(2, 16) JAIS2_CASE(4, 4) JAIS2_CASE(4, 8)
+  JAIS2_CASE(2, 3) JAIS2_CASE(2, 4) JAIS2_CASE(2, 6) JAIS2_CASE(4, 3) JAIS2_CASE(4, 4)
+  JAIS2_CASE(4, 6) JAIS2_CASE(8, 2) JAIS2_CASE(8, 3) JAIS2_CASE(8, 4)
 #undef JAIS2_CASE
   if (e != cudaSuccess) return ffi::Error::Internal(cudaGetErrorString(e));
   return ffi::Error::Success();
