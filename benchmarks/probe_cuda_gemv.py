@@ -46,15 +46,17 @@ def settings(k, n, norm):
         resident = SMS * min(2048 // (32 * WARPS), SMEM // (smem + 1024))
         groups = n // g
         grids = [d for d in range(1, groups + 1) if groups % d == 0 and d <= resident]
-        out += [(r, s, d) for d in sorted(grids, reverse=True)[:2]]
+        out += [(r, s, d, o) for d in sorted(grids, reverse=True)[:2] for o in (0, 1)]
     return out
 
 
-def blocked(w, rows):
-    """The model's W [K, N] as the kernel's Wb [N / G, K / 256, G, 256], G = 8 rows."""
+def blocked(w, rows, step_major=0):
+    """The model's W [K, N] as the kernel's Wb [N / G, K / 256, G, 256], G = 8 rows (step-major:
+    [K / 256, N / G, G, 256])."""
     k, n = w.shape
     g = WARPS * rows
-    return w.T.reshape(n // g, g, k // 256, 256).transpose(0, 2, 1, 3).copy()
+    return w.T.reshape(n // g, g, k // 256, 256).transpose((2, 0, 1, 3) if step_major
+                                                          else (0, 2, 1, 3)).copy()
 
 
 def build() -> None:
@@ -68,20 +70,20 @@ def build() -> None:
                                 platform="CUDA")
 
 
-def cuda_proj(x, wb, bias, norm=None, act=None, residual=None, setting=(4, 4, 0), eps=1e-5):
-    n = wb.shape[0] * wb.shape[2]
+def cuda_proj(x, wb, bias, norm=None, act=None, residual=None, setting=(4, 4, 0, 0), eps=1e-5):
+    n = wb.shape[1 if setting[3] else 0] * wb.shape[2]
     dummy = jnp.zeros((1,), DT)
     scale, shift = norm if norm is not None else (dummy, dummy)
     call = jax.ffi.ffi_call("jais2_decode_proj", jax.ShapeDtypeStruct((n,), DT))
     return call(x, wb, bias, scale, shift, dummy if residual is None else residual,
                 norm=np.int64(norm is not None), relu2=np.int64(act == "relu2"),
                 resid=np.int64(residual is not None), rows=np.int64(setting[0]),
-                stages=np.int64(setting[1]), grid=np.int64(setting[2]), eps=np.float32(eps))
+                stages=np.int64(setting[1]), grid=np.int64(setting[2]), step_major=np.int64(setting[3]), eps=np.float32(eps))
 
 
 def part1(only):
     best = {}
-    print(f"{'proj':>5}{'xla us':>9}{'cuda us':>9}{'floor':>7}  best (rows, stages, grid), rel err; top 8")
+    print(f"{'proj':>5}{'xla us':>9}{'cuda us':>9}{'floor':>7}  best (rows, stages, grid, step-major), rel err; top 8")
     for name in PROJ:
         if only and name not in only:
             continue
@@ -96,7 +98,7 @@ def part1(only):
         results = []
         for s in settings(k, n, "norm" in kw):
             f = jax.jit(lambda x, wts, s=s: jnp.stack([cuda_proj(x, w, setting=s, **kw) for w in wts]))
-            wts = [blocked(w, s[0]) for w in ws]
+            wts = [blocked(w, s[0], s[3]) for w in ws]
             try:
                 got = f(x, wts[:1])[0].astype(f32)
                 us = bench(f, x, wts) / copies * 1e6
@@ -143,7 +145,7 @@ def part2(best):
 
     out = {}
     for label, layer, tr in (("xla", xla_layer, False), ("cuda", cuda_layer, True)):
-        qs = ps if not tr else [{a: (blocked(v, best[a][0]) if a in PROJ else v)
+        qs = ps if not tr else [{a: (blocked(v, best[a][0], best[a][3]) if a in PROJ else v)
                                  for a, v in p.items()} for p in ps]
 
         def net(x, qs, layer=layer):

@@ -6,8 +6,9 @@
 // the product accumulated in float32 and rounded, + bias rounded, relu^2 rounded, + residual rounded.
 //
 // The weight comes in a blocked layout, Wb [N / G, K / 256, G, 256] (Wb[g, s, i, j] = W[s*256 + j,
-// g*G + i] for the model's W [K, N]), so that one pipeline stage, G rows x 256 K, is one contiguous
-// 512 G bytes: a single bulk copy (Hopper's copy engine, cp.async.bulk) completing on an mbarrier.
+// g*G + i] for the model's W [K, N]) or step-major [K / 256, N / G, G, 256] (then at each step the
+// blocks together read one contiguous stretch), so that one pipeline stage, G rows x 256 K, is one
+// contiguous 512 G bytes: a single bulk copy (Hopper's copy engine, cp.async.bulk) completing on an mbarrier.
 // A block (8 warps, R = G / 8 rows each) owns row groups g = blockIdx.x, + gridDim.x, ... (the caller
 // picks a grid that gives every block the same number of groups) and streams its groups' stages
 // through an S-deep ring, S stages ahead, across group boundaries; thread 0 issues the copies. x
@@ -83,7 +84,7 @@ __global__ void __launch_bounds__(kThreads) proj_kernel(
     const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
     const __nv_bfloat16* __restrict__ bias, const __nv_bfloat16* __restrict__ scale,
     const __nv_bfloat16* __restrict__ shift, const __nv_bfloat16* __restrict__ residual,
-    __nv_bfloat16* __restrict__ out, int n, int k, float eps) {
+    __nv_bfloat16* __restrict__ out, int n, int k, float eps, bool step_major) {
   constexpr int G = kWarps * R;
   constexpr int STAGE = G * kStep;  // bf16 elements a stage
   extern __shared__ __align__(128) unsigned char smem[];
@@ -109,8 +110,9 @@ __global__ void __launch_bounds__(kThreads) proj_kernel(
   auto issue = [&](int t) {  // thread 0: stage t into its ring slot
     const int gi = t / steps, s = t - gi * steps;
     const int64_t grp = blockIdx.x + static_cast<int64_t>(gi) * gridDim.x;
+    const int64_t chunk = step_major ? s * static_cast<int64_t>(groups) + grp : grp * steps + s;
     mbar_expect_tx(&full[t % S], STAGE * 2);
-    bulk_copy(ring + (t % S) * STAGE, w + (grp * steps + s) * STAGE, STAGE * 2, &full[t % S]);
+    bulk_copy(ring + (t % S) * STAGE, w + chunk * STAGE, STAGE * 2, &full[t % S]);
   };
   if (threadIdx.x == 0) {
     if (!NORM) {
@@ -200,7 +202,7 @@ template <int R, int S, bool NORM, bool RELU2, bool RESID>
 cudaError_t launch(cudaStream_t stream, const __nv_bfloat16* x, const __nv_bfloat16* w,
                    const __nv_bfloat16* bias, const __nv_bfloat16* scale,
                    const __nv_bfloat16* shift, const __nv_bfloat16* residual,
-                   __nv_bfloat16* out, int n, int k, float eps, int grid) {
+                   __nv_bfloat16* out, int n, int k, float eps, int grid, bool step_major) {
   auto kernel = proj_kernel<R, S, NORM, RELU2, RESID>;
   const size_t smem = static_cast<size_t>(S) * kWarps * R * kStep * 2 +
                       static_cast<size_t>(k) * (NORM ? 4 : 2);
@@ -211,7 +213,7 @@ cudaError_t launch(cudaStream_t stream, const __nv_bfloat16* x, const __nv_bfloa
     if (e != cudaSuccess) return e;
   }
   if (grid <= 0) grid = n / (kWarps * R);
-  kernel<<<grid, kThreads, smem, stream>>>(x, w, bias, scale, shift, residual, out, n, k, eps);
+  kernel<<<grid, kThreads, smem, stream>>>(x, w, bias, scale, shift, residual, out, n, k, eps, step_major);
   return cudaGetLastError();
 }
 
@@ -220,16 +222,16 @@ cudaError_t dispatch_flags(bool norm, bool relu2, bool resid, cudaStream_t s,
                            const __nv_bfloat16* x, const __nv_bfloat16* w,
                            const __nv_bfloat16* b, const __nv_bfloat16* g,
                            const __nv_bfloat16* sh, const __nv_bfloat16* res,
-                           __nv_bfloat16* o, int n, int k, float eps, int grid) {
+                           __nv_bfloat16* o, int n, int k, float eps, int grid, bool sm) {
   // the combinations the decode layer uses: qkv (norm), o / down (resid), up (norm, relu2)
   if (norm && !relu2 && !resid)
-    return launch<R, S, true, false, false>(s, x, w, b, g, sh, res, o, n, k, eps, grid);
+    return launch<R, S, true, false, false>(s, x, w, b, g, sh, res, o, n, k, eps, grid, sm);
   if (norm && relu2 && !resid)
-    return launch<R, S, true, true, false>(s, x, w, b, g, sh, res, o, n, k, eps, grid);
+    return launch<R, S, true, true, false>(s, x, w, b, g, sh, res, o, n, k, eps, grid, sm);
   if (!norm && !relu2 && resid)
-    return launch<R, S, false, false, true>(s, x, w, b, g, sh, res, o, n, k, eps, grid);
+    return launch<R, S, false, false, true>(s, x, w, b, g, sh, res, o, n, k, eps, grid, sm);
   if (!norm && !relu2 && !resid)
-    return launch<R, S, false, false, false>(s, x, w, b, g, sh, res, o, n, k, eps, grid);
+    return launch<R, S, false, false, false>(s, x, w, b, g, sh, res, o, n, k, eps, grid, sm);
   return cudaErrorInvalidValue;
 }
 
@@ -237,12 +239,13 @@ ffi::Error ProjImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<f
                     ffi::Buffer<ffi::BF16> bias, ffi::Buffer<ffi::BF16> scale,
                     ffi::Buffer<ffi::BF16> shift, ffi::Buffer<ffi::BF16> residual,
                     ffi::ResultBuffer<ffi::BF16> out, int64_t norm, int64_t relu2,
-                    int64_t resid, int64_t rows, int64_t stages, int64_t grid, float eps) {
-  const auto wd = w.dimensions();  // [N / G, K / 256, G, 256]
+                    int64_t resid, int64_t rows, int64_t stages, int64_t grid, int64_t step_major, float eps) {
+  const auto wd = w.dimensions();  // [N / G, K / 256, G, 256], step_major: [K / 256, N / G, ...]
   if (wd.size() != 4 || wd[3] != kStep || wd[2] % kWarps)
     return ffi::Error::InvalidArgument("w must be blocked [N / G, K / 256, G, 256], G % 8 == 0");
   const int g = static_cast<int>(wd[2]);
-  const int n = static_cast<int>(wd[0]) * g, k = static_cast<int>(wd[1]) * kStep;
+  const int n = static_cast<int>(wd[step_major ? 1 : 0]) * g;
+  const int k = static_cast<int>(wd[step_major ? 0 : 1]) * kStep;
   if (rows != g / kWarps) return ffi::Error::InvalidArgument("rows must be G / 8");
   if (x.element_count() != static_cast<size_t>(k) || bias.element_count() != static_cast<size_t>(n))
     return ffi::Error::InvalidArgument("x must be [K] and bias [N]");
@@ -257,7 +260,7 @@ ffi::Error ProjImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<f
 #define JAIS2_CASE(RR, SS)                                                               \
   if (rows == RR && stages == SS)                                                        \
     e = dispatch_flags<RR, SS>(norm, relu2, resid, stream, xp, wp, bp, gp, sp, rp, op, n, k, \
-                               eps, static_cast<int>(grid));
+                               eps, static_cast<int>(grid), step_major != 0);
   JAIS2_CASE(2, 3) JAIS2_CASE(2, 4) JAIS2_CASE(2, 6) JAIS2_CASE(4, 3) JAIS2_CASE(4, 4)
   JAIS2_CASE(4, 6) JAIS2_CASE(8, 2) JAIS2_CASE(8, 3) JAIS2_CASE(8, 4)
 #undef JAIS2_CASE
@@ -283,5 +286,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Jais2DecodeProj, ProjImpl,
                                   .Attr<int64_t>("rows")
                                   .Attr<int64_t>("stages")
                                   .Attr<int64_t>("grid")
+                                  .Attr<int64_t>("step_major")
                                   .Attr<float>("eps"),
                               {ffi::Traits::kCmdBufferCompatible});
