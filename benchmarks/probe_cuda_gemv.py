@@ -1,20 +1,24 @@
-"""Probe: one-row decode projections as one CUDA kernel each (XLA FFI), over [N, K] weights.
+"""Probe (not wired in): one-row decode projections as one CUDA kernel each (XLA FFI).
 
 Triton through Pallas did not stream the weights at cuBLAS's rate (`probe_decode_linear.py`,
 `probe_gemv_nk.py`), so this tries the same fusion hand-written: `cuda/decode_proj.cu` does the
 LayerNorm prologue, the GEMV and the bias / relu^2 / residual epilogue in one kernel, registered as
-an XLA FFI custom call that may be captured in XLA's command buffers. Built here with nvcc. The
-weight is streamed in a blocked layout (`blocked`) by Hopper's bulk copies.
+an XLA FFI custom call (command-buffer compatible). Built here with nvcc for sm_90a. The weight is
+streamed in a blocked layout (`blocked`) by Hopper's bulk copies. Measured on the H100 (seventh
+session, `benchmarks/RESULTS.md`): the kernels together take as long as XLA's four GEMVs plus its
+LayerNorm / activation / residual kernels (chain kernel time 5.31-5.32 vs 5.32-5.40 ms, floor 4.73),
+and the wall time of the chain is no lower, so it was not wired into the model.
 
 Part 1: each projection (8 weight copies a call), the model's XLA path over [K, N] against the
-kernel for each (rows a warp, loads in flight) setting, checked against XLA's result. Part 2: a
-32-layer chain of the four projections, XLA vs the kernel.
+kernel for each (rows a warp, ring stages, grid, step-major) setting, checked against XLA's result.
+Part 2: a 32-layer chain of the four projections, XLA vs the kernels with part 1's best settings
+(`--profile DIR`: kernel time of each, from a jax.profiler trace).
 
-  python benchmarks/probe_cuda_gemv.py [--no-chain]     # GPU only
-"""
+  python benchmarks/probe_cuda_gemv.py [--profile /tmp/prof] [--save best.json | --load best.json]"""
 
 import argparse
 import ctypes
+import json
 import os
 import subprocess
 import tempfile
@@ -153,6 +157,9 @@ def part2(best):
                 x = layer(x, p)
             return x
         f = jax.jit(net)
+        hlo = f.lower(x, qs).compile().as_text()
+        print(f"  {label}: compiled HLO: {hlo.count('command_buffer')} mentions of command_buffer, "
+              f"{hlo.count('custom-call(')} custom calls", flush=True)
         t = bench(f, x, qs, reps=30) * 1e3
         out[label] = (t, f(x, qs).astype(f32))
         print(f"  {label}: {t:.3f} ms", flush=True)
@@ -172,10 +179,19 @@ if __name__ == "__main__":
     ap.add_argument("--only", default="")
     ap.add_argument("--no-chain", action="store_true")
     ap.add_argument("--profile", default="", help="trace the chains into this folder")
+    ap.add_argument("--save", default="", help="write part 1's best settings to this JSON file")
+    ap.add_argument("--load", default="", help="skip part 1: the best settings from this file")
     a = ap.parse_args()
     PROFILE = a.profile
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     build()
-    best = part1(a.only.split(",") if a.only else ())
+    if a.load:
+        with open(a.load) as fh:
+            best = {name: tuple(s) for name, s in json.load(fh).items()}
+    else:
+        best = part1(a.only.split(",") if a.only else ())
+    if a.save:
+        with open(a.save, "w") as fh:
+            json.dump(best, fh)
     if not a.no_chain and len(best) == len(PROJ):
         part2(best)

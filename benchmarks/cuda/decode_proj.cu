@@ -29,6 +29,7 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kStep = 256;  // K per warp step: 32 lanes x 8 bf16
+constexpr int kMaxJ = 16;  // LayerNorm prologue: K <= kMaxJ * kThreads
 
 __device__ __forceinline__ float bf16_round(float v) {
   return __bfloat162float(__float2bfloat16(v));
@@ -123,22 +124,32 @@ __global__ void __launch_bounds__(kThreads) proj_kernel(
   }
 
   if (NORM) {  // the normalised row (two-pass statistics) while the stages are on their way
-    float part = 0.f;
-    for (int i = threadIdx.x; i < k; i += kThreads) {
-      const float v = __bfloat162float(x[i]);
-      xs[i] = v;
-      part += v;
+    // every load issued up front (K <= kMaxJ * kThreads), so the prologue waits on memory once
+    float v[kMaxJ], gs[kMaxJ], bs[kMaxJ];
+#pragma unroll
+    for (int j = 0; j < kMaxJ; ++j) {
+      const int i = threadIdx.x + j * kThreads;
+      const bool in = i < k;
+      v[j] = in ? __bfloat162float(x[i]) : 0.f;
+      gs[j] = in ? __bfloat162float(scale[i]) : 0.f;
+      bs[j] = in ? __bfloat162float(shift[i]) : 0.f;
     }
+    float part = 0.f;
+#pragma unroll
+    for (int j = 0; j < kMaxJ; ++j) part += v[j];
     const float mean = block_sum(part, scratch) / k;
     part = 0.f;
-    for (int i = threadIdx.x; i < k; i += kThreads) {
-      const float d = xs[i] - mean;
+#pragma unroll
+    for (int j = 0; j < kMaxJ; ++j) {
+      const float d = threadIdx.x + j * kThreads < k ? v[j] - mean : 0.f;
       part += d * d;
     }
     const float rstd = rsqrtf(block_sum(part, scratch) / k + eps);
-    for (int i = threadIdx.x; i < k; i += kThreads)
-      xs[i] = bf16_round((xs[i] - mean) * rstd * __bfloat162float(scale[i]) +
-                         __bfloat162float(shift[i]));
+#pragma unroll
+    for (int j = 0; j < kMaxJ; ++j) {
+      const int i = threadIdx.x + j * kThreads;
+      if (i < k) xs[i] = bf16_round((v[j] - mean) * rstd * gs[j] + bs[j]);
+    }
     __syncthreads();
   } else {
     mbar_wait(&xbar, 0);
@@ -147,6 +158,7 @@ __global__ void __launch_bounds__(kThreads) proj_kernel(
   float acc[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0.f;
+  float bias_v = 0.f, res_v = 0.f;  // lane r < R: row r's bias and residual
   for (int t = 0; t < total; ++t) {
     const int slot = t % S;
     mbar_wait(&full[slot], (t / S) & 1);
@@ -166,6 +178,11 @@ __global__ void __launch_bounds__(kThreads) proj_kernel(
         xv[2 * j + 1] = f.y;
       }
     }
+    if (s == 0 && lane < R) {  // the epilogue's operands, loaded while the group streams
+      const int row = (blockIdx.x + gi * gridDim.x) * G + warp * R + lane;
+      bias_v = __bfloat162float(bias[row]);
+      if (RESID) res_v = __bfloat162float(residual[row]);
+    }
     const __nv_bfloat16* st = ring + slot * STAGE + warp * R * kStep + lane * 8;
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -180,12 +197,12 @@ __global__ void __launch_bounds__(kThreads) proj_kernel(
         const int row = row0 + r;
         if (lane == r) {
           float y = bf16_round(v);
-          y = bf16_round(y + __bfloat162float(bias[row]));
+          y = bf16_round(y + bias_v);
           if (RELU2) {
             y = fmaxf(y, 0.f);
             y = bf16_round(y * y);
           }
-          if (RESID) y = __bfloat162float(residual[row]) + y;
+          if (RESID) y = res_v + y;
           out[row] = __float2bfloat16(y);
         }
       }
@@ -247,6 +264,7 @@ ffi::Error ProjImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<f
   const int n = static_cast<int>(wd[step_major ? 1 : 0]) * g;
   const int k = static_cast<int>(wd[step_major ? 0 : 1]) * kStep;
   if (rows != g / kWarps) return ffi::Error::InvalidArgument("rows must be G / 8");
+  if (norm && k > kMaxJ * kThreads) return ffi::Error::InvalidArgument("LayerNorm: K > 4096");
   if (x.element_count() != static_cast<size_t>(k) || bias.element_count() != static_cast<size_t>(n))
     return ffi::Error::InvalidArgument("x must be [K] and bias [N]");
   auto* xp = reinterpret_cast<const __nv_bfloat16*>(x.untyped_data());
