@@ -1,11 +1,12 @@
-"""Probe: one-row decode projections as one Pallas (Triton) kernel over [N, K] weights.
+"""Probe (not kept): one-row decode projections as one Pallas (Triton) kernel over [N, K] weights.
 
 `probe_decode_linear.py` fused the LayerNorm prologue and the bias / relu^2 / residual epilogue into
 a Pallas GEMV over the model's [K, N] weights, and it streamed them at <= 1.8 TB/s (cuBLAS: 2.96).
 `probe_gemv.py` had seen the same with XLA: column reductions over [K, N] were slow, row reductions
 over [N, K] as fast as cuBLAS. This probe tries the kernel over [N, K] weights (an inference layout,
 like the fused q/k/v): each program owns `block_n` output rows and walks K in contiguous
-[block_n, block_k] tiles, the row's LayerNorm statistics first. Batch 1 only.
+[block_n, block_k] tiles, the row's LayerNorm statistics first. Batch 1 only. On the H100 (seventh
+session, `benchmarks/RESULTS.md`) it was no faster than XLA's path (32-layer chain 7.26 vs 6.91 ms).
 
 Part 1: each projection alone (8 weight copies a call, so nothing is served from L2), XLA's path
 (LayerNorm kernels + cuBLAS over [K, N] + epilogue kernels) against the kernel over a sweep of tiles,
