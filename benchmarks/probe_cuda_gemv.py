@@ -24,13 +24,12 @@ import subprocess
 import tempfile
 
 from probe_common import BW, bench
-from probe_gemv_nk import D, DT, L, PROJ, make, xla_proj
+from probe_decode_common import DT, PROJ, f32, layer_with, make, time_chains, xla_layer, xla_proj
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-f32 = jnp.float32
 PROFILE = ""
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda", "decode_proj.cu")
 RS = ((2, 3), (2, 4), (2, 6), (4, 3), (4, 4), (4, 6), (8, 2), (8, 3), (8, 4))  # rows a warp, stages
@@ -94,8 +93,6 @@ def part1(only):
         k, n = PROJ[name][:2]
         copies = 8
         x, ws, kw = make(name, copies, 7)
-        x = x.reshape(k)
-        kw = {a: (v.reshape(n) if a == "residual" else v) for a, v in kw.items()}
         xla = jax.jit(lambda x, ws: jnp.stack([xla_proj(x, w, **kw) for w in ws]))
         t_xla = bench(xla, x, ws) / copies * 1e6
         want = xla(x, ws[:1])[0].astype(f32)
@@ -121,57 +118,15 @@ def part1(only):
 
 
 def part2(best):
-    def params(i):
-        ks = jax.random.split(jax.random.key(100 + i), 8)
-        p = {name: (0.02 * jax.random.normal(ks[j], PROJ[name][:2])).astype(DT)
-             for j, name in enumerate(PROJ)}
-        for j, name in enumerate(PROJ):
-            p["b" + name] = (0.02 * jax.random.normal(ks[4 + j], (PROJ[name][1],))).astype(DT)
-        p.update(g1=(1 + 0.1 * jax.random.normal(ks[0], (D,))).astype(DT), s1=jnp.zeros(D, DT),
-                 g2=jnp.ones(D, DT), s2=(0.1 * jax.random.normal(ks[1], (D,))).astype(DT))
-        return p
+    x = jax.random.normal(jax.random.key(5), (PROJ["qkv"][0],)).astype(DT)
 
-    ps = [params(i) for i in range(L)]
-    x = jax.random.normal(jax.random.key(5), (D,)).astype(DT)
+    def proj(name, x, w, bias, norm=None, act=None, residual=None):
+        return cuda_proj(x, w, bias, norm=norm, act=act, residual=residual, setting=best[name])
 
-    def xla_layer(x, p):
-        qkv = xla_proj(x, p["qkv"], p["bqkv"], norm=(p["g1"], p["s1"]))
-        x = xla_proj(qkv[2 * D:], p["o"], p["bo"], residual=x)
-        h = xla_proj(x, p["up"], p["bup"], norm=(p["g2"], p["s2"]), act="relu2")
-        return xla_proj(h, p["down"], p["bdown"], residual=x)
-
-    def cuda_layer(x, p):
-        qkv = cuda_proj(x, p["qkv"], p["bqkv"], norm=(p["g1"], p["s1"]), setting=best["qkv"])
-        x = cuda_proj(qkv[2 * D:], p["o"], p["bo"], residual=x, setting=best["o"])
-        h = cuda_proj(x, p["up"], p["bup"], norm=(p["g2"], p["s2"]), act="relu2",
-                      setting=best["up"])
-        return cuda_proj(h, p["down"], p["bdown"], residual=x, setting=best["down"])
-
-    out = {}
-    for label, layer, tr in (("xla", xla_layer, False), ("cuda", cuda_layer, True)):
-        qs = ps if not tr else [{a: (blocked(v, best[a][0], best[a][3]) if a in PROJ else v)
-                                 for a, v in p.items()} for p in ps]
-
-        def net(x, qs, layer=layer):
-            for p in qs:
-                x = layer(x, p)
-            return x
-        f = jax.jit(net)
-        hlo = f.lower(x, qs).compile().as_text()
-        print(f"  {label}: compiled HLO: {hlo.count('command_buffer')} mentions of command_buffer, "
-              f"{hlo.count('custom-call(')} custom calls", flush=True)
-        t = bench(f, x, qs, reps=30) * 1e3
-        out[label] = (t, f(x, qs).astype(f32))
-        print(f"  {label}: {t:.3f} ms", flush=True)
-        if PROFILE:
-            import profile_gpu
-            d, wall = profile_gpu.trace(lambda f=f, qs=qs: f(x, qs), 5, PROFILE, label)
-            print(profile_gpu.summarize(d, 5, wall, top=14), flush=True)
-        del qs
-    floor = L * 2 * (4 * D * D + 2 * D * PROJ["up"][1]) / BW * 1e3
-    err = float(jnp.max(jnp.abs(out["cuda"][1] - out["xla"][1])) / jnp.max(jnp.abs(out["xla"][1])))
-    print(f"chain of {L} layers: xla {out['xla'][0]:.3f} ms, cuda kernels {out['cuda'][0]:.3f} ms, "
-          f"floor {floor:.3f} ms; max rel diff {err:.1e}", flush=True)
+    def prepare(p):
+        return {a: (blocked(v, best[a][0], best[a][3]) if a in PROJ else v) for a, v in p.items()}
+    time_chains(x, {"xla": (xla_layer, lambda p: p), "cuda": (layer_with(proj), prepare)},
+                profile=PROFILE)
 
 
 if __name__ == "__main__":

@@ -25,14 +25,11 @@ import functools
 import itertools
 
 from probe_common import BW, bench
+from probe_decode_common import (DT, EPS, GPU, PROJ, D, F, epilogue, layer_with, make, time_chains,
+                                 xla_layer, xla_proj)
 
 import jax
 import jax.numpy as jnp
-
-GPU = jax.default_backend() == "gpu"
-D, F, L = (3328, 26624, 32) if GPU else (256, 512, 2)
-EPS = 1e-5
-DT = jnp.bfloat16 if GPU else jnp.float32
 
 
 # ---------------------------------------------------------------------- the kernel
@@ -113,25 +110,8 @@ def fused_linear(x: Array, w: Array, bias: Array | None = None, *, norm=None,
     y = _call(tuple(names), mp, k, n, x.dtype, t, None if eps is None else float(eps),
               act if fused_epilogue else None)(*args)
     if not fused_epilogue:  # float32 partial sums [split, mp, n]: the epilogue in XLA
-        y = _epilogue(jnp.sum(y, axis=0), bias, act, residual, x.dtype)
+        y = epilogue(jnp.sum(y, axis=0), bias, act, residual, x.dtype)
     return y[:m] if mp != m else y
-
-
-def _round(v, dtype):
-    return v.astype(dtype).astype(jnp.float32)
-
-
-def _epilogue(acc, bias, act, residual, dtype):
-    """The model's XLA path's roundings after a float32 product: GEMM output, + bias, relu^2,
-    + residual, each in `dtype`."""
-    y = _round(acc, dtype)
-    if bias is not None:
-        y = _round(y + bias.astype(jnp.float32), dtype)
-    if act == "relu2":
-        y = _round(jnp.square(jnp.maximum(y, 0.0)), dtype)
-    if residual is not None:
-        y = residual.astype(jnp.float32) + y
-    return y.astype(dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,36 +204,10 @@ def _kernel(*refs, names, mp, k, kc, t: Tiles, eps, act, dtype):
     if bias is not None and mp > 1:
         bias = bias[None, :]
     residual = ref["residual"][...] if "residual" in ref else None
-    out_ref[...] = _epilogue(acc, bias, act, residual, dtype)
+    out_ref[...] = epilogue(acc, bias, act, residual, dtype)
 
 
 # ---------------------------------------------------------------------- the probe
-def ln(x, g, b):
-    x32 = x.astype(jnp.float32)
-    m = jnp.mean(x32, -1, keepdims=True)
-    v = jnp.mean(jnp.square(x32 - m), -1, keepdims=True)
-    return ((x32 - m) * jax.lax.rsqrt(v + EPS) * g + b).astype(x.dtype)
-
-
-def xla_proj(x, w, bias, norm=None, act=None, residual=None):
-    """The model's XLA path: Linear's bf16-output dot, float32 bias add, relu^2, residual."""
-    if norm is not None:
-        x = ln(x, norm[0], norm[1])
-    y = jnp.dot(x, w, preferred_element_type=x.dtype)
-    y = (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
-    if act == "relu2":
-        y = jnp.square(jax.nn.relu(y))
-    return y if residual is None else residual + y
-
-
-PROJ = {  # name: (K, N, uses norm, act, uses residual)
-    "qkv": (D, 3 * D, True, None, False),
-    "o": (D, D, False, None, True),
-    "up": (D, F, True, "relu2", False),
-    "down": (F, D, False, None, True),
-}
-
-
 def candidates(m, k, n, quick):
     out = [default_tiles(m, k, n)]
     if quick:
@@ -279,23 +233,6 @@ def sample(cands, limit):
     return [cands[0]] + [cands[1 + int(i * step) % (len(cands) - 1)] for i in range(limit - 1)]
 
 
-def make(name, m, copies, key):
-    k, n, has_norm, act, has_res = PROJ[name]
-    ks = jax.random.split(jax.random.key(key), 6)
-    ws = [(0.02 * jax.random.normal(jax.random.fold_in(ks[0], i), (k, n))).astype(DT)
-          for i in range(copies)]
-    x = jax.random.normal(ks[1], (m, k)).astype(DT)
-    kw = dict(bias=(0.02 * jax.random.normal(ks[2], (n,))).astype(DT))
-    if has_norm:
-        kw["norm"] = ((1 + 0.1 * jax.random.normal(ks[3], (k,))).astype(DT),
-                      (0.1 * jax.random.normal(ks[4], (k,))).astype(DT))
-    if act:
-        kw["act"] = act
-    if has_res:
-        kw["residual"] = jax.random.normal(ks[5], (m, n)).astype(DT)
-    return x, ws, kw
-
-
 def part1(rows, quick, limit, verbose, only):
     best = {}
     print(f"{'proj':>5}{'M':>4}{'xla us':>9}{'ours us':>9}{'floor':>7}  best tiles (of n tried), err")
@@ -304,7 +241,7 @@ def part1(rows, quick, limit, verbose, only):
             continue
         k, n = PROJ[name][:2]
         copies = 8
-        x, ws, kw = make(name, m, copies, 7)
+        x, ws, kw = make(name, copies, 7, rows=m)
         norm = kw.get("norm")
         fkw = dict(kw, norm=None if norm is None else (*norm, EPS))
 
@@ -338,46 +275,14 @@ def part1(rows, quick, limit, verbose, only):
 
 
 def part2(rows, best):
-    def params(i):
-        ks = jax.random.split(jax.random.key(100 + i), 8)
-        p = {name: (0.02 * jax.random.normal(ks[j], PROJ[name][:2])).astype(DT)
-             for j, name in enumerate(PROJ)}
-        for j, name in enumerate(PROJ):
-            p["b" + name] = (0.02 * jax.random.normal(ks[4 + j], (PROJ[name][1],))).astype(DT)
-        p.update(g1=jnp.ones(D, DT), s1=jnp.zeros(D, DT), g2=jnp.ones(D, DT), s2=jnp.zeros(D, DT))
-        return p
-
-    ps = [params(i) for i in range(L)]
     for m in rows:
         x = jax.random.normal(jax.random.key(5), (m, D)).astype(DT)
 
-        def xla_layer(x, p):
-            qkv = xla_proj(x, p["qkv"], p["bqkv"], norm=(p["g1"], p["s1"]))
-            x = xla_proj(qkv[:, 2 * D:], p["o"], p["bo"], residual=x)
-            h = xla_proj(x, p["up"], p["bup"], norm=(p["g2"], p["s2"]), act="relu2")
-            return xla_proj(h, p["down"], p["bdown"], residual=x)
-
-        def fused_layer(x, p):
-            tl = lambda name: best.get((name, m))
-            qkv = fused_linear(x, p["qkv"], p["bqkv"], norm=(p["g1"], p["s1"], EPS), tiles=tl("qkv"))
-            x = fused_linear(qkv[:, 2 * D:], p["o"], p["bo"], residual=x, tiles=tl("o"))
-            h = fused_linear(x, p["up"], p["bup"], norm=(p["g2"], p["s2"], EPS), act="relu2",
-                             tiles=tl("up"))
-            return fused_linear(h, p["down"], p["bdown"], residual=x, tiles=tl("down"))
-
-        out = {}
-        for label, layer in (("xla", xla_layer), ("fused", fused_layer)):
-            def net(x, ps, layer=layer):
-                for p in ps:
-                    x = layer(x, p)
-                return x
-            f = jax.jit(net)
-            t = bench(f, x, ps, reps=20) * 1e3
-            out[label] = (t, f(x, ps).astype(jnp.float32))
-        floor = L * 2 * (4 * D * D + 2 * D * F) / BW * 1e3
-        err = float(jnp.max(jnp.abs(out["fused"][1] - out["xla"][1])) / jnp.max(jnp.abs(out["xla"][1])))
-        print(f"chain M={m}: xla {out['xla'][0]:.3f} ms, fused {out['fused'][0]:.3f} ms, "
-              f"floor {floor:.3f} ms; max rel diff {err:.1e}", flush=True)
+        def proj(name, x, w, bias, norm=None, act=None, residual=None, m=m):
+            return fused_linear(x, w, bias, norm=None if norm is None else (*norm, EPS), act=act,
+                                residual=residual, tiles=best.get((name, m)))
+        time_chains(x, {"xla": (xla_layer, lambda p: p), "fused": (layer_with(proj), lambda p: p)},
+                    label=f"M={m} ")
 
 
 def read_only(limit):

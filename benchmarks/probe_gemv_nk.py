@@ -20,31 +20,11 @@ import functools
 import itertools
 
 from probe_common import BW, bench
+from probe_decode_common import (DT, EPS, GPU, PROJ, epilogue, f32, layer_with, make, round_to,
+                                 time_chains, xla_layer, xla_proj)
 
 import jax
 import jax.numpy as jnp
-
-GPU = jax.default_backend() == "gpu"
-D, F, L = (3328, 26624, 32) if GPU else (256, 512, 2)
-EPS = 1e-5
-DT = jnp.bfloat16 if GPU else jnp.float32
-f32 = jnp.float32
-
-
-def _round(v, dtype):
-    return v.astype(dtype).astype(f32)
-
-
-def epilogue(acc, bias, act, residual, dtype):
-    """The model's roundings after a float32 product: GEMM output, + bias, relu^2, + residual."""
-    y = _round(acc, dtype)
-    if bias is not None:
-        y = _round(y + bias.astype(f32), dtype)
-    if act == "relu2":
-        y = _round(jnp.square(jnp.maximum(y, 0.0)), dtype)
-    if residual is not None:
-        y = residual.astype(f32) + y
-    return y.astype(dtype)
 
 
 def gemv_nk(x, wt, bias=None, *, norm=None, act=None, residual=None, tiles=(8, 256, 1, 4)):
@@ -89,7 +69,7 @@ def _kernel(*refs, names, k, bk, unroll, norm, act, dtype):
         cols = pl.ds(start, bk)
         xs = x_ref[cols].astype(f32)
         if norm:
-            xs = _round((xs - mean) * rstd * ref["scale"][cols].astype(f32)
+            xs = round_to((xs - mean) * rstd * ref["scale"][cols].astype(f32)
                         + ref["shift"][cols].astype(f32), dtype)
         return acc + ref["w"][:, cols].astype(f32) * xs[None, :]
 
@@ -102,33 +82,6 @@ def _kernel(*refs, names, k, bk, unroll, norm, act, dtype):
     acc = jnp.sum(acc, axis=1)
     out_ref[...] = epilogue(acc, ref["bias"][...] if "bias" in ref else None, act,
                             ref["residual"][...] if "residual" in ref else None, dtype)
-
-
-# ---------------------------------------------------------------------- XLA's path
-def ln(x, g, b):
-    x32 = x.astype(f32)
-    m = jnp.mean(x32, -1, keepdims=True)
-    v = jnp.mean(jnp.square(x32 - m), -1, keepdims=True)
-    return ((x32 - m) * jax.lax.rsqrt(v + EPS) * g + b).astype(x.dtype)
-
-
-def xla_proj(x, w, bias, norm=None, act=None, residual=None):
-    """The model's path over [K, N] weights: bf16-output dot, float32 bias add, relu^2, residual."""
-    if norm is not None:
-        x = ln(x, norm[0], norm[1])
-    y = jnp.dot(x, w, preferred_element_type=x.dtype)
-    y = (y.astype(f32) + bias.astype(f32)).astype(x.dtype)
-    if act == "relu2":
-        y = jnp.square(jax.nn.relu(y))
-    return y if residual is None else residual + y
-
-
-PROJ = {  # name: (K, N, uses norm, act, uses residual)
-    "qkv": (D, 3 * D, True, None, False),
-    "o": (D, D, False, None, True),
-    "up": (D, F, True, "relu2", False),
-    "down": (F, D, False, None, True),
-}
 
 
 def candidates(k, n):
@@ -148,23 +101,6 @@ def sample(cands, limit):
         return cands
     step = len(cands) / limit
     return [cands[int(i * step)] for i in range(limit)]
-
-
-def make(name, copies, key):
-    k, n, has_norm, act, has_res = PROJ[name]
-    ks = jax.random.split(jax.random.key(key), 6)
-    ws = [(0.02 * jax.random.normal(jax.random.fold_in(ks[0], i), (k, n))).astype(DT)
-          for i in range(copies)]
-    x = jax.random.normal(ks[1], (k,)).astype(DT)
-    kw = dict(bias=(0.02 * jax.random.normal(ks[2], (n,))).astype(DT))
-    if has_norm:
-        kw["norm"] = ((1 + 0.1 * jax.random.normal(ks[3], (k,))).astype(DT),
-                      (0.1 * jax.random.normal(ks[4], (k,))).astype(DT))
-    if act:
-        kw["act"] = act
-    if has_res:
-        kw["residual"] = jax.random.normal(ks[5], (n,)).astype(DT)
-    return x, ws, kw
 
 
 def part1(limit, only, verbose):
@@ -205,47 +141,12 @@ def part1(limit, only, verbose):
 
 
 def part2(best):
-    def params(i):
-        ks = jax.random.split(jax.random.key(100 + i), 8)
-        p = {name: (0.02 * jax.random.normal(ks[j], PROJ[name][:2])).astype(DT)
-             for j, name in enumerate(PROJ)}
-        for j, name in enumerate(PROJ):
-            p["b" + name] = (0.02 * jax.random.normal(ks[4 + j], (PROJ[name][1],))).astype(DT)
-        p.update(g1=jnp.ones(D, DT), s1=jnp.zeros(D, DT), g2=jnp.ones(D, DT), s2=jnp.zeros(D, DT))
-        return p
+    x = jax.random.normal(jax.random.key(5), (PROJ["qkv"][0],)).astype(DT)
 
-    ps = [params(i) for i in range(L)]
-    x = jax.random.normal(jax.random.key(5), (D,)).astype(DT)
-
-    def xla_layer(x, p):
-        qkv = xla_proj(x, p["qkv"], p["bqkv"], norm=(p["g1"], p["s1"]))
-        x = xla_proj(qkv[2 * D:], p["o"], p["bo"], residual=x)
-        h = xla_proj(x, p["up"], p["bup"], norm=(p["g2"], p["s2"]), act="relu2")
-        return xla_proj(h, p["down"], p["bdown"], residual=x)
-
-    def nk_layer(x, p):
-        qkv = gemv_nk(x, p["qkv"], p["bqkv"], norm=(p["g1"], p["s1"]), tiles=best["qkv"])
-        x = gemv_nk(qkv[2 * D:], p["o"], p["bo"], residual=x, tiles=best["o"])
-        h = gemv_nk(x, p["up"], p["bup"], norm=(p["g2"], p["s2"]), act="relu2", tiles=best["up"])
-        return gemv_nk(h, p["down"], p["bdown"], residual=x, tiles=best["down"])
-
-    out = {}
-    for label, layer, tr in (("xla", xla_layer, False), ("nk", nk_layer, True)):
-        qs = ps if not tr else [{a: (v.T.copy() if a in PROJ else v) for a, v in p.items()}
-                                for p in ps]
-
-        def net(x, qs, layer=layer):
-            for p in qs:
-                x = layer(x, p)
-            return x
-        f = jax.jit(net)
-        t = bench(f, x, qs, reps=20) * 1e3
-        out[label] = (t, f(x, qs).astype(f32))
-        del qs
-    floor = L * 2 * (4 * D * D + 2 * D * F) / BW * 1e3
-    err = float(jnp.max(jnp.abs(out["nk"][1] - out["xla"][1])) / jnp.max(jnp.abs(out["xla"][1])))
-    print(f"chain of {L} layers: xla {out['xla'][0]:.3f} ms, nk kernels {out['nk'][0]:.3f} ms, "
-          f"floor {floor:.3f} ms; max rel diff {err:.1e}", flush=True)
+    def proj(name, x, w, bias, norm=None, act=None, residual=None):
+        return gemv_nk(x, w, bias, norm=norm, act=act, residual=residual, tiles=best[name])
+    transposed = lambda p: {a: (v.T.copy() if a in PROJ else v) for a, v in p.items()}
+    time_chains(x, {"xla": (xla_layer, lambda p: p), "nk": (layer_with(proj), transposed)})
 
 
 if __name__ == "__main__":
