@@ -23,8 +23,8 @@ import os
 import subprocess
 import tempfile
 
-from probe_common import BW, bench
-from probe_decode_common import DT, PROJ, f32, layer_with, make, time_chains, xla_layer, xla_proj
+from probe_common import BW
+from probe_decode_common import DT, PROJ, layer_with, make, sweep, time_chains, xla_layer
 
 import jax
 import jax.numpy as jnp
@@ -81,34 +81,23 @@ def cuda_proj(x, wb, bias, norm=None, act=None, residual=None, setting=(4, 4, 0,
     return call(x, wb, bias, scale, shift, dummy if residual is None else residual,
                 norm=np.int64(norm is not None), relu2=np.int64(act == "relu2"),
                 resid=np.int64(residual is not None), rows=np.int64(setting[0]),
-                stages=np.int64(setting[1]), grid=np.int64(setting[2]), step_major=np.int64(setting[3]), eps=np.float32(eps))
+                stages=np.int64(setting[1]), grid=np.int64(setting[2]),
+                step_major=np.int64(setting[3]), eps=np.float32(eps))
 
 
 def part1(only):
     best = {}
-    print(f"{'proj':>5}{'xla us':>9}{'cuda us':>9}{'floor':>7}  best (rows, stages, grid, step-major), rel err; top 8")
+    print(f"{'proj':>5}{'xla us':>9}{'cuda us':>9}{'floor':>7}  best (rows, stages, grid, "
+          f"step-major), rel err; top 8")
     for name in PROJ:
         if only and name not in only:
             continue
         k, n = PROJ[name][:2]
         copies = 8
         x, ws, kw = make(name, copies, 7)
-        xla = jax.jit(lambda x, ws: jnp.stack([xla_proj(x, w, **kw) for w in ws]))
-        t_xla = bench(xla, x, ws) / copies * 1e6
-        want = xla(x, ws[:1])[0].astype(f32)
-        results = []
-        for s in settings(k, n, "norm" in kw):
-            f = jax.jit(lambda x, wts, s=s: jnp.stack([cuda_proj(x, w, setting=s, **kw) for w in wts]))
-            wts = [blocked(w, s[0], s[3]) for w in ws]
-            try:
-                got = f(x, wts[:1])[0].astype(f32)
-                us = bench(f, x, wts) / copies * 1e6
-            except Exception as e:  # e.g. more shared memory than a block may have
-                print(f"    {name} {s}: {type(e).__name__}: {str(e)[:100]}")
-                continue
-            err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-            results.append((us, s, err))
-        results.sort(key=lambda r: r[0])
+        t_xla, results = sweep(x, ws, kw, settings(k, n, "norm" in kw),
+                               lambda x, w, s, **kw: cuda_proj(x, w, setting=s, **kw),
+                               prepare=lambda w, s: blocked(w, s[0], s[3]), tag=f"{name} ")
         us, s, err = results[0]
         best[name] = s
         print(f"{name:>5}{t_xla:>9.1f}{us:>9.1f}{2 * k * n / BW * 1e6:>7.1f}  {s}, {err:.1e}; "

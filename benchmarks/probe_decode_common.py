@@ -135,3 +135,32 @@ def time_chains(x, variants, label="", profile=""):
     print(f"chain of {L} layers {label}(weight floor {floor:.3f} ms): " + ", ".join(
         f"{name} {t:.3f} ms (max diff to {first} {float(jnp.max(jnp.abs(y - want))) / scale:.1e})"
         for name, (t, y) in out.items()), flush=True)
+
+
+def sweep(x, ws, kw, settings, call, prepare=None, verbose=False, tag=""):
+    """XLA's path and call(x, w, setting, **kw) for each setting, each timed over all of `ws` in one
+    jitted call (so nothing is served from L2) and checked against XLA's result; `prepare(w,
+    setting)` lays a weight out for the kernel. Returns XLA's microseconds a projection and
+    [(microseconds, setting, relative difference)], fastest first; a setting the compiler or the
+    kernel rejects is printed and skipped."""
+    copies = len(ws)
+    xla = jax.jit(lambda x, ws: jnp.stack([xla_proj(x, w, **kw) for w in ws]))
+    t_xla = bench(xla, x, ws) / copies * 1e6
+    want = xla(x, ws[:1])[0].astype(f32)
+    results = []
+    for s in settings:
+        f = jax.jit(lambda x, ws, s=s: jnp.stack([call(x, w, s, **kw) for w in ws]))
+        laid = ws if prepare is None else [prepare(w, s) for w in ws]
+        try:
+            got = f(x, laid[:1])[0].astype(f32)
+            us = bench(f, x, laid) / copies * 1e6
+        except Exception as e:
+            print(f"    {tag}{s}: {type(e).__name__}: {str(e)[:150]}")
+            continue
+        err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+        results.append((us, s, err))
+        if verbose:
+            print(f"    {tag}{us:7.1f} us  {s}  err {err:.1e}", flush=True)
+        del laid
+    results.sort(key=lambda r: r[0])
+    return t_xla, results

@@ -25,8 +25,8 @@ import functools
 import itertools
 
 from probe_common import BW, bench
-from probe_decode_common import (DT, EPS, GPU, PROJ, D, F, epilogue, layer_with, make, time_chains,
-                                 xla_layer, xla_proj)
+from probe_decode_common import (DT, EPS, GPU, PROJ, D, F, epilogue, layer_with, make, sweep,
+                                 time_chains, xla_layer)
 
 import jax
 import jax.numpy as jnp
@@ -242,28 +242,12 @@ def part1(rows, quick, limit, verbose, only):
         k, n = PROJ[name][:2]
         copies = 8
         x, ws, kw = make(name, copies, 7, rows=m)
-        norm = kw.get("norm")
-        fkw = dict(kw, norm=None if norm is None else (*norm, EPS))
 
-        xla = jax.jit(lambda x, ws: jnp.stack([xla_proj(x, w, **kw) for w in ws]))
-        t_xla = bench(xla, x, ws) / copies * 1e6
-        want = xla(x, ws[:1])[0].astype(jnp.float32)
-        results = []
-        for t in sample(candidates(m, k, n, quick), limit):
-            f = jax.jit(lambda x, ws, t=t: jnp.stack([fused_linear(x, w, tiles=t, **fkw)
-                                                      for w in ws]))
-            try:
-                got = f(x, ws[:1])[0].astype(jnp.float32)
-                us = bench(f, x, ws) / copies * 1e6
-            except Exception as e:  # a tile setting Triton rejects: say so, go on
-                print(f"    {name} M={m} {t}: {type(e).__name__}: {str(e)[:120]}")
-                continue
-            err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-            results.append((us, t, err))
-            if verbose:
-                print(f"    {name} M={m} {us:7.1f} us  {t}")
+        def call(x, w, t, norm=None, **kw):
+            return fused_linear(x, w, tiles=t, norm=None if norm is None else (*norm, EPS), **kw)
+        t_xla, results = sweep(x, ws, kw, sample(candidates(m, k, n, quick), limit), call,
+                               verbose=verbose, tag=f"{name} M={m} ")
         default_us = {r[1]: r[0] for r in results}
-        results.sort(key=lambda r: r[0])
         us, t, err = results[0]
         best[name, m] = t
         floor = 2 * k * n / BW * 1e6

@@ -21,7 +21,7 @@ import itertools
 
 from probe_common import BW, bench
 from probe_decode_common import (DT, EPS, GPU, PROJ, epilogue, f32, layer_with, make, round_to,
-                                 time_chains, xla_layer, xla_proj)
+                                 sweep, time_chains, xla_layer)
 
 import jax
 import jax.numpy as jnp
@@ -113,30 +113,15 @@ def part1(limit, only, verbose):
         k, n = PROJ[name][:2]
         copies = 8
         x, ws, kw = make(name, copies, 7)
-        wts = [w.T.copy() for w in ws]
-        xla = jax.jit(lambda x, ws: jnp.stack([xla_proj(x, w, **kw) for w in ws]))
-        t_xla = bench(xla, x, ws) / copies * 1e6
         t_dot = bench(jax.jit(lambda x, ws: jnp.stack([jnp.dot(x, w) for w in ws])), x, ws) / copies * 1e6
-        want = xla(x, ws[:1])[0].astype(f32)
-        results = []
-        for t in sample(candidates(k, n), limit):
-            f = jax.jit(lambda x, wts, t=t: jnp.stack([gemv_nk(x, w, tiles=t, **kw) for w in wts]))
-            try:
-                got = f(x, wts[:1])[0].astype(f32)
-                us = bench(f, x, wts) / copies * 1e6
-            except Exception as e:  # a tile setting Triton rejects: say so, go on
-                print(f"    {name} {t}: {type(e).__name__}: {str(e)[:150]}")
-                continue
-            err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-            results.append((us, t, err))
-            if verbose:
-                print(f"    {name} {us:7.1f} us  {t}  err {err:.1e}", flush=True)
-        results.sort(key=lambda r: r[0])
+        t_xla, results = sweep(x, ws, kw, sample(candidates(k, n), limit),
+                               lambda x, w, t, **kw: gemv_nk(x, w, tiles=t, **kw),
+                               prepare=lambda w, t: w.T.copy(), verbose=verbose, tag=f"{name} ")
         us, t, err = results[0]
         best[name] = t
         print(f"{name:>5}{t_xla:>9.1f}{t_dot:>9.1f}{us:>9.1f}{2 * k * n / BW * 1e6:>7.1f}  {t} "
               f"({len(results)}), {err:.1e}; worst err {max(r[2] for r in results):.1e}", flush=True)
-        del ws, wts
+        del ws
     return best
 
 
