@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PREFIX = "RESULT "
 SHAPE_8B = dict(vocab_size=150272, hidden_size=3328, intermediate_size=26624, num_hidden_layers=32,
                 num_attention_heads=26, num_key_value_heads=26, max_position_embeddings=8192)
-SHAPE_TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+SHAPE_TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
 
 
@@ -105,11 +105,6 @@ def run_ours(args) -> None:
     jax.block_until_ready(params)
     if args.attention:
         model = model.clone(attention_impl=args.attention)
-    if args.decode_kernels:  # batch-1 decode steps through decode_kernels (blocked weight copies)
-        from jais2_jax.decode_kernels import prepare_decode_params
-        params = prepare_decode_params(params, config)
-        model = model.clone(decode_kernels=True)
-        jax.block_until_ready(params)
     n_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     emit(what="params", side="jax", bytes=n_bytes, seconds=time.perf_counter() - t)
     rs = np.random.RandomState(0)
@@ -281,8 +276,6 @@ def main() -> int:
                         help="force our attention implementation (default: by backend)")
     parser.add_argument("--unfused-qkv", action="store_true",
                         help="separate q/k/v GEMMs (the default fuses them, as jais2 generate does)")
-    parser.add_argument("--decode-kernels", action="store_true",
-                        help="batch-1 decode steps through jais2_jax.decode_kernels (experimental)")
     parser.add_argument("--only", default=None,
                         help="comma-separated figures to measure (decode_b1,decode_b16,decode_b64,"
                              "decode_long_b1,prefill); default all")

@@ -28,7 +28,6 @@ from jais2_jax.bias_relu2 import bias_relu2
 from jais2_jax.bias_relu2 import slope as relu2_slope
 from jais2_jax.cache import KVCache
 from jais2_jax.config import Jais2Config
-from jais2_jax.decode_kernels import fused_proj
 from jais2_jax.layernorm import layer_norm
 from jais2_jax.rope import apply_rope, rope_cos_sin
 
@@ -216,42 +215,6 @@ class LayerNorm(nn.Module):
         return layer_norm(x, scale, bias, eps=self.eps, dtype=self.dtype, impl=self.impl)
 
 
-def attend(q, k, v, cos, sin, mask, layer_cache, attention_impl):
-    """RoPE on q and k, the cache write, attention: q [B, T, H, hd], k / v [B, T, KV, hd] (the
-    projections' outputs) -> (output [B, T, H, hd], the layer's new cache or None)."""
-    # q and k are tagged (saved by the `dots` policies) after RoPE: what attention's backward
-    # reads, so the rotation is not recomputed there (RoPE's own backward needs no input)
-    q = checkpoint_name(apply_rope(q, cos, sin), "q_proj")
-    k = checkpoint_name(apply_rope(k, cos, sin), "k_proj")
-    q = _constrain(q, ("batch", "length", "heads", "head_dim"))
-    k = _constrain(k, ("batch", "length", "kv_heads", "head_dim"))
-    v = _constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-
-    if layer_cache is None:
-        out = dot_product_attention(q, k, v, kv_mask=mask["kv_mask"],
-                                    segment_ids=mask["segment_ids"],
-                                    implementation=attention_impl)
-        return out, None
-    k_cache, v_cache = layer_cache  # [B, S, KV, hd]
-    start = mask["cache_lengths"]  # [B]: first slot this chunk writes
-
-    def write(buf, new):
-        return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice(b, n, (s, 0, 0)))(
-            buf, new.astype(buf.dtype), start)
-
-    k_cache, v_cache = write(k_cache, k), write(v_cache, v)
-    if "chunk_lengths" in mask:
-        # Prefill of an empty cache: the chunk is all there is to attend to, causal from
-        # slot 0, which the flash kernel covers (attention over the cache would not).
-        out = dot_product_attention(q, k, v, kv_lengths=mask["chunk_lengths"],
-                                    implementation=attention_impl)
-    else:
-        out = dot_product_attention(
-            q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), q_offset=start,
-            kv_lengths=start + q.shape[1], implementation=attention_impl)
-    return out, (k_cache, v_cache)
-
-
 class Attention(nn.Module):
     config: Jais2Config
     dtype: Any
@@ -276,7 +239,38 @@ class Attention(nn.Module):
                        name="k_proj", tag_output=False, **kw)(x)  # [B, T, KV, hd]
             v = Linear((kv, c.head_dim), ("embed",), ("kv_heads", "head_dim"),
                        name="v_proj", **kw)(x)
-        out, new_cache = attend(q, k, v, cos, sin, mask, layer_cache, self.attention_impl)
+        # q and k are tagged (saved by the `dots` policies) after RoPE: what attention's backward
+        # reads, so the rotation is not recomputed there (RoPE's own backward needs no input)
+        q = checkpoint_name(apply_rope(q, cos, sin), "q_proj")
+        k = checkpoint_name(apply_rope(k, cos, sin), "k_proj")
+        q = _constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = _constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = _constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+
+        if layer_cache is None:
+            out = dot_product_attention(q, k, v, kv_mask=mask["kv_mask"],
+                                        segment_ids=mask["segment_ids"],
+                                        implementation=self.attention_impl)
+            new_cache = None
+        else:
+            k_cache, v_cache = layer_cache  # [B, S, KV, hd]
+            start = mask["cache_lengths"]  # [B]: first slot this chunk writes
+
+            def write(buf, new):
+                return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice(b, n, (s, 0, 0)))(
+                    buf, new.astype(buf.dtype), start)
+
+            k_cache, v_cache = write(k_cache, k), write(v_cache, v)
+            if "chunk_lengths" in mask:
+                # Prefill of an empty cache: the chunk is all there is to attend to, causal from
+                # slot 0, which the flash kernel covers (attention over the cache would not).
+                out = dot_product_attention(q, k, v, kv_lengths=mask["chunk_lengths"],
+                                            implementation=self.attention_impl)
+            else:
+                out = dot_product_attention(
+                    q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), q_offset=start,
+                    kv_lengths=start + q.shape[1], implementation=self.attention_impl)
+            new_cache = (k_cache, v_cache)
         out = _constrain(out, ("batch", "length", "heads", "head_dim"))  # tagged in attention.py
         y = Linear((c.hidden_size,), ("heads", "head_dim"), ("embed",), name="o_proj", **kw)(out)
         return y, new_cache
@@ -310,12 +304,9 @@ class DecoderLayer(nn.Module):
     attention_impl: str | None = None
     kernels: str | None = None
     fuse_qkv: bool = False
-    decode_kernels: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache):
-        if self.decode_kernels and layer_cache is not None and x.shape[:2] == (1, 1):
-            return self._decode_one_row(x, cos, sin, mask, layer_cache)
         c = self.config
         norm = dict(eps=c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                     impl=self.kernels)
@@ -327,39 +318,6 @@ class DecoderLayer(nn.Module):
         h = LayerNorm(name="post_attention_layernorm", **norm)(x)
         x = x + MLP(c, self.dtype, self.param_dtype, self.kernels, name="mlp")(h)
         return _constrain(x, ("batch", "length", "embed")), new_cache
-
-    def _decode_one_row(self, x, cos, sin, mask, layer_cache):
-        """One decode step of one row through decode_kernels.fused_proj: the LayerNorms, biases,
-        relu^2 and residual adds inside the four projections (prepare_decode_params' weights)."""
-        c = self.config
-        p = self.variables.get("params", {})
-        try:
-            attn, mlp = p["self_attn"], p["mlp"]
-            ln1, ln2 = p["input_layernorm"], p["post_attention_layernorm"]
-            weights = {name: part[proj]["kernel_blocked"] for name, part, proj in (
-                ("qkv", attn, "qkv_proj"), ("o", attn, "o_proj"), ("up", mlp, "up_proj"),
-                ("down", mlp, "down_proj"))}
-        except KeyError as e:
-            raise ValueError(f"decode_kernels=True needs the params of prepare_decode_params(params, "
-                             f"config); missing {e}") from None
-
-        def bias(part, proj, n):
-            b = part[proj].get("bias")
-            return jnp.zeros((n,), self.dtype) if b is None else b.reshape(n)
-
-        h, kv, hd, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
-        eps = c.layer_norm_eps
-        x1 = x.reshape(d).astype(self.dtype)
-        qkv = fused_proj("qkv", x1, weights["qkv"], bias(attn, "qkv_proj", (h + 2 * kv) * hd),
-                         norm=(ln1["scale"], ln1["bias"]), eps=eps)
-        q, k, v = jnp.split(qkv.reshape(1, 1, h + 2 * kv, hd), (h, h + kv), axis=2)
-        out, new_cache = attend(q, k, v, cos, sin, mask, layer_cache, self.attention_impl)
-        x1 = fused_proj("o", out.reshape(h * hd).astype(self.dtype), weights["o"],
-                        bias(attn, "o_proj", d), residual=x1)
-        up = fused_proj("up", x1, weights["up"], bias(mlp, "up_proj", c.intermediate_size),
-                        norm=(ln2["scale"], ln2["bias"]), eps=eps, act="relu2")
-        x1 = fused_proj("down", up, weights["down"], bias(mlp, "down_proj", d), residual=x1)
-        return x1.reshape(x.shape), new_cache
 
 
 class Jais2ForCausalLM(nn.Module):
@@ -382,9 +340,6 @@ class Jais2ForCausalLM(nn.Module):
     # Inference on one device: q/k/v as one GEMM over params from unstack_layers(fuse_qkv=True).
     # The fused heads axis is replicated by the sharding rules, so keep it off under tensor parallelism.
     fuse_qkv: bool = False
-    # Batch-1 decode steps through decode_kernels (CUDA on Hopper, XLA elsewhere), over the params
-    # of decode_kernels.prepare_decode_params; needs scan_layers=False and fuse_qkv=True.
-    decode_kernels: bool = False
 
     def setup(self):
         c = self.config
@@ -402,12 +357,9 @@ class Jais2ForCausalLM(nn.Module):
         if self.fuse_qkv and self.scan_layers:
             raise ValueError("fuse_qkv is an inference layout: use it with scan_layers=False and "
                              "unstack_layers(params, fuse_qkv=True)")
-        if self.decode_kernels and (self.scan_layers or not self.fuse_qkv):
-            raise ValueError("decode_kernels needs scan_layers=False and fuse_qkv=True (the params "
-                             "of decode_kernels.prepare_decode_params)")
         layer_kw = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype,
                         attention_impl=self.attention_impl, kernels=self.kernels,
-                        fuse_qkv=self.fuse_qkv, decode_kernels=self.decode_kernels)
+                        fuse_qkv=self.fuse_qkv)
         if self.scan_layers:
             self.layers = nn.scan(
                 layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
