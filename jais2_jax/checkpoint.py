@@ -255,7 +255,7 @@ def _check_folder(path) -> str:
         raise FileNotFoundError(f"{path} is not a folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no config.json in {path}: a checkpoint folder needs one")
-    return path
+    return os.path.abspath(path)  # Orbax reads no metadata from a relative path
 
 
 def _weight_files(folder: str) -> list[str]:
@@ -607,6 +607,8 @@ class OrbaxCheckpoint:
             raise ValueError(f"{self.params_dir} is not a readable Orbax checkpoint: {e}") from None
         self.meta = getattr(meta, "item_metadata", meta)
         self.meta = getattr(self.meta, "tree", self.meta)
+        if self.meta is None:
+            raise ValueError(f"{self.params_dir}: Orbax found no parameter metadata there")
         n = self.config.num_hidden_layers
         self.specs = tensor_specs(self.config)
         expected = {"/".join(s.path): s.full_shape(n) for s in self.specs}

@@ -332,6 +332,19 @@ def test_damaged_orbax_files_are_named(hf_src, tmp_path):
         load_checkpoint(tmp_path / "ob")
 
 
+def test_relative_paths(hf_src, tmp_path, monkeypatch):
+    """Folders named relative to the working directory (Orbax reads no metadata from those)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", str(hf_src), "ob", "--quiet"]) == 0
+    _, want = load_checkpoint(hf_src)
+    _, got = load_checkpoint("ob")
+    a, b = _leaves(want), _leaves(got)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert main(["export", "ob", "hf_again", "--quiet"]) == 0
+    c = _leaves(load_checkpoint("hf_again")[1])
+    assert all(np.array_equal(a[k], c[k]) for k in a)
+
+
 def test_pickle_only_folder_is_refused(hf_copy, capsys):
     for f in os.listdir(hf_copy):
         if f.endswith(".safetensors") or f.endswith(".json") and f != "config.json":
