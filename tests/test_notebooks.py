@@ -51,6 +51,17 @@ def test_saved_without_outputs_and_with_parameters(name):
     assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_used_work_dir_is_refused_up_front(name, tmp_path):
+    """Every notebook writes new folders under WORK_DIR and refuses to overwrite: a folder that
+    already holds something (a previous run's outputs) is named before any work is done."""
+    from nbclient.exceptions import CellExecutionError
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(CellExecutionError, match="is not empty"):
+        run_notebook(name, {"WORK_DIR": str(tmp_path)}, [])
+    assert os.listdir(tmp_path) == ["hf"]
+
+
 def _hf_new_tokens(hf, ids, mask, n):
     """transformers' greedy continuation [batch, <= n] of left-padded prompts."""
     import torch
@@ -118,7 +129,8 @@ def test_finetune_notebook_loss_falls(tmp_path):
     import jax
     from jais2_jax import Jais2ForCausalLM, Tokenizer, generate
     from jais2_jax.trainer import load_trained
-    v = run_notebook("finetune.ipynb", {"WORK_DIR": str(tmp_path), "STEPS": 40},
+    corpus = os.path.join(os.path.dirname(NOTEBOOKS), "data", "corpus")
+    v = run_notebook("finetune.ipynb", {"WORK_DIR": str(tmp_path), "STEPS": 40, "TEXT": [corpus]},
                      ["result", "losses", "loss_before", "loss_after", "PROMPTS", "samples_after"])
     assert v["result"]["status"] == "done" and v["result"]["step"] == 40
     # From ~ln(1024) = 6.93 nats at the random start: the curve falls and so does held-out loss.
