@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 import tempfile
 from typing import Any, Callable, Iterator, Sequence
 
@@ -785,10 +786,13 @@ def export_run_to_hf(run_dir, hf_dir, *, step=None, max_shard_size="5GB", dtype=
         raise FileExistsError(f"{target} exists; pass --force (force=True) to replace it")
     os.makedirs(os.path.dirname(target), exist_ok=True)
     config, params, step = load_trained(os.fspath(run_dir), step)
+    tokenizer_dir, data = run_tokenizer_dir(os.fspath(run_dir))
+    if tokenizer_dir is None:
+        print(f"note: the run's token store ({data}) has no tokenizer/ folder reachable from here; "
+              f"{target} gets no tokenizer files", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as t:
         model_dir = os.path.join(t, "model")
-        save_model(model_dir, config, jax.device_get(params),
-                   tokenizer_dir=run_tokenizer_dir(os.fspath(run_dir)))
+        save_model(model_dir, config, jax.device_get(params), tokenizer_dir=tokenizer_dir)
         export_orbax_to_hf(model_dir, hf_dir, max_shard_size=max_shard_size, dtype=dtype,
                            force=force, progress=progress)
     return step

@@ -155,7 +155,8 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
         options=ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints,
                                              enable_async_checkpointing=run.async_checkpointing),
         item_names=("state", "data", "meta"))
-    meta = {"model_config": config.to_dict(), "run": run.to_dict(), "processes": processes}
+    meta = {"model_config": config.to_dict(), "run": run.to_dict(), "processes": processes,
+            "data_dir": os.path.abspath(run.data)}  # `data` as seen from where the run started
 
     # ---------------------------------------------------------------- state: resume, continue, new
     with sharding.use_mesh(mesh):
@@ -341,16 +342,21 @@ def _config_diff(a: dict, b: dict) -> str:
     return ", ".join(f"{k}: {a.get(k)!r} (checkpoint) vs {b.get(k)!r} (run)" for k in keys)
 
 
-def run_tokenizer_dir(output_dir: str) -> str | None:
-    """The tokenizer the run trained with (the copy inside its token store), if it is there."""
+def run_tokenizer_dir(output_dir: str) -> tuple[str | None, str]:
+    """(the tokenizer the run trained with, the copy inside its token store, or None if that is
+    not there; the store's path as the run names it). The store is looked for where it was when
+    the run started (a relative `data` resolved then), then as `data` names it from here."""
     directory = os.path.abspath(os.path.join(output_dir, "checkpoints"))
     with ocp.CheckpointManager(directory, item_names=("state", "data", "meta")) as manager:
         step = manager.latest_step()
         if step is None:
-            return None
+            return None, ""
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    path = os.path.join(RunConfig.from_dict(meta["run"]).data, "tokenizer")
-    return path if os.path.isdir(path) else None
+    data = RunConfig.from_dict(meta["run"]).data
+    for store in (meta.get("data_dir"), data):  # data_dir: runs saved since it was recorded
+        if store and os.path.isdir(os.path.join(store, "tokenizer")):
+            return os.path.join(store, "tokenizer"), data
+    return None, data
 
 
 def load_trained(output_dir: str, step: int | None = None) -> tuple[Jais2Config, dict, int]:

@@ -3,6 +3,7 @@ run loop (loss falls, bitwise resume, SIGTERM), and bad input reported before an
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -557,3 +558,24 @@ def test_export_a_training_run_to_transformers(straight_run, tmp_path):
     text = "The desert at dawn. الصحراء عند الفجر"
     assert (AutoTokenizer.from_pretrained(out)(text).input_ids ==
             AutoTokenizer.from_pretrained(os.path.join(ROOT, "data", "tokenizer"))(text).input_ids)
+
+
+def test_export_finds_the_tokenizer_of_a_run_started_elsewhere(store, tmp_path, monkeypatch,
+                                                                capsys):
+    """A run given its token store by a relative path, exported from another folder, still gets
+    the store's tokenizer; a store that is gone is named and the export goes on without it."""
+    from jais2_jax.cli import main
+    start = tmp_path / "start"
+    shutil.copytree(store, start / "store")
+    monkeypatch.chdir(start)
+    train(_loop_run("store", tmp_path / "run", total_steps=2, checkpoint_every=2),
+          show_progress=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(tmp_path / "run"), "hf", "--quiet"]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (
+        start / "store" / "tokenizer" / "tokenizer.json").read_bytes()
+    shutil.rmtree(start / "store")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run"), "hf2", "--quiet"]) == 0
+    assert not (tmp_path / "hf2" / "tokenizer.json").exists()
+    assert "(store) has no tokenizer/ folder" in capsys.readouterr().err
