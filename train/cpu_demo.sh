@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU demo, step by step (`jais2 demo` does the same in one command, plus a loss-curve PNG):
-# tokenize the bundled corpus, train a tiny Jais2 for a few minutes, sample from the checkpoint.
+# tokenize the bundled corpus, train a tiny Jais2 (about a minute on two idle cores), sample from the checkpoint.
 #   bash train/cpu_demo.sh [OUTPUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
