@@ -235,6 +235,17 @@ def test_cli_streams_the_greedy_continuation(cli_folder, capsys, tmp_path):
         assert capsys.readouterr().out == want + "\n"
 
 
+def test_cli_default_length_fits_the_context(cli_folder, capsys):
+    """Without --max-new-tokens the reply is up to 256 tokens, fewer where the prompt leaves less
+    room (this model takes 256 positions): the default never trips the length check."""
+    from jais2_jax.cli import main
+    path, hf, tok = cli_folder
+    prompt = "مرحبا بكم في the lazy fox"
+    ids = tok.encode(prompt)
+    assert main(["generate", "--checkpoint", str(path), "--prompt", prompt]) == 0
+    assert capsys.readouterr().out == _hf_reply(hf, tok, ids, 256 - len(ids)) + "\n"
+
+
 def test_cli_stops_at_generation_config_eos(cli_folder, capsys, tmp_path):
     """An eos id listed only in generation_config.json (as instruct checkpoints do) ends the reply,
     as in transformers' generate, which reads it from there."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_NEW_TOKENS = 256
 
 
 def add_arguments(parser) -> None:
@@ -18,7 +19,9 @@ def add_arguments(parser) -> None:
     what.add_argument("--prompt", help="text to continue")
     what.add_argument("--chat", action="store_true", help="chat: one user message per stdin line")
     parser.add_argument("--system", default=None, help="system message for --chat")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"default: {DEFAULT_NEW_TOKENS}, or fewer where the prompt leaves less "
+                             "room in the model's max_position_embeddings")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
@@ -77,7 +80,7 @@ def run(args) -> int:
 
     # Cheap checks first: a bad flag should not wait for the checkpoint to load.
     Sampler(args.temperature, args.top_k, args.top_p)
-    if args.max_new_tokens <= 0:
+    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.prompt is not None and not args.prompt:
         raise ValueError("--prompt is empty")
@@ -106,7 +109,10 @@ def run(args) -> int:
 
     def reply(ids: list[int]) -> str:
         stream.reset()
-        generate(model, params, [ids], max_new_tokens=args.max_new_tokens,
+        # Unless asked for a number, what the context leaves (generate names a prompt too long).
+        room = config.max_position_embeddings - len(ids)
+        new = args.max_new_tokens or max(1, min(DEFAULT_NEW_TOKENS, room))
+        generate(model, params, [ids], max_new_tokens=new,
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  eos_token_id=stop_ids, rng=rng, callback=stream)
         return stream.finish()
