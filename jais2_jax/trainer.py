@@ -343,9 +343,9 @@ def _config_diff(a: dict, b: dict) -> str:
 
 
 def run_tokenizer_dir(output_dir: str) -> tuple[str | None, str]:
-    """(the tokenizer the run trained with, the copy inside its token store, or None if that is
-    not there; the store's path as the run names it). The store is looked for where it was when
-    the run started (a relative `data` resolved then), then as `data` names it from here."""
+    """(the tokenizer folder inside the run's token store, or None if it cannot be found; the
+    run's `data` as written). The store is looked for where it was when the run started (a
+    relative `data` resolved there), then as `data` names it from the current directory."""
     directory = os.path.abspath(os.path.join(output_dir, "checkpoints"))
     with ocp.CheckpointManager(directory, item_names=("state", "data", "meta")) as manager:
         step = manager.latest_step()
