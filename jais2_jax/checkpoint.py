@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import dataclasses
 import json
 import math
@@ -42,6 +41,7 @@ import numpy as np
 
 from jais2_jax import hf_mapping
 from jais2_jax.config import Jais2Config
+from jais2_jax.fsutil import check_apart, staged_output
 from jais2_jax.hf_mapping import TensorSpec, tensor_specs
 from jais2_jax.model import as_dtype
 
@@ -372,33 +372,6 @@ def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
     return bool(libc.mallopt(m_mmap_threshold, threshold))
 
 
-@contextlib.contextmanager
-def staged_output(target, force: bool) -> Iterator[str]:
-    """A temporary folder beside `target`, renamed to it when the block completes; removed if it
-    fails. An existing `target` is replaced only with `force`."""
-    target = os.path.abspath(os.fspath(target))
-    if os.path.lexists(target) and not force:
-        raise FileExistsError(f"{target} exists; pass --force (force=True) to replace it")
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
-    try:
-        yield tmp
-        if os.path.lexists(target):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
-            os.replace(target, os.path.join(old, "x"))
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _copy_tokenizer_files(src: str, dst: str) -> None:
     for name in sorted(os.listdir(src)):
         if name in TOKENIZER_FILES or name.endswith(".model"):
@@ -584,6 +557,7 @@ def convert_hf_to_orbax(hf_dir, orbax_dir, *, dtype=None, force: bool = False,
     target = os.path.abspath(os.fspath(orbax_dir))
     if os.path.lexists(target) and not force:
         raise FileExistsError(f"{target} exists; pass --force to replace it")
+    check_apart(target, [hf_dir])
     ckpt = HFCheckpoint(hf_dir)  # every check happens before anything is written
     dtype = ckpt.dtype if dtype is None else np.dtype(as_dtype(dtype))
     tree = _hf_to_streamed(ckpt, dtype)
@@ -719,6 +693,7 @@ def export_orbax_to_hf(orbax_dir, hf_dir, *, max_shard_size="5GB", dtype=None,
     target = os.path.abspath(os.fspath(hf_dir))
     if os.path.lexists(target) and not force:
         raise FileExistsError(f"{target} exists; pass --force to replace it")
+    check_apart(target, [orbax_dir])
     limit = parse_size(max_shard_size)
     ckpt = OrbaxCheckpoint(orbax_dir)
     config = ckpt.config
@@ -784,13 +759,15 @@ def export_run_to_hf(run_dir, hf_dir, *, step=None, max_shard_size="5GB", dtype=
     target = os.path.abspath(os.fspath(hf_dir))
     if os.path.lexists(target) and not force:  # before the load, not after it
         raise FileExistsError(f"{target} exists; pass --force (force=True) to replace it")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
+    check_apart(target, [run_dir])
     config, params, step = load_trained(os.fspath(run_dir), step)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
     tokenizer_dir, data = run_tokenizer_dir(os.fspath(run_dir))
     if tokenizer_dir is None:
         print(f"note: the run's token store ({data}) has no tokenizer/ folder reachable from here; "
               f"{target} gets no tokenizer files", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as t:
+    with tempfile.TemporaryDirectory(prefix=f".{os.path.basename(target)}.export-",
+                                     dir=os.path.dirname(target)) as t:
         model_dir = os.path.join(t, "model")
         save_model(model_dir, config, jax.device_get(params), tokenizer_dir=tokenizer_dir)
         export_orbax_to_hf(model_dir, hf_dir, max_shard_size=max_shard_size, dtype=dtype,

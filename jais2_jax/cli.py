@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     args = cmd_parser.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # Bad input: one clear line, no traceback.
+    except (ValueError, OSError) as e:
+        # Bad input or an unwritable / missing place: one clear line, no traceback.
         print(f"jais2 {name}: error: {e}", file=sys.stderr)
         return 1
 

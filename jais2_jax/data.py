@@ -24,12 +24,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from jais2_jax.config import parse_json_object
+from jais2_jax.fsutil import check_apart, staged_output
 
 FORMAT = "jais2-token-store"
 VERSION = 1
@@ -110,25 +110,26 @@ def prepare_data(inputs: Sequence[str], tokenizer: str, output: str, *, eval_fra
                  show_progress: bool = True) -> dict:
     """Tokenizes text/jsonl `inputs` into a token store at `output`; returns its index.
 
-    The store is built in a temporary directory beside `output` and renamed when complete.
+    The store is built in a temporary directory beside `output` and renamed when complete; with
+    `overwrite`, an existing store (only a store, and never one holding an input) is replaced once
+    the new one is complete.
     """
     from tqdm import tqdm
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    if os.path.exists(output) and not overwrite:
+    if os.path.lexists(output) and not overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise ValueError(f"{output} is a file, not a token store; --overwrite replaces only a store")
+    check_apart(output, inputs, "the token store")
+    if os.path.lexists(output) and (os.path.islink(output) or not os.path.isfile(
+            os.path.join(output, "index.json"))):
+        raise ValueError(f"{output} is not a token store (a folder with index.json); --overwrite "
+                         "replaces only a token store")
     from jais2_jax.tokenizer import Tokenizer
     files = _input_files(inputs)
     tok = Tokenizer.from_pretrained(tokenizer)
     bos = tok.bos_token_id if add_bos else None
     eos = tok.eos_token_id if add_eos else None
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".prepare-", dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the store is an ordinary directory
-    try:
+    with staged_output(output, overwrite, "--overwrite") as tmp:
         writer = _ShardWriter(tmp, shard_tokens)
         total = sum(os.path.getsize(f) for f in files)
         with tqdm(total=total, unit="B", unit_scale=True, desc="prepare-data",
@@ -163,12 +164,6 @@ def prepare_data(inputs: Sequence[str], tokenizer: str, output: str, *, eval_fra
                                "eos_token_id": eos}}
         with open(os.path.join(tmp, "index.json"), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return index
 
 

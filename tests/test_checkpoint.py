@@ -345,6 +345,27 @@ def test_relative_paths(hf_src, tmp_path, monkeypatch):
     assert all(np.array_equal(a[k], c[k]) for k in a)
 
 
+def test_output_never_replaces_its_input(hf_copy, tmp_path, capsys):
+    """convert / export with --force onto their own input (or a folder holding it) are refused:
+    they replaced the input with the output."""
+    files = sorted(os.listdir(hf_copy))
+    _fails(["convert", str(hf_copy), str(hf_copy), "--force"], capsys, "would replace its input")
+    _fails(["convert", str(hf_copy), str(tmp_path), "--force"], capsys, "would replace its input")
+    assert main(["convert", str(hf_copy), str(tmp_path / "ob"), "--quiet"]) == 0
+    _fails(["export", str(tmp_path / "ob"), str(tmp_path / "ob"), "--force"], capsys,
+           "would replace its input")
+    assert sorted(os.listdir(hf_copy)) == files and load_checkpoint(tmp_path / "ob")
+
+
+def test_unwritable_destination_is_one_line(hf_src, tmp_path, capsys):
+    """A destination that cannot be written (here below a file) is one line, not a traceback."""
+    (tmp_path / "afile").write_text("x")
+    assert main(["convert", str(hf_src), str(tmp_path / "afile" / "ob"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "afile" in err and "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "x" and os.listdir(tmp_path) == ["afile"]
+
+
 def test_pickle_only_folder_is_refused(hf_copy, capsys):
     for f in os.listdir(hf_copy):
         if f.endswith(".safetensors") or f.endswith(".json") and f != "config.json":

@@ -160,9 +160,49 @@ def test_unreadable_inputs_are_errors(tmp_path):
 def test_overwrite_never_replaces_a_file(tmp_path):
     file = tmp_path / "notes.txt"
     file.write_text("not a token store", encoding="utf-8")
-    with pytest.raises(ValueError, match="is a file, not a token store"):
+    with pytest.raises(ValueError, match="is not a token store"):
         data.prepare_data([CORPUS], TOKENIZER, str(file), overwrite=True, show_progress=False)
     assert file.read_text(encoding="utf-8") == "not a token store"
+
+
+def test_overwrite_replaces_only_a_store_and_never_an_input(tmp_path):
+    """--overwrite is refused for a folder that is not a token store (it deleted any folder) and
+    for an output that is, or holds, one of the inputs; nothing is touched."""
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "chapter1.txt").write_text("precious", encoding="utf-8")
+    with pytest.raises(ValueError, match="is not a token store"):
+        data.prepare_data([CORPUS], TOKENIZER, str(folder), overwrite=True, show_progress=False)
+    with pytest.raises(ValueError, match="would replace its input"):
+        data.prepare_data([str(folder)], TOKENIZER, str(folder), overwrite=True,
+                          show_progress=False)
+    with pytest.raises(ValueError, match="would replace its input"):
+        data.prepare_data([str(folder / "chapter1.txt")], TOKENIZER, str(tmp_path), overwrite=True,
+                          show_progress=False)
+    assert (folder / "chapter1.txt").read_text(encoding="utf-8") == "precious"
+
+
+def test_failed_overwrite_keeps_the_old_store(tmp_path, monkeypatch):
+    """The old store is replaced only once the new one is complete; when the final rename fails,
+    the old store is back in place and no temporary folder is left."""
+    from jais2_jax import fsutil
+    out = tmp_path / "store"
+    data.prepare_data([CORPUS], TOKENIZER, str(out), show_progress=False)
+    before = (out / "index.json").read_text(encoding="utf-8")
+    real = os.replace
+
+    def failing(src, dst):
+        if os.path.basename(str(src)).startswith(".store.tmp-"):
+            raise OSError("disk went away")
+        return real(src, dst)
+    monkeypatch.setattr(fsutil.os, "replace", failing)
+    with pytest.raises(OSError, match="disk went away"):
+        data.prepare_data([CORPUS], TOKENIZER, str(out), eval_fraction=0.5, overwrite=True,
+                          show_progress=False)
+    monkeypatch.undo()
+    assert (out / "index.json").read_text(encoding="utf-8") == before
+    assert data.TokenStore(str(out)).index["num_tokens"] > 0
+    assert sorted(os.listdir(tmp_path)) == ["store"]
 
 
 def test_existing_output_is_kept(store, tmp_path):

@@ -30,6 +30,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from jais2_jax.data import prepare_data
+    from jais2_jax.fsutil import write_text_atomic
     from jais2_jax.run_config import RunConfig
 
     if args.max_new_tokens <= 0:  # before minutes of data preparation and training
@@ -61,10 +62,10 @@ def run(args) -> int:
 
     print("[3/4] sample from the trained checkpoint")
     samples = _sample(run_config.output_dir, os.path.join(store, "tokenizer"), args.max_new_tokens)
-    with open(os.path.join(out, "samples.txt"), "w", encoding="utf-8") as f:
-        for prompt, text in samples:
-            print(f"  {prompt} -> {text!r}")
-            f.write(f"{prompt}{text}\n\n")
+    for prompt, text in samples:
+        print(f"  {prompt} -> {text!r}")
+    write_text_atomic(os.path.join(out, "samples.txt"),
+                      "".join(f"{prompt}{text}\n\n" for prompt, text in samples))
 
     print("[4/4] loss curve")
     png = _plot(os.path.join(run_config.output_dir, "metrics.jsonl"), os.path.join(out, "loss_curve.png"))
