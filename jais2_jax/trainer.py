@@ -84,7 +84,12 @@ class _Metrics:
                 f.writelines(kept)
             os.replace(path + ".tmp", path)
         self.file = open(path, "a", encoding="utf-8")
-        self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        # A resumed run hides TensorBoard's events after the checkpoint (purge_step), which it
+        # writes again, in a file of its own (the default name has the second and the host only:
+        # a resume within the same second overwrote the previous file).
+        self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"),
+                                    purge_step=start_step + 1 if start_step else None,
+                                    filename_suffix=f".from-step-{start_step}.{os.getpid()}")
 
     def write(self, step: int, values: dict[str, float]):
         if not self.enabled:
@@ -93,6 +98,7 @@ class _Metrics:
         self.file.flush()
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)
+        self.writer.flush()  # as the jsonl: a killed run keeps every step it logged
 
     def close(self):
         if self.enabled:

@@ -306,6 +306,20 @@ def straight_run(store, tmp_path_factory):
     return out
 
 
+def _tensorboard_events(folder):
+    """Every event of the TFRecord files in `folder` (length, crc, payload, crc records)."""
+    import struct
+    from tensorboardX.proto import event_pb2
+    events = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        raw, i = path.read_bytes(), 0
+        while i + 12 <= len(raw):
+            n = struct.unpack("<Q", raw[i:i + 8])[0]
+            events.append(event_pb2.Event.FromString(raw[i + 12:i + 12 + n]))
+            i += 12 + n + 4
+    return events
+
+
 def test_resume_is_bitwise_identical(store, straight_run, tmp_path):
     straight, split = straight_run, tmp_path / "split"
     first = train(_loop_run(store, split), until_step=3, show_progress=False)
@@ -320,6 +334,14 @@ def test_resume_is_bitwise_identical(store, straight_run, tmp_path):
     a, b = _losses(straight), _losses(split)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert all(a[s] == b[s] for s in a), (a, b)
+    # TensorBoard: the resumed writer purges the steps after the checkpoint (TensorBoard hides
+    # the first run's events from step 4 on), and every step's loss is there.
+    events = _tensorboard_events(split / "tensorboard")
+    from tensorboardX.proto import event_pb2
+    purges = [e.step for e in events if e.HasField("session_log")
+              and e.session_log.status == event_pb2.SessionLog.START]
+    assert purges == [4], purges
+    assert {e.step for e in events for v in e.summary.value if v.tag == "loss"} == set(range(1, 7))
     _, pa, _ = load_trained(str(straight))
     _, pb, step = load_trained(str(split))
     assert step == 6
