@@ -762,10 +762,10 @@ def export_run_to_hf(run_dir, hf_dir, *, step=None, max_shard_size="5GB", dtype=
     check_apart(target, [run_dir])
     config, params, step = load_trained(os.fspath(run_dir), step)
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    tokenizer_dir, data = run_tokenizer_dir(os.fspath(run_dir))
+    tokenizer_dir, places = run_tokenizer_dir(os.fspath(run_dir))
     if tokenizer_dir is None:
-        print(f"note: the run's token store ({data}) has no tokenizer/ folder reachable from here; "
-              f"{target} gets no tokenizer files", file=sys.stderr)
+        print(f"note: no tokenizer/ folder in the run's token store (looked in "
+              f"{' and '.join(places)}); {target} gets no tokenizer files", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix=f".{os.path.basename(target)}.export-",
                                      dir=os.path.dirname(target)) as t:
         model_dir = os.path.join(t, "model")

@@ -62,6 +62,9 @@ def write_text_atomic(path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-",
                                dir=os.path.dirname(os.path.abspath(path)))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it private; the output is an ordinary file
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)

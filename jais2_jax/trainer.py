@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -84,12 +85,15 @@ class _Metrics:
                 f.writelines(kept)
             os.replace(path + ".tmp", path)
         self.file = open(path, "a", encoding="utf-8")
-        # A resumed run hides TensorBoard's events after the checkpoint (purge_step), which it
-        # writes again, in a file of its own (the default name has the second and the host only:
-        # a resume within the same second overwrote the previous file).
+        # Hide TensorBoard's events after the checkpoint (purge_step; also from step 1 on when a
+        # run killed before its first checkpoint starts again), which this run writes again, in a
+        # file of its own (the default name has the second and the host only: a resume within
+        # the same second overwrote the previous file; a random suffix, not the pid, as one
+        # process may run twice).
         self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"),
-                                    purge_step=start_step + 1 if start_step else None,
-                                    filename_suffix=f".from-step-{start_step}.{os.getpid()}")
+                                    purge_step=start_step + 1,
+                                    filename_suffix=f".from-step-{start_step}."
+                                                    f"{uuid.uuid4().hex[:8]}")
 
     def write(self, step: int, values: dict[str, float]):
         if not self.enabled:
@@ -348,21 +352,22 @@ def _config_diff(a: dict, b: dict) -> str:
     return ", ".join(f"{k}: {a.get(k)!r} (checkpoint) vs {b.get(k)!r} (run)" for k in keys)
 
 
-def run_tokenizer_dir(output_dir: str) -> tuple[str | None, str]:
+def run_tokenizer_dir(output_dir: str) -> tuple[str | None, list[str]]:
     """(the tokenizer folder inside the run's token store, or None if it cannot be found; the
-    run's `data` as written). The store is looked for where it was when the run started (a
-    relative `data` resolved there), then as `data` names it from the current directory."""
+    places looked at). The store is looked for where it was when the run started (a relative
+    `data` resolved there), then as `data` names it from the current directory."""
     directory = os.path.abspath(os.path.join(output_dir, "checkpoints"))
     with ocp.CheckpointManager(directory, item_names=("state", "data", "meta")) as manager:
         step = manager.latest_step()
         if step is None:
-            return None, ""
+            return None, []
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     data = RunConfig.from_dict(meta["run"]).data
-    for store in (meta.get("data_dir"), data):  # data_dir: runs saved since it was recorded
-        if store and os.path.isdir(os.path.join(store, "tokenizer")):
-            return os.path.join(store, "tokenizer"), data
-    return None, data
+    places = [p for p in (meta.get("data_dir"), data) if p]  # data_dir: recorded since 2026-11
+    for store in places:
+        if os.path.isdir(os.path.join(store, "tokenizer")):
+            return os.path.join(store, "tokenizer"), places
+    return None, places
 
 
 def load_trained(output_dir: str, step: int | None = None) -> tuple[Jais2Config, dict, int]:

@@ -15,6 +15,9 @@ def test_write_text_atomic_replaces_only_when_written(tmp_path):
     assert path.read_text(encoding="utf-8") == "old" and os.listdir(tmp_path) == ["samples.txt"]
     write_text_atomic(path, "new")
     assert path.read_text(encoding="utf-8") == "new" and os.listdir(tmp_path) == ["samples.txt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # as open() makes it, not private
 
 
 def test_staged_output_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path):

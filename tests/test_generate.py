@@ -246,6 +246,16 @@ def test_cli_default_length_fits_the_context(cli_folder, capsys):
     assert capsys.readouterr().out == _hf_reply(hf, tok, ids, 256 - len(ids)) + "\n"
 
 
+def test_cli_prompt_filling_the_context_is_named(cli_folder, capsys):
+    from jais2_jax.cli import main
+    path, hf, tok = cli_folder
+    prompt = " ".join(["the lazy fox"] * 120)
+    assert len(tok.encode(prompt)) > 256
+    assert main(["generate", "--checkpoint", str(path), "--prompt", prompt]) == 1
+    err = capsys.readouterr().err
+    assert "fills the model's 256 positions" in err and "max_new_tokens" not in err, err
+
+
 def test_cli_stops_at_generation_config_eos(cli_folder, capsys, tmp_path):
     """An eos id listed only in generation_config.json (as instruct checkpoints do) ends the reply,
     as in transformers' generate, which reads it from there."""

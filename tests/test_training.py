@@ -320,6 +320,22 @@ def _tensorboard_events(folder):
     return events
 
 
+def test_tensorboard_rerun_from_step_0_hides_the_first_attempt(tmp_path):
+    """A run killed before its first checkpoint starts again at step 0: its TensorBoard events
+    purge the first attempt's from step 1 on (metrics.jsonl drops them too)."""
+    from tensorboardX.proto import event_pb2
+    from jais2_jax.trainer import _Metrics
+    for loss in (9.0, 4.0):  # two attempts, each from step 0
+        metrics = _Metrics(str(tmp_path), 0)
+        metrics.write(1, {"loss": loss})
+        metrics.close()
+    events = _tensorboard_events(tmp_path / "tensorboard")
+    purges = [e.step for e in events if e.HasField("session_log")
+              and e.session_log.status == event_pb2.SessionLog.START]
+    assert purges == [1, 1] and len(list((tmp_path / "tensorboard").iterdir())) == 2
+    assert [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")] == [4.0]
+
+
 def test_resume_is_bitwise_identical(store, straight_run, tmp_path):
     straight, split = straight_run, tmp_path / "split"
     first = train(_loop_run(store, split), until_step=3, show_progress=False)
@@ -335,12 +351,13 @@ def test_resume_is_bitwise_identical(store, straight_run, tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert all(a[s] == b[s] for s in a), (a, b)
     # TensorBoard: the resumed writer purges the steps after the checkpoint (TensorBoard hides
-    # the first run's events from step 4 on), and every step's loss is there.
+    # the first run's events from step 4 on; the first run's own purge at 1 finds nothing), and
+    # every step's loss is there.
     events = _tensorboard_events(split / "tensorboard")
     from tensorboardX.proto import event_pb2
     purges = [e.step for e in events if e.HasField("session_log")
               and e.session_log.status == event_pb2.SessionLog.START]
-    assert purges == [4], purges
+    assert sorted(purges) == [1, 4], purges
     assert {e.step for e in events for v in e.summary.value if v.tag == "loss"} == set(range(1, 7))
     _, pa, _ = load_trained(str(straight))
     _, pb, step = load_trained(str(split))
@@ -600,4 +617,5 @@ def test_export_finds_the_tokenizer_of_a_run_started_elsewhere(store, tmp_path, 
     capsys.readouterr()
     assert main(["export", str(tmp_path / "run"), "hf2", "--quiet"]) == 0
     assert not (tmp_path / "hf2" / "tokenizer.json").exists()
-    assert "(store) has no tokenizer/ folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no tokenizer/ folder" in err and str(start / "store") in err, err

@@ -109,9 +109,12 @@ def run(args) -> int:
 
     def reply(ids: list[int]) -> str:
         stream.reset()
-        # Unless asked for a number, what the context leaves (generate names a prompt too long).
+        # Unless asked for a number: what the context leaves, up to the default.
         room = config.max_position_embeddings - len(ids)
-        new = args.max_new_tokens or max(1, min(DEFAULT_NEW_TOKENS, room))
+        if args.max_new_tokens is None and room < 1:
+            raise ValueError(f"the prompt ({len(ids)} tokens) fills the model's "
+                             f"{config.max_position_embeddings} positions: nothing left to generate")
+        new = args.max_new_tokens or min(DEFAULT_NEW_TOKENS, room)
         generate(model, params, [ids], max_new_tokens=new,
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  eos_token_id=stop_ids, rng=rng, callback=stream)
