@@ -41,7 +41,7 @@ import numpy as np
 
 from jais2_jax import hf_mapping
 from jais2_jax.config import Jais2Config
-from jais2_jax.fsutil import check_apart, staged_output
+from jais2_jax.fsutil import check_output, staged_output
 from jais2_jax.hf_mapping import TensorSpec, tensor_specs
 from jais2_jax.model import as_dtype
 
@@ -554,10 +554,7 @@ def _hf_to_streamed(ckpt: HFCheckpoint, dtype: np.dtype) -> dict:
 def convert_hf_to_orbax(hf_dir, orbax_dir, *, dtype=None, force: bool = False,
                         progress: bool = True) -> None:
     """HF safetensors folder -> our Orbax folder (params + config + tokenizer), streaming."""
-    target = os.path.abspath(os.fspath(orbax_dir))
-    if os.path.lexists(target) and not force:
-        raise FileExistsError(f"{target} exists; pass --force to replace it")
-    check_apart(target, [hf_dir])
+    target = check_output(orbax_dir, force, [hf_dir])
     ckpt = HFCheckpoint(hf_dir)  # every check happens before anything is written
     dtype = ckpt.dtype if dtype is None else np.dtype(as_dtype(dtype))
     tree = _hf_to_streamed(ckpt, dtype)
@@ -690,10 +687,7 @@ def _ordered_map(fn: Callable, items: Sequence, workers: int = 4) -> Iterator:
 def export_orbax_to_hf(orbax_dir, hf_dir, *, max_shard_size="5GB", dtype=None,
                        force: bool = False, progress: bool = True) -> None:
     """Our Orbax folder -> HF safetensors shards + index + config (+ tokenizer), streaming."""
-    target = os.path.abspath(os.fspath(hf_dir))
-    if os.path.lexists(target) and not force:
-        raise FileExistsError(f"{target} exists; pass --force to replace it")
-    check_apart(target, [orbax_dir])
+    target = check_output(hf_dir, force, [orbax_dir])
     limit = parse_size(max_shard_size)
     ckpt = OrbaxCheckpoint(orbax_dir)
     config = ckpt.config
@@ -756,10 +750,7 @@ def export_run_to_hf(run_dir, hf_dir, *, step=None, max_shard_size="5GB", dtype=
     """A training run's checkpoint (default: the latest step) -> HF folder, through a temporary
     Orbax model folder. Returns the exported step."""
     from jais2_jax.trainer import load_trained, run_tokenizer_dir
-    target = os.path.abspath(os.fspath(hf_dir))
-    if os.path.lexists(target) and not force:  # before the load, not after it
-        raise FileExistsError(f"{target} exists; pass --force (force=True) to replace it")
-    check_apart(target, [run_dir])
+    target = check_output(hf_dir, force, [run_dir])  # before the load, not after it
     config, params, step = load_trained(os.fspath(run_dir), step)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tokenizer_dir, places = run_tokenizer_dir(os.fspath(run_dir))

@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from jais2_jax.config import parse_json_object
-from jais2_jax.fsutil import check_apart, staged_output
+from jais2_jax.fsutil import check_output, staged_output
 
 FORMAT = "jais2-token-store"
 VERSION = 1
@@ -117,9 +117,7 @@ def prepare_data(inputs: Sequence[str], tokenizer: str, output: str, *, eval_fra
     from tqdm import tqdm
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    if os.path.lexists(output) and not overwrite:
-        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
-    check_apart(output, inputs, "the token store")
+    check_output(output, overwrite, inputs, "--overwrite", "the token store")
     if os.path.lexists(output) and (os.path.islink(output) or not os.path.isfile(
             os.path.join(output, "index.json"))):
         raise ValueError(f"{output} is not a token store (a folder with index.json); --overwrite "

@@ -20,23 +20,36 @@ def check_apart(output, inputs: Sequence, what: str = "output") -> None:
             raise ValueError(f"{what} {output} would replace its input {source}: name another folder")
 
 
+def check_output(target, force: bool, inputs: Sequence = (), flag: str = "--force (force=True)",
+                 what: str = "output") -> str:
+    """The absolute `target`, checked before any work: an existing one needs `force` (`flag`
+    names it), and replacing it must not delete one of `inputs` (check_apart)."""
+    target = os.path.abspath(os.fspath(target))
+    if os.path.lexists(target) and not force:
+        raise FileExistsError(f"{target} exists; pass {flag} to replace it")
+    check_apart(target, inputs, what)
+    return target
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def staged_output(target, force: bool, flag: str = "--force (force=True)") -> Iterator[str]:
     """A temporary folder beside `target`, renamed to it when the block completes; removed if it
     fails. An existing `target` is replaced only with `force`, and only once the new one is
     complete (the old one is moved aside first, then removed)."""
-    target = os.path.abspath(os.fspath(target))
-    if os.path.lexists(target) and not force:
-        raise FileExistsError(f"{target} exists; pass {flag} to replace it")
+    target = check_output(target, force, flag=flag)
     parent = os.path.dirname(target)
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
     except OSError as e:  # read-only place, a file where a folder should be, ...
         raise OSError(f"cannot write {target}: {e.strerror or e}") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
     try:
         yield tmp
         if os.path.lexists(target):
@@ -62,9 +75,7 @@ def write_text_atomic(path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-",
                                dir=os.path.dirname(os.path.abspath(path)))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it private; the output is an ordinary file
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the output is an ordinary file
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
