@@ -31,8 +31,8 @@ import time
 import ml_dtypes
 import numpy as np
 
-from jais2_jax.config import Jais2Config
-from jais2_jax.hf_mapping import tensor_specs
+from jais2_jax.model.config import Jais2Config
+from jais2_jax.checkpoint.hf_mapping import tensor_specs
 
 SHAPE_8B = dict(vocab_size=150272, hidden_size=3328, intermediate_size=26624, num_hidden_layers=32,
                 num_attention_heads=26, num_key_value_heads=26, max_position_embeddings=8192,
@@ -45,11 +45,13 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 
 def make_hf_checkpoint(folder: str, config: Jais2Config, shards: int) -> int:
     """Random bf16 weights (values like a trained model's, so compression sees real bits)."""
-    from jais2_jax.checkpoint import INDEX_FILE, _hf_tensor_order, _write_safetensors
+    from jais2_jax.checkpoint import INDEX_FILE
+    from jais2_jax.checkpoint.convert import hf_tensor_order
+    from jais2_jax.checkpoint.safetensors_io import write_safetensors
     os.makedirs(folder)
     rng = np.random.default_rng(0)
     pool = (rng.standard_normal(1 << 25, np.float32) * 0.02).astype(BF16)  # 64 MB of values
-    order = _hf_tensor_order(config)
+    order = hf_tensor_order(config)
     entries = [(name, spec.hf_shape, BF16) for name, spec, _ in order]
     sizes = [math.prod(s) * 2 for _, s, _ in entries]
     per_shard = sum(sizes) / shards
@@ -70,7 +72,7 @@ def make_hf_checkpoint(folder: str, config: Jais2Config, shards: int) -> int:
     def write_shard(k):
         members = groups[k]
         name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        _write_safetensors(os.path.join(folder, name), [entries[i] for i in members],
+        write_safetensors(os.path.join(folder, name), [entries[i] for i in members],
                            (tensor(i) for i in members), lambda n: None)
         return {entries[i][0]: name for i in members}
 
@@ -106,7 +108,7 @@ def run_naive(src: str, out: str) -> None:
     import orbax.checkpoint as ocp
     from safetensors.numpy import load_file
 
-    from jais2_jax.hf_mapping import params_from_state_dict
+    from jais2_jax.checkpoint.hf_mapping import params_from_state_dict
     state = {}
     for name in sorted(os.listdir(src)):
         if name.endswith(".safetensors"):

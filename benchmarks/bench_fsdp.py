@@ -5,8 +5,8 @@
     python benchmarks/bench_fsdp.py --tiny          # CPU smoke test on 2 fake devices
 
 Shape: hidden 2048, intermediate 16384, 16 layers, 16 heads, vocab 150272, seq 2048 (the 2B shape
-of benchmarks/bench_train.py). Step: jais2_jax.training's (float32 params, bf16 compute, chunked
-float32 loss, clipping + AdamW, state donated), jitted with the shardings of jais2_jax.sharding on
+of benchmarks/bench_train.py). Step: jais2_jax.training.step's (float32 params, bf16 compute, chunked
+float32 loss, clipping + AdamW, state donated), jitted with the shardings of jais2_jax.parallel.sharding on
 a (data=1, fsdp=N, tensor=1) mesh. Weak scaling: each device gets the same per-device batch, so
 N devices process N times the tokens per step; speed-up = tok/s(N) / tok/s(1).
 
@@ -51,9 +51,11 @@ def measure(config, seq, n_devices, per_device_batch, remat, args):
     import jax.numpy as jnp
     import numpy as np
 
-    from jais2_jax import sharding, training
-    from jais2_jax.model import Jais2ForCausalLM
-    from jais2_jax.run_config import RunConfig
+    from jais2_jax.parallel import sharding
+
+    from jais2_jax.training import step as training
+    from jais2_jax.model.modules import Jais2ForCausalLM
+    from jais2_jax.training.run_config import RunConfig
 
     batch = per_device_batch * n_devices
     devices = jax.devices()[:n_devices]

@@ -92,9 +92,9 @@ def run_ours(args) -> None:
     import jax.numpy as jnp
     import numpy as np
     from jais2_jax import Jais2Config, init_cache
-    from jais2_jax.generate import _decode_loop, generate, prefill
-    from jais2_jax.model import as_dtype
-    from jais2_jax.sampling import Sampler
+    from jais2_jax.inference.generate import _decode_loop, generate, prefill
+    from jais2_jax.model.modules import as_dtype
+    from jais2_jax.inference.sampling import Sampler
 
     p = plan(args.tiny)
     dtype = as_dtype(p["dtype"])

@@ -6,7 +6,7 @@ same run, one FLOPs formula.
     python benchmarks/bench_train.py --tiny                # CPU smoke test of the whole script
 
 Shape (issue 6): hidden 2048, intermediate 16384, 16 layers, 16 heads, vocab 150272, seq 2048.
-Ours: float32 params, bf16 compute, the chunked float32 loss of jais2_jax.training, AdamW + clipping,
+Ours: float32 params, bf16 compute, the chunked float32 loss of jais2_jax.training.step, AdamW + clipping,
 state donated. transformers: float32 params, bf16 autocast, fused AdamW, `labels=` loss (as
 /work/shared/anchors/hf_torch_bench.py measured it).
 
@@ -52,7 +52,7 @@ def run_config(shape: str, batch: int, remat: str, *, loss_chunk: int, scan_laye
                overrides=()):
     """The RunConfig both benchmark scripts time: float32 params, bf16 compute (float32 on tiny);
     `overrides` ("KEY=VALUE" strings) parsed and checked as `jais2 train --set` does."""
-    from jais2_jax.run_config import RunConfig
+    from jais2_jax.training.run_config import RunConfig
     run = RunConfig(model="", data="", output_dir="", seq_len=SHAPES[shape]["seq"], batch_size=batch,
                     loss_chunk=loss_chunk, dtype="float32" if shape == "tiny" else "bfloat16",
                     param_dtype="float32", remat_policy=remat, warmup_steps=10, total_steps=1000,
@@ -83,9 +83,9 @@ def _median(xs):
 def run_jax(args):
     import jax
 
-    from jais2_jax.sharding import make_mesh, use_mesh
-    from jais2_jax.trainer import _program
-    from jais2_jax.training import flops_per_token
+    from jais2_jax.parallel.sharding import make_mesh, use_mesh
+    from jais2_jax.training.trainer import _program
+    from jais2_jax.training.step import flops_per_token
 
     config = model_config(args.shape)
     seq = SHAPES[args.shape]["seq"]
@@ -139,7 +139,7 @@ def _init(program, config, run):
     import jax
     import jax.numpy as jnp
 
-    from jais2_jax.training import init_state
+    from jais2_jax.training.step import init_state
 
     def fresh(key):
         params = nn.meta.unbox(program.model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
@@ -153,7 +153,7 @@ def run_hf(args):
     import transformers
     from transformers import Jais2Config, Jais2ForCausalLM
 
-    from jais2_jax.training import flops_per_token
+    from jais2_jax.training.step import flops_per_token
 
     cuda = torch.cuda.is_available() and not args.tiny
     dev = torch.device("cuda" if cuda else "cpu")

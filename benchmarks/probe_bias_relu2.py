@@ -13,7 +13,7 @@ from probe_common import BW, bench
 import jax
 import jax.numpy as jnp
 
-from jais2_jax import bias_relu2 as mod
+from jais2_jax.kernels import bias_relu2 as mod
 
 
 def main():

@@ -14,7 +14,7 @@ from probe_common import BW, bench
 import jax
 import jax.numpy as jnp
 
-from jais2_jax.layernorm import layer_norm
+from jais2_jax.kernels.layernorm import layer_norm
 
 
 def main():
@@ -50,7 +50,7 @@ def main():
 
 def sweep(x, g, b, dy):
     """Forward: rows and warps a program; backward: rows a program, rows a step, warps."""
-    from jais2_jax import layernorm as ln
+    from jais2_jax.kernels import layernorm as ln
     n = x.size * 2
     shipped = (ln._FWD_ROWS, ln._BWD_ROWS, ln._BWD_SUB, ln._FWD_WARPS, ln._BWD_WARPS)
     for rows in (1, 2, 4, 8, 16):

@@ -13,7 +13,7 @@ from probe_common import BW, bench
 import jax
 import jax.numpy as jnp
 
-from jais2_jax import logsumexp as lse_mod
+from jais2_jax.kernels import logsumexp as lse_mod
 
 
 def main():

@@ -115,8 +115,8 @@ def trace(fn, calls: int, out: str, label: str):
 def profile_train(args):
     import jax
     import bench_train
-    from jais2_jax.sharding import make_mesh, use_mesh
-    from jais2_jax.trainer import _program
+    from jais2_jax.parallel.sharding import make_mesh, use_mesh
+    from jais2_jax.training.trainer import _program
 
     shape = "tiny" if args.tiny else "2b"
     config = bench_train.model_config(shape)
@@ -126,7 +126,7 @@ def profile_train(args):
     run = bench_train.run_config(shape, batch, args.remat, loss_chunk=args.loss_chunk,
                                  scan_layers=not args.unrolled, overrides=args.set)
     if args.loss == "checkpointed":  # the earlier loss: backward recomputes each chunk's logits
-        from jais2_jax import training
+        from jais2_jax.training import step as training
 
         def checkpointed(model, params, batch, *, chunk, z_loss):
             ce, z = training.loss_sums(model, params, batch, chunk=chunk)
@@ -156,8 +156,8 @@ def profile_prefill(args):
     import numpy as np
     import bench_generate
     from jais2_jax import Jais2Config, init_cache
-    from jais2_jax.generate import prefill
-    from jais2_jax.model import as_dtype
+    from jais2_jax.inference.generate import prefill
+    from jais2_jax.model.modules import as_dtype
 
     p = bench_generate.plan(args.tiny)
     dtype = as_dtype(p["dtype"])
@@ -185,9 +185,9 @@ def profile_decode(args):
     import numpy as np
     import bench_generate
     from jais2_jax import Jais2Config, init_cache
-    from jais2_jax.generate import _decode_loop, prefill
-    from jais2_jax.model import as_dtype
-    from jais2_jax.sampling import Sampler
+    from jais2_jax.inference.generate import _decode_loop, prefill
+    from jais2_jax.model.modules import as_dtype
+    from jais2_jax.inference.sampling import Sampler
 
     p = bench_generate.plan(args.tiny)
     dtype = as_dtype(p["dtype"])

@@ -4,12 +4,12 @@ Importing this package does no work beyond importing JAX and Flax: no devices ar
 distributed runtime is started, nothing is read from disk or the network.
 """
 
-from jais2_jax.cache import KVCache, init_cache
-from jais2_jax.config import Jais2Config
+from jais2_jax.model.cache import KVCache, init_cache
+from jais2_jax.model.config import Jais2Config
 # Imported here, not on first use: the function shares its name with its module, and a lazy import
-# would leave the module bound to `jais2_jax.generate` (so `from jais2_jax import generate` gave it).
-from jais2_jax.generate import generate
-from jais2_jax.model import Jais2ForCausalLM, init_params, stack_layers, unstack_layers
+# would leave the module bound to `jais2_jax.inference.generate` (so `from jais2_jax import generate` gave it).
+from jais2_jax.inference.generate import generate
+from jais2_jax.model.modules import Jais2ForCausalLM, init_params, stack_layers, unstack_layers
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,6 @@ def __getattr__(name):
         from jais2_jax.checkpoint import load_checkpoint
         return load_checkpoint
     if name == "Tokenizer":
-        from jais2_jax.tokenizer import Tokenizer
+        from jais2_jax.inference.tokenizer import Tokenizer
         return Tokenizer
     raise AttributeError(f"module 'jais2_jax' has no attribute {name!r}")

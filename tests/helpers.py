@@ -36,7 +36,7 @@ def our_config(hf_model_):
 
 
 def our_params(hf_model_, config):
-    from jais2_jax.hf_mapping import params_from_state_dict
+    from jais2_jax.checkpoint.hf_mapping import params_from_state_dict
     sd = {k: v.detach().cpu().numpy() for k, v in hf_model_.state_dict().items()}
     return params_from_state_dict(config, sd)
 

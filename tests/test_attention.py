@@ -9,8 +9,8 @@ import pytest
 
 from helpers import hf_model, our_config, our_params, rel_err
 from jais2_jax import Jais2ForCausalLM
-from jais2_jax.attention import dot_product_attention
-from jais2_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
+from jais2_jax.model.attention import dot_product_attention
+from jais2_jax.parallel.sharding import LOGICAL_AXIS_RULES, make_mesh
 
 B, T, H, KV, HD = 4, 128, 4, 2, 32
 
@@ -120,7 +120,7 @@ def test_model_logits_with_splash_equal_xla_path(padded):
 
 def test_splash_with_key_lengths_matches_xla_on_real_queries(monkeypatch):
     """Right padding given as key lengths (the prefill of a cache) runs on splash too."""
-    import jais2_jax.attention as attention
+    import jais2_jax.model.attention as attention
     calls = []
     real_splash = attention.splash_attention
     monkeypatch.setattr(attention, "splash_attention",

@@ -17,10 +17,12 @@ from safetensors.numpy import load_file, save_file
 from helpers import hf_model, rel_err
 from jais2_jax import Jais2Config, Jais2ForCausalLM
 from jais2_jax import checkpoint as ckpt_lib
-from jais2_jax import hf_mapping
+from jais2_jax.checkpoint import load as ckpt_load
+from jais2_jax.checkpoint import safetensors_io
+from jais2_jax.checkpoint import hf_mapping
 from jais2_jax.checkpoint import load_checkpoint, parse_size
 from jais2_jax.cli import main
-from jais2_jax.sharding import LOGICAL_AXIS_RULES, make_mesh, param_shardings
+from jais2_jax.parallel.sharding import LOGICAL_AXIS_RULES, make_mesh, param_shardings
 
 CONFIGS = {"untied": {}, "tied": dict(tie_word_embeddings=True), "gqa": dict(num_key_value_heads=2)}
 TOKENIZER = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": '{"x": 1}',
@@ -405,14 +407,14 @@ def test_interrupted_write_leaves_nothing(hf_src, tmp_path, monkeypatch, command
         assert main(["convert", str(hf_src), str(tmp_path / "orbax"), "--quiet"]) == 0
         src = tmp_path / "orbax"
     calls = []
-    real = ckpt_lib._map_bits
+    real = safetensors_io._map_bits
 
     def failing(fn, x):  # every tensor passes through here in both directions
         calls.append(1)
         if len(calls) == 5:
             raise RuntimeError("disk on fire")
         return real(fn, x)
-    monkeypatch.setattr(ckpt_lib, "_map_bits", failing)
+    monkeypatch.setattr(safetensors_io, "_map_bits", failing)
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(RuntimeError, match="disk on fire"):
         main([command, str(src), str(tmp_path / "out"), "--quiet"])
@@ -442,7 +444,7 @@ def test_partial_reads_match_full_reads(hf_src):
         layers = spec.hf_names(ckpt.config.num_hidden_layers)
         assert np.array_equal(full, np.stack([spec.to_ours(state[n]) for n in layers]) if
                               spec.stacked else spec.to_ours(state[spec.hf_name])), spec.path
-        assert np.array_equal(ckpt_lib._to_hf(spec, full[0] if spec.stacked else full),
+        assert np.array_equal(safetensors_io.to_hf(spec, full[0] if spec.stacked else full),
                               state[layers[0]]), spec.path
         for _ in range(3):
             box = []
@@ -468,10 +470,10 @@ def test_process_reads_only_its_part(hf_src):
         class ThisProcess:  # sees only its own devices
             def addressable_devices_indices_map(self, shape):
                 return owned
-        box = ckpt_lib._process_box(ThisProcess(), shape)
+        box = ckpt_load._process_box(ThisProcess(), shape)
         part, full = ckpt.read(spec, box), ckpt.read(spec)
         for index in owned.values():
-            assert np.array_equal(ckpt_lib._local_part(part, box, index, shape), full[index])
+            assert np.array_equal(ckpt_load._local_part(part, box, index, shape), full[index])
         size = math.prod(b.stop - b.start for b in box)
         if "fsdp" in sharding.spec:
             assert size * 2 == math.prod(shape), spec.path

@@ -6,7 +6,7 @@ import pytest
 
 from helpers import hf_config
 from jais2_jax import Jais2Config
-from jais2_jax.config import preset
+from jais2_jax.model.config import preset
 
 
 def test_hf_config_json_round_trips_exactly(tmp_path):

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from jais2_jax import data
+from jais2_jax.training import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(ROOT, "data", "corpus")
@@ -185,7 +185,7 @@ def test_overwrite_replaces_only_a_store_and_never_an_input(tmp_path):
 def test_failed_overwrite_keeps_the_old_store(tmp_path, monkeypatch):
     """The old store is replaced only once the new one is complete; when the final rename fails,
     the old store is back in place and no temporary folder is left."""
-    from jais2_jax import fsutil
+    from jais2_jax.utils import fsutil
     out = tmp_path / "store"
     data.prepare_data([CORPUS], TOKENIZER, str(out), show_progress=False)
     before = (out / "index.json").read_text(encoding="utf-8")

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from jais2_jax.fsutil import check_apart, staged_output, write_text_atomic
+from jais2_jax.utils.fsutil import check_apart, staged_output, write_text_atomic
 
 
 def test_write_text_atomic_replaces_only_when_written(tmp_path):

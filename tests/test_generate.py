@@ -9,8 +9,8 @@ import torch
 
 from helpers import hf_model, our_config, our_params, rel_err
 from jais2_jax import Jais2ForCausalLM, init_cache, unstack_layers
-from jais2_jax.generate import decode_step, generate, prefill, right_align
-from jais2_jax.sampling import Sampler, filter_logits, sample
+from jais2_jax.inference.generate import decode_step, generate, prefill, right_align
+from jais2_jax.inference.sampling import Sampler, filter_logits, sample
 
 # A larger init scale than HF's 0.02: the tiny model then continues different prompts differently
 # instead of repeating one token, so greedy parity and EOS stopping are actually exercised.

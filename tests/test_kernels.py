@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from helpers import rel_err
-from jais2_jax.bias_relu2 import bias_relu2
-from jais2_jax.layernorm import layer_norm
-from jais2_jax.logsumexp import logsumexp
+from jais2_jax.kernels.bias_relu2 import bias_relu2
+from jais2_jax.kernels.layernorm import layer_norm
+from jais2_jax.kernels.logsumexp import logsumexp
 
 
 @pytest.mark.parametrize("dtype,rows,width", [(jnp.float32, 128, 64), (jnp.bfloat16, 96, 128),
@@ -101,7 +101,7 @@ def test_bias_relu2_backward_pallas_equals_xla(dtype, shape):
 
 # ------------------------------------------------------------------------- under a device mesh
 def _mesh(shape):
-    from jais2_jax.sharding import make_mesh
+    from jais2_jax.parallel.sharding import make_mesh
     return make_mesh(shape, devices=jax.devices()[:4])
 
 
@@ -110,7 +110,7 @@ def test_kernels_per_device_under_a_mesh(mesh_shape):
     """On a mesh (rows over fsdp; the MLP's columns over tensor in (1, 2, 2)) each kernel runs on
     its device's block: values and gradients equal the kernels' on one device (which equal XLA's,
     above), the scale, bias and MLP bias gradients being the sums of every device's partial sums."""
-    from jais2_jax.sharding import use_mesh
+    from jais2_jax.parallel.sharding import use_mesh
     k = jax.random.split(jax.random.key(2), 8)
     x = 2.0 * jax.random.normal(k[0], (4, 8, 128)) + 0.5
     scale, bias = jax.random.normal(k[1], (128,)), jax.random.normal(k[2], (128,))
@@ -146,7 +146,7 @@ def test_kernels_per_device_under_a_mesh(mesh_shape):
 def test_default_on_gpu_under_a_mesh_is_pallas_per_device(monkeypatch):
     """impl=None on a GPU backend picks the kernels under a mesh of several devices too, each
     inside a shard_map (traced only: there is no GPU here)."""
-    from jais2_jax.sharding import use_mesh
+    from jais2_jax.parallel.sharding import use_mesh
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     x, ones = jnp.ones((4, 8, 128)), jnp.ones((128,))
 
@@ -163,8 +163,8 @@ def test_model_gradients_on_a_mesh_with_kernels():
     """The tiny model's loss and gradients on a (1, 2, 2) mesh with the kernels per device equal
     one device's with XLA's."""
     from jais2_jax import Jais2ForCausalLM, init_params
-    from jais2_jax.config import preset
-    from jais2_jax.sharding import use_mesh
+    from jais2_jax.model.config import preset
+    from jais2_jax.parallel.sharding import use_mesh
     config = preset("jais2-tiny")
     params = init_params(config, jax.random.key(3))
     params = jax.tree_util.tree_map(  # non-trivial norms and biases

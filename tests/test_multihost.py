@@ -23,8 +23,8 @@ def _problem():
     import jax
     from helpers import TINY
     from jais2_jax import Jais2Config
-    from jais2_jax.model import init_params
-    from jais2_jax.run_config import RunConfig
+    from jais2_jax.model.modules import init_params
+    from jais2_jax.training.run_config import RunConfig
     config = Jais2Config(**{**TINY, "max_position_embeddings": 16})
     rng = np.random.RandomState(0)
     params = jax.tree_util.tree_map(
@@ -47,10 +47,12 @@ def _flat(tree):
 
 def _worker(out_dir):
     import jax
-    from jais2_jax import distributed
+    from jais2_jax.parallel import distributed
     assert distributed.initialize() is True  # detected from JAX_COORDINATOR_ADDRESS & co.
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from jais2_jax import Jais2ForCausalLM, sharding as S, training
+    from jais2_jax import Jais2ForCausalLM
+    from jais2_jax.parallel import sharding as S
+    from jais2_jax.training import step as training
 
     config, params, run, batch = _problem()
     assert jax.process_count() == 2 and len(jax.devices()) == 2 * DEVICES_PER_PROCESS
@@ -145,8 +147,9 @@ def two_processes(tmp_path_factory):
 def test_two_processes_agree_with_one(two_processes):
     import jax
     from helpers import rel_err
-    from jais2_jax import Jais2ForCausalLM, training
-    from jais2_jax.model import init_params
+    from jais2_jax import Jais2ForCausalLM
+    from jais2_jax.training import step as training
+    from jais2_jax.model.modules import init_params
     config, params, run, batch = _problem()
     model = Jais2ForCausalLM(config)
     logits = jax.jit(lambda p, i: model.apply({"params": p}, i))(params, batch["input_ids"])
@@ -182,7 +185,7 @@ def test_each_process_loads_a_checkpoint_without_a_mesh(two_processes):
 
 
 def test_launch_detection():
-    from jais2_jax.distributed import detect_launch
+    from jais2_jax.parallel.distributed import detect_launch
     assert detect_launch({}) is None
     assert detect_launch({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}) == "env"
     assert detect_launch({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None  # one task
@@ -193,7 +196,7 @@ def test_launch_detection():
 
 
 def test_initialize_modes(monkeypatch):
-    from jais2_jax import distributed
+    from jais2_jax.parallel import distributed
     for k in list(os.environ):
         if k.startswith(("SLURM_", "TPU_", "MEGASCALE_", "JAX_COORDINATOR")):
             monkeypatch.delenv(k)

@@ -128,7 +128,7 @@ def test_convert_notebook_shows_parity_and_bitwise_export(tmp_path):
 def test_finetune_notebook_loss_falls(tmp_path):
     import jax
     from jais2_jax import Jais2ForCausalLM, Tokenizer, generate
-    from jais2_jax.trainer import load_trained
+    from jais2_jax.training.trainer import load_trained
     corpus = os.path.join(os.path.dirname(NOTEBOOKS), "data", "corpus")
     v = run_notebook("finetune.ipynb", {"WORK_DIR": str(tmp_path), "STEPS": 40, "TEXT": [corpus]},
                      ["result", "losses", "loss_before", "loss_after", "PROMPTS", "samples_after"])

@@ -9,11 +9,11 @@ import pytest
 
 from helpers import TINY
 from jais2_jax import Jais2Config, init_cache
-from jais2_jax import plan as P
-from jais2_jax import sharding as S
+from jais2_jax.planning import memory as P
+from jais2_jax.parallel import sharding as S
 from jais2_jax.cli import main
-from jais2_jax.run_config import RunConfig
-from jais2_jax.training import make_optimizer
+from jais2_jax.training.run_config import RunConfig
+from jais2_jax.training.step import make_optimizer
 
 SHAPE = (2, 2, 2)
 CONFIG_8B = os.path.join(os.path.dirname(__file__), "..", "configs", "jais2-8b.json")

@@ -12,12 +12,12 @@ import pytest
 
 pytest.importorskip("libtpu")
 
-from jais2_jax import sharding as S  # noqa: E402
-from jais2_jax import tpu_plan  # noqa: E402
+from jais2_jax.parallel import sharding as S  # noqa: E402
+from jais2_jax.planning import tpu as tpu_plan  # noqa: E402
 from jais2_jax.cli import main  # noqa: E402
-from jais2_jax.config import Jais2Config  # noqa: E402
-from jais2_jax.run_config import RunConfig  # noqa: E402
-from jais2_jax.training import make_optimizer  # noqa: E402
+from jais2_jax.model.config import Jais2Config  # noqa: E402
+from jais2_jax.training.run_config import RunConfig  # noqa: E402
+from jais2_jax.training.step import make_optimizer  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 TINY = os.path.join(CONFIGS, "jais2-tiny.json")
@@ -58,7 +58,7 @@ def test_splash_kernel_in_the_compiled_step():
     """plan_topology builds the model with attention_impl="splash": the Mosaic kernel is a TPU
     custom call in the compiled program (and the compile sits inside shard_map, or it fails)."""
     import jax.numpy as jnp
-    from jais2_jax.model import Jais2ForCausalLM
+    from jais2_jax.model.modules import Jais2ForCausalLM
     config = Jais2Config.from_json_file(TINY)
     mesh = S.make_mesh((1, 4, 1), devices=tpu_plan.topology_devices(
         tpu_plan.parse_topology("v5e:2x2")))

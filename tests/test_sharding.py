@@ -10,10 +10,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from helpers import TINY, rel_err
 from jais2_jax import Jais2Config, Jais2ForCausalLM, init_cache
-from jais2_jax import sharding as S, training
-from jais2_jax.generate import decode_step, generate, prefill
-from jais2_jax.model import init_params
-from jais2_jax.run_config import RunConfig
+from jais2_jax.parallel import sharding as S
+from jais2_jax.training import step as training
+from jais2_jax.inference.generate import decode_step, generate, prefill
+from jais2_jax.model.modules import init_params
+from jais2_jax.training.run_config import RunConfig
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 BATCH, LENGTH = 8, 13  # batch divides data * fsdp of every mesh above

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from helpers import hf_model, our_config, our_params, rel_err
-from jais2_jax import Jais2ForCausalLM, data
-from jais2_jax.checkpoint import export_run_to_hf
-from jais2_jax.run_config import RunConfig
-from jais2_jax.trainer import load_trained, train
-from jais2_jax.training import (compute_copies, init_state, loss_sums, make_optimizer,
+from jais2_jax import Jais2ForCausalLM
+from jais2_jax.training import data
+from jais2_jax.training.export import export_run_to_hf
+from jais2_jax.training.run_config import RunConfig
+from jais2_jax.training.trainer import load_trained, train
+from jais2_jax.training.step import (compute_copies, init_state, loss_sums, make_optimizer,
                                 make_train_step, target_count, train_loss_sums)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +74,7 @@ def _ce(kind, model, p, batch, chunk, z_loss=0.0):
 @pytest.mark.parametrize("kind", ["checkpointed", "fused"])
 def test_loss_gradient_matches_torch_autograd(hf, kind):
     import torch
-    from jais2_jax.hf_mapping import params_from_state_dict
+    from jais2_jax.checkpoint.hf_mapping import params_from_state_dict
     model_hf, config, params = hf
     ids = np.random.default_rng(1).integers(0, config.vocab_size, (2, 12))
     model_hf.zero_grad()
@@ -189,7 +190,7 @@ def test_compute_dtype_copies_give_the_same_gradient(hf):
 def test_compute_dtype_copies_only_on_one_device(hf):
     """On a mesh of several devices the gradients stay float32: their cross-device sums would
     otherwise run in bf16."""
-    from jais2_jax.sharding import make_mesh, on_one_device, use_mesh
+    from jais2_jax.parallel.sharding import make_mesh, on_one_device, use_mesh
     _, _, params = hf
 
     def kernel_dtypes():
@@ -324,7 +325,7 @@ def test_tensorboard_rerun_from_step_0_hides_the_first_attempt(tmp_path):
     """A run killed before its first checkpoint starts again at step 0: its TensorBoard events
     purge the first attempt's from step 1 on (metrics.jsonl drops them too)."""
     from tensorboardX.proto import event_pb2
-    from jais2_jax.trainer import _Metrics
+    from jais2_jax.training.trainer import _Metrics
     for loss in (9.0, 4.0):  # two attempts, each from step 0
         metrics = _Metrics(str(tmp_path), 0)
         metrics.write(1, {"loss": loss})
@@ -482,7 +483,7 @@ def test_seq_len_beyond_max_position_embeddings(store, tmp_path):
 
 
 def test_attention_dropout_is_refused_not_ignored(store, tmp_path):
-    from jais2_jax.config import preset
+    from jais2_jax.model.config import preset
     preset("jais2-tiny").replace(attention_dropout=0.1).save(tmp_path / "model")
     with pytest.raises(ValueError, match="attention_dropout 0.1 is not implemented"):
         train(_loop_run(store, tmp_path / "o", model=str(tmp_path / "model" / "config.json")),
@@ -519,8 +520,8 @@ RUN_CONFIG_DEVICES = {"tiny-cpu": 1, "jais2-8b-h100x8": 8, "jais2-8b-v5p": 32, "
 
 @pytest.mark.parametrize("name", sorted(RUN_CONFIG_DEVICES))
 def test_shipped_run_configs_fit_their_meshes(name):
-    from jais2_jax import sharding
-    from jais2_jax.config import load_model_config
+    from jais2_jax.parallel import sharding
+    from jais2_jax.model.config import load_model_config
     run = RunConfig.from_yaml(os.path.join(ROOT, "configs", f"{name}.yaml"))
     config = load_model_config(run.model)
     assert run.seq_len <= config.max_position_embeddings
@@ -544,7 +545,7 @@ def test_demo_runs_end_to_end(tmp_path):
 def test_demo_eval_note_reads_the_held_out_curve(tmp_path):
     """The demo explains a rising held-out loss from the run's own metrics (step and value of its
     minimum, passes over the training tokens) and says nothing while it is still near its lowest."""
-    from jais2_jax.commands.demo import eval_note
+    from jais2_jax.cli.demo import eval_note
     metrics = tmp_path / "metrics.jsonl"
 
     def write(evals):
@@ -567,7 +568,7 @@ def test_fresh_state_can_be_donated():
     """Each scalar field owns its buffer: a state built outside jit is donated to the train step,
     and one buffer shared by several fields would be 'donated twice'."""
     import optax
-    from jais2_jax.training import init_state
+    from jais2_jax.training.step import init_state
     state = jax.device_put(init_state({"w": jnp.ones(3)}, optax.adamw(1e-3), 0))
     leaves = jax.tree_util.tree_leaves(state)
     assert len({x.unsafe_buffer_pointer() for x in leaves}) == len(leaves)

@@ -11,8 +11,8 @@ python - "$OUT" <<'PY'
 import sys
 import jax.numpy as jnp
 from jais2_jax import Jais2ForCausalLM, generate
-from jais2_jax.tokenizer import Tokenizer
-from jais2_jax.trainer import load_trained
+from jais2_jax.inference.tokenizer import Tokenizer
+from jais2_jax.training.trainer import load_trained
 
 out = sys.argv[1]
 config, params, step = load_trained(f"{out}/train")

@@ -1,1 +1,0 @@
-"""Subcommands of the `jais2` CLI (see jais2_jax/cli.py)."""

@@ -1,0 +1,8 @@
+"""The model: HF config, linen modules, RoPE, attention dispatch, the KV cache, the matmul seam."""
+
+from jais2_jax.model.cache import KVCache, init_cache
+from jais2_jax.model.config import Jais2Config
+from jais2_jax.model.modules import Jais2ForCausalLM, init_params, stack_layers, unstack_layers
+
+__all__ = ["Jais2Config", "Jais2ForCausalLM", "KVCache", "init_cache", "init_params",
+           "stack_layers", "unstack_layers"]

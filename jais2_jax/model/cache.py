@@ -1,0 +1,62 @@
+"""The KV cache: a pytree you pass in and get back, stacked over layers like the parameters.
+
+Each row's tokens sit right-aligned at slots [0, lengths[b]); a new chunk of T tokens for row b is
+written at slots [lengths[b], lengths[b] + T) and its RoPE positions are lengths[b] + t. A batch of
+prompts of different lengths is therefore one prefill call (prompts right-padded, the attention
+mask says how many tokens of each row are real), and decoding advances every row independently.
+
+`init_cache(..., per_layer=True)` holds k and v as tuples of per-layer [batch, ...] arrays instead,
+for `scan_layers=False` decoding: each layer's buffer is then updated in place, where rebuilding a
+stacked buffer from per-layer slices would copy the whole cache every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jais2_jax.model.config import Jais2Config
+
+# Logical axis names of the cache arrays; the sharding rules map them onto the mesh.
+CACHE_KV_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+CACHE_LENGTHS_AXES = ("batch",)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    k: jax.Array  # [layers, batch, max_length, kv_heads, head_dim] (or per_layer: a tuple)
+    v: jax.Array  # [layers, batch, max_length, kv_heads, head_dim] (or per_layer: a tuple)
+    lengths: jax.Array  # [batch] int32: filled slots per row
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, (tuple, list))
+
+    @property
+    def max_length(self) -> int:
+        return self.k[0].shape[1] if self.per_layer else self.k.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0] if self.per_layer else self.k.shape[1]
+
+
+def init_cache(config: Jais2Config, batch_size: int, max_length: int,
+               dtype=jnp.bfloat16, *, per_layer: bool = False) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_length` tokens each."""
+    if batch_size <= 0 or max_length <= 0:
+        raise ValueError(f"batch_size and max_length must be positive, got {batch_size}, {max_length}")
+    if max_length > config.max_position_embeddings:
+        raise ValueError(f"cache max_length {max_length} exceeds max_position_embeddings "
+                         f"{config.max_position_embeddings}")
+    shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
+    lengths = jnp.zeros((batch_size,), jnp.int32)
+    if per_layer:
+        n = config.num_hidden_layers
+        return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+                       v=tuple(jnp.zeros(shape, dtype) for _ in range(n)), lengths=lengths)
+    shape = (config.num_hidden_layers,) + shape
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=lengths)

@@ -1,0 +1,1 @@
+"""Planning: analytic memory plans (`memory`) and AOT compiles for TPU topologies (`tpu`)."""

@@ -1,0 +1,221 @@
+"""Memory plan: bytes per device of parameters, gradients, optimizer state, activations and KV cache.
+
+Nothing is counted by hand. Shapes come from `jax.eval_shape` of the model's, the optimizer's and
+the cache's init; per-device sizes from their NamedShardings on a device-free `AbstractMesh`
+(`sharding.bytes_per_device`). Activations are the residuals that the backward pass keeps: the
+outputs of `jax.vjp`'s closure (traced with `jax.make_jaxpr`, nothing runs) of the training loss
+under the chosen remat policy, traced for ONE device's share (batch / (data*fsdp); heads, kv
+heads, mlp and vocab / tensor), which is how the model's activation constraints shard them.
+
+Estimates, not promises: XLA's temporaries, collective buffers and fragmentation come on top.
+The residual trace uses flash-style attention (splash on TPU, cuDNN on GPU: q, k, v, the output
+and the softmax statistics are kept, never the [T, T] scores) unless `attention="xla"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+
+from jais2_jax.model.cache import init_cache
+from jais2_jax.model.config import Jais2Config
+from jais2_jax.model.modules import REMAT_POLICIES, Jais2ForCausalLM, as_dtype
+from jais2_jax.parallel import sharding
+from jais2_jax.training.run_config import RunConfig
+from jais2_jax.training.step import compute_copies, make_optimizer, train_loss_sums
+
+# name pattern -> (devices from the number in the name, bytes of HBM per device, devices per host)
+# TPU v4/v5p names count TensorCores (2 per chip); v5e/v6e names count chips.
+_HARDWARE = (
+    (r"v5p-(\d+)", lambda n: n // 2, 95e9, 4),
+    (r"v4-(\d+)", lambda n: n // 2, 32e9, 4),
+    (r"v5e-(\d+)|v5litepod-(\d+)", lambda n: n, 16e9, 4),
+    (r"v6e-(\d+)", lambda n: n, 32e9, 4),
+    (r"(\d+)xh100", lambda n: n, 80e9, 8),
+    (r"(\d+)xh200", lambda n: n, 141e9, 8),
+    (r"(\d+)xa100", lambda n: n, 80e9, 8),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    name: str
+    devices: int
+    bytes_per_device: float
+    devices_per_host: int
+
+
+def hardware(name: str) -> Hardware:
+    """`v5p-32` (16 chips), `v5e-256`, `8xh100`, ... -> device count, HBM per device, per host."""
+    key = name.lower()
+    for pattern, devices, hbm, per_host in _HARDWARE:
+        m = re.fullmatch(pattern, key)
+        if m:
+            n = devices(int(next(g for g in m.groups() if g)))
+            if n <= 0:
+                break
+            return Hardware(name, n, hbm, min(per_host, n))
+    raise ValueError(f"unknown hardware {name!r}: use e.g. v5p-32, v5e-256, v4-64, v6e-16, 8xh100, "
+                     f"8xh200, or --devices N")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    mesh: dict
+    mode: str
+    batch: int
+    seq: int
+    prefill: int  # decode: prompt tokens per row prefilled at once (train: seq)
+    remat: str
+    params: int
+    grads: int
+    opt_state: int
+    activations_saved: int  # residuals kept from forward to backward (all layers + loss)
+    activations_layer: int  # what one layer holds while its backward runs (or its forward, decode)
+    kv_cache: int
+
+    @property
+    def total(self) -> int:
+        return (self.params + self.grads + self.opt_state + self.activations_saved
+                + self.activations_layer + self.kv_cache)
+
+
+def _residual_bytes(fn, *args) -> int:
+    """Bytes of the residuals `jax.vjp(fn, args[0])` keeps for the backward pass (traced only)."""
+    closed = jax.make_jaxpr(lambda p, *rest: jax.vjp(lambda p_: fn(p_, *rest), p)[1])(*args)
+    inputs = set(closed.jaxpr.invars)
+    seen, total = set(), 0
+    for v in closed.jaxpr.outvars:
+        if type(v).__name__ == "Literal" or v in inputs or v in seen:
+            continue
+        seen.add(v)
+        total += v.aval.size * jnp.dtype(v.aval.dtype).itemsize
+    return total
+
+
+def _local_config(config: Jais2Config, tensor: int) -> Jais2Config:
+    """One tensor shard's model: heads, kv heads, mlp and vocab divided (divisibility was checked
+    by the parameter shardings)."""
+    return config.replace(num_attention_heads=config.num_attention_heads // tensor,
+                          num_key_value_heads=config.num_key_value_heads // tensor,
+                          intermediate_size=config.intermediate_size // tensor,
+                          vocab_size=config.vocab_size // tensor, head_dim=config.head_dim)
+
+
+def _activation_bytes(config, *, batch, seq, remat, dtype, param_dtype, attention, mode,
+                      loss_chunk) -> tuple[int, int]:
+    """(saved residuals of the whole loss, one layer's working set) for one device's share."""
+    impl = "splash_interpret" if attention == "flash" and seq % 128 == 0 else "xla"
+
+    def traced(cfg, policy, loss):
+        model = Jais2ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype, remat_policy=policy,
+                                 attention_impl=impl)
+        params = sharding.unboxed_shapes(sharding.abstract_params(cfg, param_dtype=param_dtype))
+        ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+        if loss:
+            data = {"input_ids": ids, "targets": ids,
+                    "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.int32)}
+            return _residual_bytes(lambda p, b: train_loss_sums(model, p, b, chunk=loss_chunk,
+                                                                   z_loss=0.0)[0],
+                                   params, data)
+        return _residual_bytes(lambda p, i: model.apply({"params": p}, i, method="hidden_states")[0]
+                               .astype(jnp.float32).sum(), params, ids)
+
+    # One layer without remat keeps every intermediate: what a rematerialised layer rebuilds for
+    # its backward (training), or what a forward layer holds at most (decode): difference of the
+    # 2- and 1-layer models.
+    layer = traced(config.replace(num_hidden_layers=2), "none", False) - \
+        traced(config.replace(num_hidden_layers=1), "none", False)
+    if mode == "decode":
+        return 0, layer
+    saved = traced(config, remat, True)
+    return saved, (0 if remat == "none" else layer)
+
+
+def make_plan(config: Jais2Config, mesh, *, batch: int, seq: int, mode: str = "train",
+              remat: str = "dots", param_dtype="float32", dtype="bfloat16",
+              cache_dtype="bfloat16", attention: str = "flash", optimizer=None,
+              loss_chunk: int = 512, prefill: int | None = None) -> Plan:
+    """Bytes per device for training (`mode="train"`: params, grads, optimizer state, activations)
+    or decoding (`mode="decode"`: params, KV cache of `batch` rows x `seq` slots, one layer's
+    activations while prefilling `prefill` (default `seq`) prompt tokens of every row at once).
+    `mesh`: a Mesh or an AbstractMesh (`sharding.abstract_mesh`)."""
+    if mode not in ("train", "decode"):
+        raise ValueError(f"mode {mode!r}: choose 'train' or 'decode'")
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat {remat!r}: choose one of {sorted(REMAT_POLICIES)}")
+    if attention not in ("flash", "xla"):
+        raise ValueError(f"attention {attention!r}: choose 'flash' or 'xla'")
+    if batch <= 0 or seq <= 0:
+        raise ValueError(f"batch and seq must be positive, got {batch}, {seq}")
+    if seq > config.max_position_embeddings:
+        raise ValueError(f"seq {seq} exceeds the model's max_position_embeddings "
+                         f"{config.max_position_embeddings}")
+    param_dtype, dtype, cache_dtype = as_dtype(param_dtype), as_dtype(dtype), as_dtype(cache_dtype)
+
+    params_sh = sharding.param_shardings(config, mesh)  # raises on an indivisible rule
+    abstract = sharding.unboxed_shapes(sharding.abstract_params(config, param_dtype=param_dtype))
+    params = sharding.bytes_per_device(abstract, params_sh)
+    sharding.batch_sharding(mesh, (batch, seq))  # the batch must split over data * fsdp
+    local_batch = batch // (mesh.shape["data"] * mesh.shape["fsdp"])
+    local = _local_config(config, mesh.shape["tensor"])
+    if mode == "decode" and prefill is not None and not 0 < prefill <= seq:
+        raise ValueError(f"prefill {prefill} must be in [1, seq={seq}]")
+    act_seq = prefill if mode == "decode" and prefill else seq
+    acts = dict(batch=local_batch, seq=act_seq, remat=remat, dtype=dtype, param_dtype=param_dtype,
+                attention=attention, mode=mode, loss_chunk=loss_chunk if act_seq % loss_chunk == 0 else act_seq)
+    grads = opt = cache = 0
+    if mode == "train":
+        if optimizer is None:  # the trainer's: clipping + AdamW (two float32 moments)
+            optimizer = make_optimizer(RunConfig(model="-", data="-", output_dir="-"))
+        grads = params  # same tree, dtype and shardings as the parameters
+        if mesh.size == 1:  # one device: the layers' kernel gradients in
+            # the compute dtype (training.compute_copies)
+            grads = sharding.bytes_per_device(
+                jax.eval_shape(lambda p: compute_copies(p, dtype), abstract), params_sh)
+        opt_sh = sharding.opt_state_shardings(optimizer, params_sh, abstract)
+        opt = sharding.bytes_per_device(jax.eval_shape(optimizer.init, abstract), opt_sh)
+        saved, layer = _activation_bytes(local, **acts)
+        # The fused loss holds the lm_head's gradient (parameter dtype) from forward to backward.
+        # The trace counts it whole per tensor shard [D, V / tensor]; it is sharded like the
+        # lm_head itself (embed over fsdp too), so count that share instead.
+        head = ("embed_tokens", "embedding") if config.tie_word_embeddings else ("lm_head", "kernel")
+        traced_dw = config.hidden_size * local.vocab_size * param_dtype.itemsize
+        saved += sharding.bytes_per_device(abstract[head[0]][head[1]],
+                                           params_sh[head[0]][head[1]]) - traced_dw
+    else:
+        cache_abstract = jax.eval_shape(lambda: init_cache(config, batch, seq, dtype=cache_dtype))
+        cache = sharding.bytes_per_device(
+            cache_abstract, sharding.cache_shardings(config, mesh, batch, seq))
+        saved, layer = _activation_bytes(local, **acts)
+        # Prefill keeps only the last position's float32 logits: [batch, vocab / tensor].
+        layer += local_batch * local.vocab_size * 4
+    return Plan(mesh=dict(mesh.shape), mode=mode, batch=batch, seq=seq, prefill=act_seq, remat=remat,
+                params=params, grads=grads, opt_state=opt, activations_saved=saved,
+                activations_layer=layer, kv_cache=cache)
+
+
+def format_plan(plan: Plan, hbm: float | None = None, title: str = "") -> str:
+    gb = lambda b: f"{b / 1e9:9.2f} GB"  # noqa: E731
+    mesh = " ".join(f"{k}={v}" for k, v in plan.mesh.items())
+    rows = [("parameters", plan.params)]
+    if plan.mode == "train":
+        rows += [("gradients", plan.grads), ("optimizer state", plan.opt_state),
+                 (f"activations saved (remat {plan.remat})", plan.activations_saved),
+                 ("activations, one layer's backward", plan.activations_layer)]
+    else:
+        rows += [("KV cache", plan.kv_cache),
+                 (f"activations, one layer of a {plan.prefill}-token prefill", plan.activations_layer)]
+    lines = [title] if title else []
+    lines.append(f"mesh {mesh}; {plan.mode}, batch {plan.batch} x seq {plan.seq}; per device:")
+    width = max(len(name) for name, _ in rows) + 2
+    lines += [f"  {name:<{width}}{gb(b)}" for name, b in rows]
+    total = f"  {'total':<{width}}{gb(plan.total)}"
+    if hbm:
+        verdict = "fits" if plan.total <= hbm else "does NOT fit"
+        total += f"  of {hbm / 1e9:.0f} GB: {verdict} ({100 * plan.total / hbm:.0f}%)"
+    lines.append(total)
+    return "\n".join(lines)

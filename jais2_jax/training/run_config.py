@@ -1,0 +1,207 @@
+"""`RunConfig`: one frozen dataclass for a training run, read from YAML.
+
+Unknown keys are an error that lists them; `--set key=value` overrides (the value is parsed as
+YAML, so `--set mesh=[2,4,1]` and `--set init_from=null` work). Everything is checked on
+construction, before any device is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from jais2_jax.kernels import pallas_gpu
+from jais2_jax.model.modules import REMAT_POLICIES, as_dtype
+from jais2_jax.parallel.sharding import parse_mesh
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    # --- what to train
+    model: str  # preset name ("jais2-tiny") or a path to config.json / a checkpoint directory
+    data: str  # token store written by `jais2 prepare-data`
+    output_dir: str  # checkpoints, metrics.jsonl, tensorboard/ (resumes if checkpoints exist)
+    init_from: str | None = None  # continued training: HF or Orbax checkpoint (load_checkpoint)
+    # --- shapes
+    seq_len: int = 2048
+    batch_size: int = 8  # global sequences per optimizer step
+    grad_accum_steps: int = 1  # the batch is split into this many micro-batches, scanned
+    # --- optimizer and schedule
+    total_steps: int = 1000
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine / linear)
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    weight_decay: float = 0.1  # kernels and embeddings only, never norms or biases
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad_norm: float | None = 1.0
+    z_loss: float = 0.0  # weight of mean(logsumexp^2); 1e-4 is usual when enabled
+    loss_chunk: int = 512  # tokens of each sequence per chunk of the logits
+    # False (default): the lm_head GEMM returns its logits in the compute dtype, as transformers
+    # does under bf16 autocast (the reference the benchmarks compare with) and MaxText and Megatron
+    # by default; the cross-entropy still runs in float32 on them, and the loss's passes over the
+    # logits read half the bytes (see training.py). True: float32 logits from the GEMM (~2% slower
+    # on the H100 2B step). With a float32 compute dtype the logits are float32 either way.
+    logits_dot_in_fp32: bool = False
+    # --- numerics and memory
+    dtype: str = "bfloat16"  # compute
+    param_dtype: str = "float32"
+    remat_policy: str = "dots"
+    attention_impl: str | None = None
+    # LayerNorm, the loss's logsumexp and the MLP's bias + relu^2 backward: None picks the Pallas
+    # kernels on GPU (each device's block under a mesh), XLA otherwise; "xla" or "pallas"
+    # (layernorm.py, logsumexp.py, bias_relu2.py)
+    kernels: str | None = None
+    # False: the step runs the layers unrolled over a per-layer view of the (still stacked) params;
+    # no stacked buffers of saved activations to fill and copy (faster on GPU), longer compiles
+    scan_layers: bool = True
+    # (data, fsdp, tensor) sizes with one -1 for "the rest", or a preset of sharding.make_mesh
+    # ("fsdp", "dp", "tp", "fsdp+tp"); dcn_mesh: how many slices/hosts each axis spans (multi-slice)
+    mesh: str | tuple[int, ...] = "fsdp"
+    dcn_mesh: str | tuple[int, ...] | None = None
+    # --- bookkeeping
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200  # 0: never
+    eval_batches: int = 4
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    max_nonfinite_in_a_row: int = 5
+    peak_tflops_per_device: float | None = None  # for MFU; None: looked up from the device kind
+    data_threads: int = 2
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name)))
+        self._validate()
+
+    def _validate(self):
+        positive = ("seq_len", "batch_size", "grad_accum_steps", "total_steps", "loss_chunk",
+                    "log_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+                    "max_nonfinite_in_a_row", "data_threads")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps",
+                     "clip_grad_norm", "z_loss", "peak_tflops_per_device"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        for name in ("warmup_steps", "eval_every", "weight_decay", "z_loss", "lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.eps <= 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+        if self.peak_tflops_per_device is not None and self.peak_tflops_per_device <= 0:
+            raise ValueError(f"peak_tflops_per_device must be positive or null, got "
+                             f"{self.peak_tflops_per_device}")
+        if self.warmup_steps > self.total_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds total_steps "
+                             f"({self.total_steps})")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r}: choose one of {SCHEDULES}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(f"batch_size ({self.batch_size}) is not divisible by "
+                             f"grad_accum_steps ({self.grad_accum_steps})")
+        if self.seq_len % min(self.loss_chunk, self.seq_len):
+            raise ValueError(f"seq_len ({self.seq_len}) is not divisible by loss_chunk "
+                             f"({self.loss_chunk})")
+        for name in ("mesh", "dcn_mesh"):
+            spec = getattr(self, name)
+            if spec is not None and not isinstance(parse_mesh(spec), str) and len(spec) != 3:
+                raise ValueError(f"{name} must have 3 sizes (data, fsdp, tensor), got {spec}")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise ValueError(f"clip_grad_norm must be positive or null, got {self.clip_grad_norm}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {self.remat_policy!r}: choose one of "
+                             f"{sorted(REMAT_POLICIES)}")
+        as_dtype(self.dtype), as_dtype(self.param_dtype)
+        pallas_gpu.check(self.kernels, "kernels")
+
+    # ------------------------------------------------------------------------------------------ i/o
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], overrides: list[str] = ()) -> "RunConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a run config must be a mapping, got {type(d).__name__}")
+        d = dict(d)
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--set wants key=value, got {item!r}")
+            d[key.strip()] = yaml.safe_load(value)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown run config keys: {unknown} (known: {sorted(names)})")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.default is dataclasses.MISSING and f.name not in d)
+        if missing:
+            raise ValueError(f"run config is missing required keys: {missing}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: list[str] = ()) -> "RunConfig":
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no run config at {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path} is not valid YAML: {e}") from None
+        return cls.from_dict(data or {}, overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for name in ("mesh", "dcn_mesh"):
+            if isinstance(d[name], tuple):
+                d[name] = list(d[name])
+        return d
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Checks `value` against the field's type annotation (ints pass as floats, lists as tuples)."""
+    hint = typing.get_type_hints(RunConfig)[name]
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ValueError(f"{name} must not be null")
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is float and isinstance(value, str):
+            try:  # YAML 1.1 reads `3e-4` (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if option is str and isinstance(value, str):
+            return value
+        if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+    wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ValueError(f"{name} must be {wanted}, got {value!r}")

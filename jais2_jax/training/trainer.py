@@ -1,0 +1,403 @@
+"""A training run: checks, mesh, data, state (fresh, continued or resumed), the step loop, Orbax
+checkpoints, metrics (console + tqdm, `metrics.jsonl`, TensorBoard) and SIGTERM.
+
+Output directory:
+    checkpoints/<step>/{state,data,meta}   Orbax: TrainState, data-iterator position, configs
+    metrics.jsonl                          one JSON object per log / eval step
+    tensorboard/                           event files (tensorboardX)
+
+Resuming: when `checkpoints/` holds a step, the run restores params, optimizer state, step, RNG
+and the data position from the latest one and continues; the model config must be the one it was
+made with. Every bad input is reported before the first step runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from jais2_jax.checkpoint import load_checkpoint
+from jais2_jax.model.config import Jais2Config, load_model_config
+from jais2_jax.model.modules import Jais2ForCausalLM, as_dtype
+from jais2_jax.parallel import distributed, sharding
+from jais2_jax.parallel.distributed import global_batch
+from jais2_jax.training import data
+from jais2_jax.training.run_config import RunConfig
+from jais2_jax.training.step import (
+    flops_per_token,
+    init_state,
+    jit_train_step,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    peak_tflops,
+    state_shardings,
+)
+
+# `meta` entries that fix the order of the data: a resumed run must keep them.
+DATA_ORDER_KEYS = ("seq_len", "batch_size", "seed")
+
+
+class _StopFlag:
+    """Set by SIGTERM (preemption); the loop checkpoints and returns after the current step."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Metrics:
+    """metrics.jsonl and TensorBoard, written by process 0 only."""
+
+    def __init__(self, output_dir: str, start_step: int):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+        path = os.path.join(output_dir, "metrics.jsonl")
+        if os.path.exists(path):
+            # A resumed run repeats the steps after its checkpoint: drop their earlier records.
+            kept = []
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short when the run was killed
+                        print(f"{path}:{n}: dropping an unreadable line (cut short?)")
+                        continue
+                    if record.get("step", 0) <= start_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+        self.file = open(path, "a", encoding="utf-8")
+        # Hide TensorBoard's events after the checkpoint (purge_step; also from step 1 on when a
+        # run killed before its first checkpoint starts again), which this run writes again, in a
+        # file of its own (the default name has the second and the host only: a resume within
+        # the same second overwrote the previous file; a random suffix, not the pid, as one
+        # process may run twice).
+        self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"),
+                                    purge_step=start_step + 1,
+                                    filename_suffix=f".from-step-{start_step}."
+                                                    f"{uuid.uuid4().hex[:8]}")
+
+    def write(self, step: int, values: dict[str, float]):
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()  # as the jsonl: a killed run keeps every step it logged
+
+    def close(self):
+        if self.enabled:
+            self.file.close()
+            self.writer.close()
+
+
+def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool = True) -> dict:
+    """Runs (or resumes) `run` until `total_steps` (or `until_step`, checkpointing there).
+
+    Returns {"status": "done" | "stopped" | "preempted" | "nonfinite", "step", "loss",
+    "eval_loss", "output_dir"}.
+    """
+    if until_step is not None and until_step < 1:
+        raise ValueError(f"until_step must be at least 1, got {until_step}")
+    # ---------------------------------------------------------------- checks before any work
+    config = load_model_config(run.model)
+    if config.attention_dropout:
+        raise ValueError(f"attention_dropout {config.attention_dropout} is not implemented; training "
+                         "would silently run without it (set it to 0.0, as the released configs do)")
+    if run.seq_len > config.max_position_embeddings:
+        raise ValueError(f"seq_len {run.seq_len} exceeds the model's max_position_embeddings "
+                         f"({config.max_position_embeddings})")
+    store = data.TokenStore(run.data)
+    if store.vocab_size > config.vocab_size:
+        raise ValueError(f"the token store's tokenizer has {store.vocab_size} tokens, more than "
+                         f"the model's vocab_size {config.vocab_size}")
+    mesh = sharding.make_mesh(run.mesh, dcn_shape=run.dcn_mesh)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = run.batch_size // run.grad_accum_steps
+    if micro % dp:
+        raise ValueError(f"batch_size {run.batch_size} / grad_accum_steps {run.grad_accum_steps} = "
+                         f"{micro} sequences per micro-batch is not divisible by the {dp} "
+                         f"data-parallel devices (mesh data x fsdp = {mesh.shape['data']} x "
+                         f"{mesh.shape['fsdp']})")
+    distributed.check_batch_split(sharding.batch_sharding(mesh, (run.batch_size, run.seq_len)),
+                                  (run.batch_size, run.seq_len))
+    process, processes = jax.process_index(), jax.process_count()
+    train_iter = data.train_iterator(store, seq_len=run.seq_len, batch_size=run.batch_size,
+                                     seed=run.seed, process_index=process,
+                                     process_count=processes, threads=run.data_threads)
+    eval_data = (data.eval_batches(store, seq_len=run.seq_len, batch_size=run.batch_size,
+                                   num_batches=run.eval_batches, process_index=process,
+                                   process_count=processes) if run.eval_every else [])
+    if run.eval_every and not eval_data:
+        eval_tokens = store.num_tokens("eval")
+        if eval_tokens:  # an eval split was prepared but cannot make one row
+            raise ValueError(f"the eval split of {store.path} has {eval_tokens} tokens; one row of "
+                             f"seq_len {run.seq_len} needs {run.seq_len + 1} (prepare more eval "
+                             "text, or set eval_every: 0)")
+        print(f"no eval: {store.path} has no eval split (prepare-data --eval-fraction); "
+              f"eval_every {run.eval_every} is ignored")
+
+    p = _program(config, run.replace(output_dir="", data="", init_from=None), mesh)
+    model, optimizer, state_sh, batch_sh = p.model, p.optimizer, p.state_sh, p.batch_sh
+
+    os.makedirs(run.output_dir, exist_ok=True)
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(run.output_dir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints,
+                                             enable_async_checkpointing=run.async_checkpointing),
+        item_names=("state", "data", "meta"))
+    meta = {"model_config": config.to_dict(), "run": run.to_dict(), "processes": processes,
+            "data_dir": os.path.abspath(run.data)}  # `data` as seen from where the run started
+
+    # ---------------------------------------------------------------- state: resume, continue, new
+    with sharding.use_mesh(mesh):
+        latest = manager.latest_step()
+        if latest is not None:
+            state = _restore(manager, latest, config, run, meta, state_sh, train_iter, optimizer,
+                             p.abstract_params)
+        else:
+            state = _new_state(run, config, model, optimizer, mesh, state_sh)
+    step_fn, eval_fn = p.train_step, p.eval_step
+
+    def save(step: int):
+        if step in manager.all_steps():  # e.g. SIGTERM right after a periodic save
+            return
+        manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(train_iter.get_state()),
+            meta=ocp.args.JsonSave(meta)))
+
+    def evaluate() -> float | None:
+        if not eval_data:
+            return None
+        sums = [eval_fn(state.params, global_batch(b, batch_sh, run.batch_size)) for b in eval_data]
+        sums = jax.device_get(sums)
+        return float(sum(s["ce_sum"] for s in sums) / max(sum(s["targets"] for s in sums), 1.0))
+
+    # ---------------------------------------------------------------- the loop
+    step = int(jax.device_get(state.step))
+    end = min(run.total_steps, until_step if until_step is not None else run.total_steps)
+    tokens_per_step = run.batch_size * run.seq_len
+    peak = run.peak_tflops_per_device or peak_tflops(jax.devices()[0])
+    flops_token = flops_per_token(config, run.seq_len)
+    metrics_log = _Metrics(run.output_dir, step)
+    status, last, loss, eval_loss = "done", None, None, None
+    timer = None  # (time, step) after the first step of this session: compilation excluded
+    bar = tqdm(total=run.total_steps, initial=step, desc="train", disable=not show_progress,
+               dynamic_ncols=True)
+    try:
+        with _StopFlag() as stop, sharding.use_mesh(mesh):
+            while step < end:
+                local = next(train_iter)
+                state, metrics = step_fn(state, global_batch(local, batch_sh, run.batch_size))
+                step += 1
+                bar.update(1)
+                # The previous step's counter: reading it does not wait for the step just queued.
+                if last is not None and int(last["nonfinite_in_a_row"]) >= run.max_nonfinite_in_a_row:
+                    status = "nonfinite"
+                    break
+                last = metrics
+                if timer is None:
+                    jax.block_until_ready(metrics)
+                    timer = (time.perf_counter(), step)
+                if step % run.log_every == 0 or step == end:
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    loss = values["loss"]
+                    elapsed, steps = time.perf_counter() - timer[0], step - timer[1]
+                    timer = (time.perf_counter(), step)
+                    if steps > 0:
+                        values["tokens_per_s"] = tokens_per_step * steps / elapsed
+                        values["tflops_per_device"] = (flops_token * values["tokens_per_s"]
+                                                       / jax.device_count() / 1e12)
+                        if peak:
+                            values["mfu"] = values["tflops_per_device"] / peak
+                    metrics_log.write(step, values)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}",
+                                    tok_s=f"{values.get('tokens_per_s', 0):.0f}")
+                    bar.write(_log_line(step, values))
+                if run.eval_every and (step % run.eval_every == 0 or step == end) and eval_data:
+                    eval_loss = evaluate()
+                    metrics_log.write(step, {"eval_loss": eval_loss})
+                    bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
+                if step % run.checkpoint_every == 0 or step == end:
+                    save(step)
+                preempted = stop.set if processes == 1 else manager.reached_preemption(step)
+                if preempted:
+                    save(step)
+                    status = "preempted"
+                    bar.write(f"step {step}: SIGTERM, checkpoint saved")
+                    break
+            if status == "done" and last is not None and \
+                    int(last["nonfinite_in_a_row"]) >= run.max_nonfinite_in_a_row:
+                status = "nonfinite"
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        metrics_log.close()
+        bar.close()
+    if status == "done" and step < run.total_steps:
+        status = "stopped"
+    if status == "nonfinite":
+        print(f"stopped: {run.max_nonfinite_in_a_row} steps in a row with a non-finite loss or "
+              f"gradient (step {step})")
+    return {"status": status, "step": step, "loss": loss, "eval_loss": eval_loss,
+            "output_dir": run.output_dir}
+
+
+class _Program(NamedTuple):
+    model: Jais2ForCausalLM
+    optimizer: Any
+    abstract_params: Any
+    state_sh: Any
+    batch_sh: Any
+    train_step: Any  # jitted
+    eval_step: Any  # jitted
+
+
+@functools.lru_cache(maxsize=4)
+def _program(config: Jais2Config, run: RunConfig, mesh) -> _Program:
+    """Model, optimizer, shardings and jitted steps; cached so that a process running several
+    runs of one shape (a notebook, a resumed run, the tests) compiles the steps once."""
+    model = Jais2ForCausalLM(config, dtype=as_dtype(run.dtype), param_dtype=as_dtype(run.param_dtype),
+                             remat_policy=run.remat_policy, attention_impl=run.attention_impl,
+                             kernels=run.kernels)
+    optimizer = make_optimizer(run)
+    params_sh = sharding.param_shardings(config, mesh)
+    abstract_params = nn.meta.unbox(
+        sharding.abstract_params(config, param_dtype=as_dtype(run.param_dtype)))
+    state_sh = state_shardings(optimizer, params_sh, abstract_params)
+    batch_sh = sharding.batch_sharding(mesh, (run.batch_size, run.seq_len))
+    step = jit_train_step(make_train_step(model, optimizer, run), state_sh, batch_sh)
+    evaluate = jax.jit(make_eval_step(model, run), in_shardings=(params_sh, batch_sh))
+    return _Program(model, optimizer, abstract_params, state_sh, batch_sh, step, evaluate)
+
+
+def _log_line(step: int, v: dict) -> str:
+    parts = [f"step {step}", f"loss {v['loss']:.4f}", f"lr {v['lr']:.3e}",
+             f"grad_norm {v['grad_norm']:.3f}"]
+    if "tokens_per_s" in v:
+        parts.append(f"{v['tokens_per_s']:.0f} tok/s")
+    if "mfu" in v:
+        parts.append(f"MFU {100 * v['mfu']:.1f}%")
+    if v.get("skipped"):
+        parts.append("SKIPPED (non-finite)")
+    return ", ".join(parts)
+
+
+def _new_state(run, config, model, optimizer, mesh, state_sh):
+    """Random init or `init_from` (continued training), created directly in the state's shards."""
+    param_dtype = as_dtype(run.param_dtype)
+    if run.init_from is None:
+        def fresh(key):
+            params = nn.meta.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+            return init_state(params, optimizer, run.seed)
+        return jax.jit(fresh, out_shardings=state_sh)(jax.random.PRNGKey(run.seed))
+    loaded_config, params = load_checkpoint(run.init_from, dtype=param_dtype, mesh=mesh)
+    if loaded_config != config:
+        raise ValueError(f"init_from {run.init_from}: its model config differs from {run.model} "
+                         f"in {_config_diff(loaded_config.to_dict(), config.to_dict())}")
+    # Donated: the loaded params become the state's, rather than a second copy beside it.
+    return jax.jit(lambda p: init_state(p, optimizer, run.seed), out_shardings=state_sh,
+                   donate_argnums=0)(params)
+
+
+def _restore(manager, step, config, run, meta, state_sh, train_iter, optimizer, abstract_params):
+    saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    saved_config = Jais2Config.from_dict(saved["model_config"])
+    if saved_config != config:
+        raise ValueError(f"{run.output_dir} holds a checkpoint (step {step}) of a different model: "
+                         f"{_config_diff(saved_config.to_dict(), config.to_dict())}; use another "
+                         f"output_dir or the model it was made with")
+    changed = [k for k in DATA_ORDER_KEYS if saved["run"].get(k) != getattr(run, k)]
+    if (saved["run"].get("clip_grad_norm") is None) != (run.clip_grad_norm is None):
+        # the optimizer state's structure holds the clipping stage or not
+        raise ValueError(f"cannot resume step {step} with clip_grad_norm {run.clip_grad_norm}: the "
+                         f"checkpoint was made with clip_grad_norm "
+                         f"{saved['run'].get('clip_grad_norm')} (null and a value change the "
+                         "optimizer state; any two values work)")
+    if changed or saved.get("processes") != meta["processes"]:
+        raise ValueError(f"cannot resume the data position of step {step}: "
+                         f"{changed or ['process count']} changed since the checkpoint was made")
+    abstract = jax.eval_shape(lambda p: init_state(p, optimizer, run.seed), abstract_params)
+    target = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    train_iter.set_state(restored["data"])
+    print(f"resumed from {run.output_dir} at step {step}")
+    return restored["state"]
+
+
+def _config_diff(a: dict, b: dict) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "dtype")
+    return ", ".join(f"{k}: {a.get(k)!r} (checkpoint) vs {b.get(k)!r} (run)" for k in keys)
+
+
+def run_tokenizer_dir(output_dir: str) -> tuple[str | None, list[str]]:
+    """(the tokenizer folder inside the run's token store, or None if it cannot be found; the
+    places looked at). The store is looked for where it was when the run started (a relative
+    `data` resolved there), then as `data` names it from the current directory."""
+    directory = os.path.abspath(os.path.join(output_dir, "checkpoints"))
+    with ocp.CheckpointManager(directory, item_names=("state", "data", "meta")) as manager:
+        step = manager.latest_step()
+        if step is None:
+            return None, []
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    data = RunConfig.from_dict(meta["run"]).data
+    places = [p for p in (meta.get("data_dir"), data) if p]  # data_dir: recorded since 2026-11
+    for store in places:
+        if os.path.isdir(os.path.join(store, "tokenizer")):
+            return os.path.join(store, "tokenizer"), places
+    return None, places
+
+
+def load_trained(output_dir: str, step: int | None = None) -> tuple[Jais2Config, dict, int]:
+    """(model config, params, step) of a run's checkpoint (default: the latest), on one device."""
+    directory = os.path.abspath(os.path.join(output_dir, "checkpoints"))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints in {output_dir}")
+    with ocp.CheckpointManager(directory, item_names=("state", "data", "meta")) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoints in {output_dir}")
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        config = Jais2Config.from_dict(meta["model_config"])
+        run = RunConfig.from_dict(meta["run"])
+        abstract_params = nn.meta.unbox(
+            sharding.abstract_params(config, param_dtype=as_dtype(run.param_dtype)))
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's
+        abstract = jax.eval_shape(lambda p: init_state(p, make_optimizer(run), run.seed),
+                                  abstract_params)
+        target = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+        state = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))["state"]
+    return config, state.params, step

@@ -1,0 +1,1 @@
+"""Lowest layer: helpers with no knowledge of the model (staged, atomic outputs)."""
