@@ -15,4 +15,4 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/jais2 demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest

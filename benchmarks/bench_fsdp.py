@@ -46,15 +46,13 @@ def _collectives(hlo: str) -> dict:
 
 
 def measure(config, seq, n_devices, per_device_batch, remat, args):
-    import flax.linen as nn
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from jais2_jax.parallel import sharding
 
-    from jais2_jax.training import step as training
-    from jais2_jax.model.modules import Jais2ForCausalLM
+    from jais2_jax.training.program import build_train_program
+    from jais2_jax.training.step import flops_per_token
     from jais2_jax.training.run_config import RunConfig
 
     batch = per_device_batch * n_devices
@@ -63,27 +61,16 @@ def measure(config, seq, n_devices, per_device_batch, remat, args):
     run = RunConfig(model="", data="", output_dir="", seq_len=seq, batch_size=batch,
                     loss_chunk=args.loss_chunk, dtype="float32" if args.tiny else "bfloat16",
                     param_dtype="float32", remat_policy=remat, warmup_steps=10, total_steps=1000)
-    model = Jais2ForCausalLM(config, dtype=jnp.dtype(run.dtype), param_dtype=jnp.float32,
-                             remat_policy=remat)
-    optimizer = training.make_optimizer(run)
-    params_sh = sharding.param_shardings(config, mesh)
-    abstract = sharding.unboxed_shapes(sharding.abstract_params(config))
-    state_sh = training.state_shardings(optimizer, params_sh, abstract)
-    batch_sh = sharding.batch_sharding(mesh, (batch, seq))
-    step = training.jit_train_step(training.make_train_step(model, optimizer, run), state_sh,
-                                   batch_sh)
-
-    def fresh(key):  # created in its shards: never whole on one device
-        params = nn.meta.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
-        return training.init_state(params, optimizer, 0)
+    program = build_train_program(config, run, mesh)  # what `jais2 train` runs
 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.vocab_size, (batch, seq + 1)).astype(np.int32)
     data = jax.device_put({"input_ids": ids[:, :-1], "targets": ids[:, 1:],
-                           "loss_mask": np.ones((batch, seq), np.float32)}, batch_sh)
+                           "loss_mask": np.ones((batch, seq), np.float32)},
+                          program.batch_sharding)
     with sharding.use_mesh(mesh):
-        state = jax.jit(fresh, out_shardings=state_sh)(jax.random.PRNGKey(0))
-        compiled = step.lower(state, data).compile()
+        state = program.init_state(jax.random.PRNGKey(0))  # created in its shards
+        compiled = program.train_step.lower(state, data).compile()
         collectives = _collectives(compiled.as_text()) if n_devices > 1 else {}
         t0 = time.perf_counter()
         for _ in range(args.warmup):
@@ -104,7 +91,7 @@ def measure(config, seq, n_devices, per_device_batch, remat, args):
     planned = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
                + ma.temp_size_in_bytes) if ma is not None else 0
     return dict(devices=n_devices, batch=batch, remat=remat, step_s=step_s, tok_s=tok_s,
-                tflops_per_device=training.flops_per_token(config, seq) * tok_s / n_devices / 1e12,
+                tflops_per_device=flops_per_token(config, seq) * tok_s / n_devices / 1e12,
                 loss=float(metrics["loss"]), warmup_s=warm_s, xla_gb=planned / 1e9,
                 collectives=collectives)
 

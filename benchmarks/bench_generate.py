@@ -63,15 +63,13 @@ def median_time(fn, reps: int) -> float:
 def random_params(config, dtype, fuse_qkv=True, seed=0):
     """Per-layer (scan_layers=False) parameters, random normal (std 0.02; norms near 1), made
     on the device one array at a time. Zeros would hide bugs and can time differently."""
-    import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    from jais2_jax import Jais2ForCausalLM
+    from jais2_jax import ModelOptions, build_inference_program
 
-    model = Jais2ForCausalLM(config, dtype=dtype, param_dtype=dtype, scan_layers=False,
-                             fuse_qkv=fuse_qkv)
-    shapes = nn.meta.unbox(jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"])
+    program = build_inference_program(config, batch_size=1, max_length=1, dtype=dtype,
+                                      options=ModelOptions(scan_layers=False, fuse_qkv=fuse_qkv))
+    model, shapes = program.model, program.abstract_params()
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
 
     @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -92,8 +90,8 @@ def run_ours(args) -> None:
     import jax.numpy as jnp
     import numpy as np
     from jais2_jax import Jais2Config, init_cache
-    from jais2_jax.inference.generate import _decode_loop, generate, prefill
-    from jais2_jax.model.modules import as_dtype
+    from jais2_jax.inference.generate import decode_loop, generate, prefill
+    from jais2_jax.model.options import as_dtype
     from jais2_jax.inference.sampling import Sampler
 
     p = plan(args.tiny)
@@ -104,7 +102,7 @@ def run_ours(args) -> None:
     model, params = random_params(config, dtype, fuse_qkv=not args.unfused_qkv)
     jax.block_until_ready(params)
     if args.attention:
-        model = model.clone(attention_impl=args.attention)
+        model = model.with_options(attention_impl=args.attention)
     n_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     emit(what="params", side="jax", bytes=n_bytes, seconds=time.perf_counter() - t)
     rs = np.random.RandomState(0)
@@ -123,7 +121,7 @@ def run_ours(args) -> None:
             logits, cache = prefill(model, params, jnp.asarray(ids), jnp.ones_like(ids), cache)
             jax.block_until_ready((logits, cache))
             t = time.perf_counter()
-            out, cache = _decode_loop(model, params, logits, cache, None, max_new_tokens=new,
+            out, cache = decode_loop(model, params, logits, cache, None, max_new_tokens=new,
                                       sampler=Sampler(), eos_ids=(), pad_id=0, callback=None)
             jax.block_until_ready(out)
             times.append(time.perf_counter() - t)

@@ -84,7 +84,7 @@ def run_jax(args):
     import jax
 
     from jais2_jax.parallel.sharding import make_mesh, use_mesh
-    from jais2_jax.training.trainer import _program
+    from jais2_jax.training.program import build_train_program, clear_cache
     from jais2_jax.training.step import flops_per_token
 
     config = model_config(args.shape)
@@ -102,10 +102,10 @@ def run_jax(args):
             run = run_config(args.shape, batch, remat, loss_chunk=args.loss_chunk,
                              scan_layers=layout != "unrolled", overrides=args.set)
             try:
-                program = _program(config, run, mesh)
+                program = build_train_program(config, run, mesh)
                 data = random_batch(config, batch, seq)
                 with use_mesh(mesh):
-                    state = _init(program, config, run)
+                    state = program.init_state(jax.random.PRNGKey(0))
                     compile_start = time.perf_counter()
                     for _ in range(args.warmup):
                         state, metrics = program.train_step(state, data)
@@ -130,21 +130,8 @@ def run_jax(args):
                      error="OOM" if oom else f"{type(e).__name__}: {str(e)[:300]}")
             finally:
                 state = metrics = None
-                _program.cache_clear()
+                clear_cache()
                 jax.clear_caches()
-
-
-def _init(program, config, run):
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from jais2_jax.training.step import init_state
-
-    def fresh(key):
-        params = nn.meta.unbox(program.model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
-        return init_state(params, program.optimizer, 0)
-    return jax.jit(fresh, out_shardings=program.state_sh)(jax.random.PRNGKey(0))
 
 
 # ---------------------------------------------------------------------------------- transformers

@@ -116,7 +116,7 @@ def profile_train(args):
     import jax
     import bench_train
     from jais2_jax.parallel.sharding import make_mesh, use_mesh
-    from jais2_jax.training.trainer import _program
+    from jais2_jax.training.program import build_train_program
 
     shape = "tiny" if args.tiny else "2b"
     config = bench_train.model_config(shape)
@@ -132,11 +132,11 @@ def profile_train(args):
             ce, z = training.loss_sums(model, params, batch, chunk=chunk)
             return ce + z_loss * z, (ce, z)
         training.train_loss_sums = checkpointed
-    program = _program(config, run, mesh)
+    program = build_train_program(config, run, mesh)
     data = bench_train.random_batch(config, batch, seq)
     box = {}
     with use_mesh(mesh):
-        box["state"] = bench_train._init(program, config, run)
+        box["state"] = program.init_state(jax.random.PRNGKey(0))
         write_hlo(args.out, "train_step", program.train_step.lower(box["state"], data))
 
         def step():
@@ -157,7 +157,7 @@ def profile_prefill(args):
     import bench_generate
     from jais2_jax import Jais2Config, init_cache
     from jais2_jax.inference.generate import prefill
-    from jais2_jax.model.modules import as_dtype
+    from jais2_jax.model.options import as_dtype
 
     p = bench_generate.plan(args.tiny)
     dtype = as_dtype(p["dtype"])
@@ -185,8 +185,8 @@ def profile_decode(args):
     import numpy as np
     import bench_generate
     from jais2_jax import Jais2Config, init_cache
-    from jais2_jax.inference.generate import _decode_loop, prefill
-    from jais2_jax.model.modules import as_dtype
+    from jais2_jax.inference.generate import decode_loop, prefill
+    from jais2_jax.model.options import as_dtype
     from jais2_jax.inference.sampling import Sampler
 
     p = bench_generate.plan(args.tiny)
@@ -194,7 +194,7 @@ def profile_decode(args):
     config = Jais2Config(**p["shape"], bos_token_id=0, eos_token_id=1, pad_token_id=0)
     model, params = bench_generate.random_params(config, dtype, fuse_qkv=not args.unfused_qkv)
     if args.attention:
-        model = model.clone(attention_impl=args.attention)
+        model = model.with_options(attention_impl=args.attention)
     reports, new = [], args.decode_steps
     for batch in map(int, args.decode_batches.split(",")):
         ids = jnp.asarray(np.random.RandomState(0).randint(2, config.vocab_size,
@@ -204,12 +204,12 @@ def profile_decode(args):
             cache = init_cache(config, batch, p["prompt"] + new + 128 - (p["prompt"] + new) % 128,
                                dtype=dtype, per_layer=True)
             logits, cache = prefill(model, params, ids, jnp.ones_like(ids), cache)
-            return _decode_loop(model, params, logits, cache, None, max_new_tokens=new,
+            return decode_loop(model, params, logits, cache, None, max_new_tokens=new,
                                 sampler=Sampler(), eos_ids=(), pad_id=0, callback=None)[0]
         cache = init_cache(config, batch, p["prompt"] + new + 128 - (p["prompt"] + new) % 128,
                            dtype=dtype, per_layer=True)
         logits = jnp.zeros((batch, config.vocab_size), jnp.float32)
-        write_hlo(args.out, f"decode_loop_b{batch}", _decode_loop.lower(
+        write_hlo(args.out, f"decode_loop_b{batch}", decode_loop.lower(
             model, params, logits, cache, None, max_new_tokens=new, sampler=Sampler(), eos_ids=(),
             pad_id=0, callback=None))
         del cache

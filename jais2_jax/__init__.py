@@ -1,28 +1,42 @@
 """jais2-jax: Jais2 in JAX/Flax, numerically identical to transformers' Jais2ForCausalLM.
 
-Importing this package does no work beyond importing JAX and Flax: no devices are touched, no
-distributed runtime is started, nothing is read from disk or the network.
+The public API; each name lives in one layer package (README: "How the code is organised") and is
+loaded on first use, so importing one layer (`jais2_jax.model`) loads nothing above it. Importing
+does no work: no devices are touched, no distributed runtime is started, nothing is read from disk
+or the network.
 """
 
-from jais2_jax.model.cache import KVCache, init_cache
-from jais2_jax.model.config import Jais2Config
-# Imported here, not on first use: the function shares its name with its module, and a lazy import
-# would leave the module bound to `jais2_jax.inference.generate` (so `from jais2_jax import generate` gave it).
-from jais2_jax.inference.generate import generate
-from jais2_jax.model.modules import Jais2ForCausalLM, init_params, stack_layers, unstack_layers
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["Jais2Config", "Jais2ForCausalLM", "KVCache", "init_cache", "init_params",
-           "stack_layers", "unstack_layers", "load_checkpoint", "generate", "Tokenizer"]
+_API = {
+    "Jais2Config": "jais2_jax.model",
+    "Jais2ForCausalLM": "jais2_jax.model",
+    "KVCache": "jais2_jax.model",
+    "LoraSpec": "jais2_jax.model",
+    "ModelOptions": "jais2_jax.model",
+    "init_cache": "jais2_jax.model",
+    "init_params": "jais2_jax.model",
+    "stack_layers": "jais2_jax.model",
+    "unstack_layers": "jais2_jax.model",
+    "load_checkpoint": "jais2_jax.checkpoint",
+    "generate": "jais2_jax.inference.generate",
+    "Tokenizer": "jais2_jax.inference.tokenizer",
+    "build_inference_program": "jais2_jax.inference.program",
+    "build_train_program": "jais2_jax.training.program",
+}
+
+__all__ = sorted(_API)
 
 
 def __getattr__(name):
-    # Parts that pull in heavier dependencies (orbax, tokenizers) load on first use.
-    if name == "load_checkpoint":
-        from jais2_jax.checkpoint import load_checkpoint
-        return load_checkpoint
-    if name == "Tokenizer":
-        from jais2_jax.inference.tokenizer import Tokenizer
-        return Tokenizer
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'jais2_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))

@@ -9,6 +9,7 @@ import pytest
 
 from helpers import hf_model, our_config, our_params, rel_err
 from jais2_jax import Jais2ForCausalLM
+from jais2_jax.model.options import ModelOptions
 from jais2_jax.model.attention import dot_product_attention
 from jais2_jax.parallel.sharding import LOGICAL_AXIS_RULES, make_mesh
 
@@ -110,9 +111,10 @@ def test_model_logits_with_splash_equal_xla_path(padded):
     if padded:
         mask[1, :37] = 0  # left padding becomes its own segment in the splash path
     mask = jnp.asarray(mask)
-    xla = Jais2ForCausalLM(config, attention_impl="xla").apply({"params": params}, ids,
+    xla = Jais2ForCausalLM(config,
+                           options=ModelOptions(attention_impl="xla")).apply({"params": params}, ids,
                                                                attention_mask=mask)
-    spl = Jais2ForCausalLM(config, attention_impl="splash_interpret").apply(
+    spl = Jais2ForCausalLM(config, options=ModelOptions(attention_impl="splash_interpret")).apply(
         {"params": params}, ids, attention_mask=mask)
     real = np.asarray(mask).astype(bool)
     assert rel_err(np.asarray(spl)[real], np.asarray(xla)[real]) < 1e-5

@@ -9,6 +9,7 @@ import torch
 
 from helpers import hf_model, our_config, our_params, rel_err
 from jais2_jax import Jais2ForCausalLM, init_cache, unstack_layers
+from jais2_jax.model.options import ModelOptions
 from jais2_jax.inference.generate import decode_step, generate, prefill, right_align
 from jais2_jax.inference.sampling import Sampler, filter_logits, sample
 
@@ -25,7 +26,8 @@ def ref():
 
 
 def _model(config, params, scan):
-    return Jais2ForCausalLM(config, scan_layers=scan), params if scan else unstack_layers(params)
+    return Jais2ForCausalLM(config,
+                            options=ModelOptions(scan_layers=scan)), params if scan else unstack_layers(params)
 
 
 def _left_padded(lengths, seed=0, pad=0):

@@ -10,6 +10,7 @@ import pytest
 
 from helpers import rel_err
 from jais2_jax.kernels.bias_relu2 import bias_relu2
+from jais2_jax.model.options import ModelOptions
 from jais2_jax.kernels.layernorm import layer_norm
 from jais2_jax.kernels.logsumexp import logsumexp
 
@@ -172,7 +173,7 @@ def test_model_gradients_on_a_mesh_with_kernels():
     ids = jnp.asarray(np.random.RandomState(1).randint(0, config.vocab_size, (4, 16)))
 
     def loss_and_grads(kernels):
-        model = Jais2ForCausalLM(config, kernels=kernels, remat_policy="dots")
+        model = Jais2ForCausalLM(config, options=ModelOptions(kernels=kernels, remat_policy="dots"))
 
         def loss(p):
             logp = jax.nn.log_softmax(model.apply({"params": p}, ids)[:, :-1], axis=-1)

@@ -8,6 +8,7 @@ import torch
 
 from helpers import hf_model, our_config, our_params, rel_err
 from jais2_jax import Jais2ForCausalLM, unstack_layers
+from jais2_jax.model.options import ModelOptions
 from jais2_jax.checkpoint.hf_mapping import state_dict_from_params
 
 TOL = 1e-5  # float32 logits, relative: ||ours - hf|| / ||hf||
@@ -68,7 +69,8 @@ def test_unscanned_per_layer_view_matches_scanned():
     params = our_params(hf, config)
     ids = jnp.asarray(np.random.RandomState(1).randint(0, config.vocab_size, (2, 9)))
     ref = _hf_logits(hf, np.asarray(ids))
-    ours = Jais2ForCausalLM(config, scan_layers=False).apply({"params": unstack_layers(params)}, ids)
+    ours = Jais2ForCausalLM(config,
+                            options=ModelOptions(scan_layers=False)).apply({"params": unstack_layers(params)}, ids)
     assert rel_err(ours, ref) <= TOL
 
 
@@ -116,7 +118,7 @@ def test_gradients_match_torch_autograd(kernels):
     hf.zero_grad()
     hf(torch.tensor(ids), labels=torch.tensor(ids)).loss.backward()
     ref = {n: p.grad.numpy() for n, p in hf.named_parameters()}
-    model = Jais2ForCausalLM(config, kernels=kernels)
+    model = Jais2ForCausalLM(config, options=ModelOptions(kernels=kernels))
 
     def loss_fn(p):
         logits = model.apply({"params": p}, jnp.asarray(ids))[:, :-1]
@@ -140,7 +142,7 @@ def test_remat_policies_keep_gradients_and_trade_memory():
     ids = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (4, 64)))
     temp, grads = {}, {}
     for policy in ("none", "dots", "dots_no_mlp", "full"):
-        model = Jais2ForCausalLM(config, remat_policy=policy)
+        model = Jais2ForCausalLM(config, options=ModelOptions(remat_policy=policy))
         f = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, ids) ** 2)))
         temp[policy] = f.lower(params).compile().memory_analysis().temp_size_in_bytes
         grads[policy] = f(params)
@@ -158,7 +160,7 @@ def test_relu2_backward_from_its_output(capsys):
     from jax.ad_checkpoint import print_saved_residuals
     from jais2_jax import init_params
     from jais2_jax.model.config import preset
-    from jais2_jax.model.modules import relu2
+    from jais2_jax.model.linear import relu2
     x = jnp.asarray(np.linspace(-3, 3, 61), jnp.float32)  # includes 0 exactly
     plain = lambda v: jnp.sum(jnp.square(jax.nn.relu(v)) * jnp.cos(v))  # noqa: E731
     ours = lambda v: jnp.sum(relu2(v) * jnp.cos(v))  # noqa: E731
@@ -168,7 +170,7 @@ def test_relu2_backward_from_its_output(capsys):
 
     config = preset("jais2-tiny")  # unrolled layers: print_saved_residuals does not enter scans
     params = unstack_layers(init_params(config, jax.random.key(0)))
-    model = Jais2ForCausalLM(config, remat_policy="dots", scan_layers=False)
+    model = Jais2ForCausalLM(config, options=ModelOptions(remat_policy="dots", scan_layers=False))
     capsys.readouterr()
     print_saved_residuals(lambda p: jnp.sum(model.apply({"params": p}, jnp.zeros((2, 16), jnp.int32))),
                           params)
@@ -193,7 +195,7 @@ def test_dots_policy_saves_q_and_k_after_rope():
     config = preset("jais2-tiny")
     params = unstack_layers(init_params(config, jax.random.key(1)))
     ids = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (2, 16)))
-    model = Jais2ForCausalLM(config, remat_policy="dots", scan_layers=False)
+    model = Jais2ForCausalLM(config, options=ModelOptions(remat_policy="dots", scan_layers=False))
     _, vjp = jax.vjp(lambda p: model.apply({"params": p}, ids), params)
     residuals = [np.asarray(r) for r in jax.tree_util.tree_leaves(vjp)]
 
@@ -217,7 +219,8 @@ def test_dots_policy_saves_q_and_k_after_rope():
 
 
 def test_fused_qkv_inference_view():
-    """unstack_layers(fuse_qkv=True) + Jais2ForCausalLM(fuse_qkv=True): same logits as transformers,
+    """unstack_layers(fuse_qkv=True) + Jais2ForCausalLM(
+                                                        options=ModelOptions(fuse_qkv=True)): same logits as transformers,
     same greedy tokens through the KV cache as the unfused view, and stack_layers undoes it."""
     from jais2_jax import generate, stack_layers
     hf = hf_model(seed=7, num_key_value_heads=2)
@@ -226,9 +229,9 @@ def test_fused_qkv_inference_view():
     fused = unstack_layers(params, fuse_qkv=True)
     assert set(fused["layers_0"]["self_attn"]) == {"qkv_proj", "o_proj"}
     ids = np.random.RandomState(6).randint(3, config.vocab_size, (2, 9))
-    model = Jais2ForCausalLM(config, scan_layers=False, fuse_qkv=True)
+    model = Jais2ForCausalLM(config, options=ModelOptions(scan_layers=False, fuse_qkv=True))
     assert rel_err(model.apply({"params": fused}, jnp.asarray(ids)), _hf_logits(hf, ids)) <= TOL
-    plain = Jais2ForCausalLM(config, scan_layers=False)
+    plain = Jais2ForCausalLM(config, options=ModelOptions(scan_layers=False))
     want = generate(plain, unstack_layers(params), ids, max_new_tokens=6, eos_token_id=[])
     got = generate(model, fused, ids, max_new_tokens=6, eos_token_id=[])
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -236,7 +239,8 @@ def test_fused_qkv_inference_view():
     for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="scan_layers=False"):
-        Jais2ForCausalLM(config, fuse_qkv=True).apply({"params": params}, jnp.asarray(ids))
+        Jais2ForCausalLM(config,
+                         options=ModelOptions(fuse_qkv=True)).apply({"params": params}, jnp.asarray(ids))
 
 
 def test_longrope_generation_counts_real_tokens_not_padded_width():

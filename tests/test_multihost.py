@@ -23,7 +23,7 @@ def _problem():
     import jax
     from helpers import TINY
     from jais2_jax import Jais2Config
-    from jais2_jax.model.modules import init_params
+    from jais2_jax.model.layout import init_params
     from jais2_jax.training.run_config import RunConfig
     config = Jais2Config(**{**TINY, "max_position_embeddings": 16})
     rng = np.random.RandomState(0)
@@ -149,7 +149,7 @@ def test_two_processes_agree_with_one(two_processes):
     from helpers import rel_err
     from jais2_jax import Jais2ForCausalLM
     from jais2_jax.training import step as training
-    from jais2_jax.model.modules import init_params
+    from jais2_jax.model.layout import init_params
     config, params, run, batch = _problem()
     model = Jais2ForCausalLM(config)
     logits = jax.jit(lambda p, i: model.apply({"params": p}, i))(params, batch["input_ids"])

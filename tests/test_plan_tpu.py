@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("libtpu")
 
 from jais2_jax.parallel import sharding as S  # noqa: E402
+from jais2_jax.model.options import ModelOptions
 from jais2_jax.planning import tpu as tpu_plan  # noqa: E402
 from jais2_jax.cli import main  # noqa: E402
 from jais2_jax.model.config import Jais2Config  # noqa: E402
@@ -58,14 +59,15 @@ def test_splash_kernel_in_the_compiled_step():
     """plan_topology builds the model with attention_impl="splash": the Mosaic kernel is a TPU
     custom call in the compiled program (and the compile sits inside shard_map, or it fails)."""
     import jax.numpy as jnp
-    from jais2_jax.model.modules import Jais2ForCausalLM
+    from jais2_jax.inference.program import build_inference_program
     config = Jais2Config.from_json_file(TINY)
     mesh = S.make_mesh((1, 4, 1), devices=tpu_plan.topology_devices(
         tpu_plan.parse_topology("v5e:2x2")))
-    model = Jais2ForCausalLM(config, attention_impl="splash")
+    program = build_inference_program(config, batch_size=4, max_length=128, mesh=mesh,
+                                      dtype="float32",
+                                      options=ModelOptions(attention_impl="splash"))
+    model, params = program.model, program.abstract_params()
     import jax
-    params = tpu_plan._with_shardings(S.unboxed_shapes(S.abstract_params(config)),
-                                      S.param_shardings(config, mesh))
     ids = jax.ShapeDtypeStruct((4, 128), jnp.int32, sharding=S.batch_sharding(mesh, (4, 128)))
     with S.use_mesh(mesh):
         text = jax.jit(model.apply).lower({"params": params}, ids).compile().as_text()

@@ -13,7 +13,7 @@ from jais2_jax import Jais2Config, Jais2ForCausalLM, init_cache
 from jais2_jax.parallel import sharding as S
 from jais2_jax.training import step as training
 from jais2_jax.inference.generate import decode_step, generate, prefill
-from jais2_jax.model.modules import init_params
+from jais2_jax.model.layout import init_params
 from jais2_jax.training.run_config import RunConfig
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]

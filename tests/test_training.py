@@ -16,6 +16,7 @@ import pytest
 
 from helpers import hf_model, our_config, our_params, rel_err
 from jais2_jax import Jais2ForCausalLM
+from jais2_jax.model.options import ModelOptions
 from jais2_jax.training import data
 from jais2_jax.training.export import export_run_to_hf
 from jais2_jax.training.run_config import RunConfig
@@ -212,7 +213,8 @@ def test_unrolled_step_equals_scanned_step(hf, tmp_path):
     for scan in (True, False):
         run = _run(tmp_path, scan_layers=scan, remat_policy="dots", z_loss=1e-3)
         optimizer = make_optimizer(run)
-        step = jax.jit(make_train_step(Jais2ForCausalLM(config, remat_policy="dots"), optimizer, run))
+        step = jax.jit(make_train_step(Jais2ForCausalLM(config,
+                                                        options=ModelOptions(remat_policy="dots")), optimizer, run))
         out[scan] = step(init_state(params, optimizer, 0), _shifted_batch(ids))
     (s1, m1), (s0, m0) = out[True], out[False]
     assert abs(float(m1["loss"]) - float(m0["loss"])) <= 1e-6 * float(m1["loss"])

@@ -24,8 +24,14 @@ files), `hf_mapping` (HF tensor names <-> our tree), `hf` (an HF folder), `orbax
 folder), `convert` (HF <-> Orbax, streamed), `load` (either format into a mesh).
 """
 
-from jais2_jax.checkpoint.common import (INDEX_FILE, PARAMS_DIR, SINGLE_FILE, TOKENIZER_FILES,
-                                         parse_size, return_freed_memory_to_os)
+from jais2_jax.checkpoint.common import (
+                                         INDEX_FILE,
+                                         PARAMS_DIR,
+                                         SINGLE_FILE,
+                                         TOKENIZER_FILES,
+                                         parse_size,
+                                         return_freed_memory_to_os,
+)
 from jais2_jax.checkpoint.convert import convert_hf_to_orbax, export_orbax_to_hf
 from jais2_jax.checkpoint.hf import HFCheckpoint
 from jais2_jax.checkpoint.load import is_orbax_folder, load_checkpoint

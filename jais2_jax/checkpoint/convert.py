@@ -25,7 +25,7 @@ from jais2_jax.checkpoint.hf_mapping import TensorSpec, tensor_specs
 from jais2_jax.checkpoint.orbax_io import OrbaxCheckpoint, StreamedArray, save_streamed
 from jais2_jax.checkpoint.safetensors_io import hf_row_axis, to_hf, write_safetensors
 from jais2_jax.model.config import Jais2Config
-from jais2_jax.model.modules import as_dtype
+from jais2_jax.model.options import as_dtype
 from jais2_jax.utils.fsutil import check_output, staged_output
 
 

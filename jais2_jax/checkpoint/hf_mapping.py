@@ -33,7 +33,7 @@ class TensorSpec:
         return ((num_layers,) + self.our_shape) if self.stacked else self.our_shape
 
 
-def _identity(x):
+def identity(x):
     return x
 
 
@@ -64,11 +64,11 @@ def tensor_specs(config: Jais2Config) -> list[TensorSpec]:
                                 tuple(our_shape), *fns))
 
     add("embed_tokens/embedding", "model.embed_tokens.weight", False, (v, d), (v, d),
-        (_identity, _identity))
+        (identity, identity))
     layer = "model.layers.{i}."
     for norm in ("input_layernorm", "post_attention_layernorm"):
-        add(f"layers/{norm}/scale", f"{layer}{norm}.weight", True, (d,), (d,), (_identity, _identity))
-        add(f"layers/{norm}/bias", f"{layer}{norm}.bias", True, (d,), (d,), (_identity, _identity))
+        add(f"layers/{norm}/scale", f"{layer}{norm}.weight", True, (d,), (d,), (identity, identity))
+        add(f"layers/{norm}/bias", f"{layer}{norm}.bias", True, (d,), (d,), (identity, identity))
     for name, heads in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
         add(f"layers/self_attn/{name}/kernel", f"{layer}self_attn.{name}.weight", True,
             (heads * hd, d), (d, heads, hd), _linear((heads, hd), (d,)))
@@ -79,18 +79,18 @@ def tensor_specs(config: Jais2Config) -> list[TensorSpec]:
         (d, h * hd), (h, hd, d), _linear((d,), (h, hd)))
     if c.attention_bias:
         add("layers/self_attn/o_proj/bias", f"{layer}self_attn.o_proj.bias", True, (d,), (d,),
-            (_identity, _identity))
+            (identity, identity))
     add("layers/mlp/up_proj/kernel", f"{layer}mlp.up_proj.weight", True, (f, d), (d, f),
         _linear((f,), (d,)))
     add("layers/mlp/down_proj/kernel", f"{layer}mlp.down_proj.weight", True, (d, f), (f, d),
         _linear((d,), (f,)))
     if c.mlp_bias:
         add("layers/mlp/up_proj/bias", f"{layer}mlp.up_proj.bias", True, (f,), (f,),
-            (_identity, _identity))
+            (identity, identity))
         add("layers/mlp/down_proj/bias", f"{layer}mlp.down_proj.bias", True, (d,), (d,),
-            (_identity, _identity))
-    add("norm/scale", "model.norm.weight", False, (d,), (d,), (_identity, _identity))
-    add("norm/bias", "model.norm.bias", False, (d,), (d,), (_identity, _identity))
+            (identity, identity))
+    add("norm/scale", "model.norm.weight", False, (d,), (d,), (identity, identity))
+    add("norm/bias", "model.norm.bias", False, (d,), (d,), (identity, identity))
     if not c.tie_word_embeddings:
         add("lm_head/kernel", "lm_head.weight", False, (v, d), (d, v), _linear((v,), (d,)))
     return specs

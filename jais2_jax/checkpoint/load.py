@@ -14,7 +14,7 @@ from jais2_jax.checkpoint.hf import HFCheckpoint
 from jais2_jax.checkpoint.hf_mapping import tensor_specs
 from jais2_jax.checkpoint.orbax_io import OrbaxCheckpoint
 from jais2_jax.model.config import Jais2Config
-from jais2_jax.model.modules import as_dtype
+from jais2_jax.model.options import as_dtype
 from jais2_jax.parallel.sharding import param_shardings
 
 

@@ -162,7 +162,7 @@ def _transpose(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 def hf_row_axis(spec: TensorSpec) -> int:
     """The axis of our (one-layer) array that runs along HF rows: cheap to read in blocks."""
     hf, ours = spec.hf_shape, spec.our_shape
-    if len(hf) == 1 or spec.to_ours is hf_mapping._identity:
+    if len(hf) == 1 or spec.to_ours is hf_mapping.identity:
         return 0
     # A linear weight, ours [*in, *out]: the first `out` axis. Size-1 dims make the split point
     # ambiguous, but they do not change any flat index.
@@ -171,7 +171,7 @@ def hf_row_axis(spec: TensorSpec) -> int:
 
 
 def _is_linear(spec: TensorSpec) -> bool:
-    return len(spec.hf_shape) == 2 and spec.to_ours is not hf_mapping._identity
+    return len(spec.hf_shape) == 2 and spec.to_ours is not hf_mapping.identity
 
 
 def to_hf(spec: TensorSpec, x: np.ndarray) -> np.ndarray:

@@ -77,6 +77,7 @@ def run(args) -> int:
     from jais2_jax import Jais2ForCausalLM, Tokenizer, load_checkpoint, unstack_layers
     from jais2_jax.inference.generate import generate
     from jais2_jax.inference.sampling import Sampler
+    from jais2_jax.model.options import ModelOptions
 
     # Cheap checks first: a bad flag should not wait for the checkpoint to load.
     Sampler(args.temperature, args.top_k, args.top_p)
@@ -93,8 +94,8 @@ def run(args) -> int:
     # Per-layer weights on accelerators: slicing a stacked weight inside jit copies it each step.
     per_layer = jax.default_backend() != "cpu"
     # There also q/k/v as one GEMM (one device: this command does not shard).
-    model = Jais2ForCausalLM(config, dtype=dtype, param_dtype=dtype, scan_layers=not per_layer,
-                             fuse_qkv=per_layer)
+    model = Jais2ForCausalLM(config, dtype=dtype, param_dtype=dtype,
+                             options=ModelOptions(scan_layers=not per_layer, fuse_qkv=per_layer))
     if per_layer:
         params = unstack_layers(params, fuse_qkv=True)
     # Stop at the config's eos ids, those of generation_config.json (what transformers' generate

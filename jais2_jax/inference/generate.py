@@ -63,7 +63,7 @@ def decode_step(model: Jais2ForCausalLM, params, tokens: Array,
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampler", "eos_ids",
                                              "pad_id", "callback", "ordered"),
                    donate_argnames=("cache",))
-def _decode_loop(model, params, logits, cache, rng, *, max_new_tokens: int, sampler: Sampler,
+def decode_loop(model, params, logits, cache, rng, *, max_new_tokens: int, sampler: Sampler,
                  eos_ids: tuple[int, ...], pad_id: int, callback, ordered: bool = True):
     """Samples from the prefill logits, then decodes until every row is done.
 
@@ -198,7 +198,7 @@ def generate(model: Jais2ForCausalLM, params, input_ids, attention_mask=None, *,
     cache = init_cache(config, batch, cache_length, dtype=model.dtype,
                        per_layer=not model.scan_layers)
     logits, cache = prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), cache)
-    tokens, _ = _decode_loop(model, params, logits, cache, rng, max_new_tokens=int(max_new_tokens),
+    tokens, _ = decode_loop(model, params, logits, cache, rng, max_new_tokens=int(max_new_tokens),
                              sampler=sampler, eos_ids=eos_ids, pad_id=int(pad_id),
                              callback=callback, ordered=_on_one_device(params))
     if callback is not None:

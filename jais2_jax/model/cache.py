@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from jais2_jax.model.config import Jais2Config
 
-# Logical axis names of the cache arrays; the sharding rules map them onto the mesh.
+# Logical axis names of the cache arrays; the sharding rules map them onto the mesh
+# (`parallel.cache_shardings`: kv_heads over tensor, batch over data*fsdp).
 CACHE_KV_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
 CACHE_LENGTHS_AXES = ("batch",)
 
@@ -60,3 +61,20 @@ def init_cache(config: Jais2Config, batch_size: int, max_length: int,
                        v=tuple(jnp.zeros(shape, dtype) for _ in range(n)), lengths=lengths)
     shape = (config.num_hidden_layers,) + shape
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=lengths)
+
+
+def cache_layout(config: Jais2Config, batch_size: int, max_length: int, *,
+                 per_layer: bool = False) -> tuple[KVCache, KVCache]:
+    """(logical axes, shapes) of every array of `init_cache(config, batch_size, max_length,
+    per_layer=...)`, as two KVCache trees: what the sharding rules need to place a cache."""
+    layer_shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
+    if per_layer:
+        n = config.num_hidden_layers
+        axes = KVCache(k=(CACHE_KV_AXES[1:],) * n, v=(CACHE_KV_AXES[1:],) * n,
+                       lengths=CACHE_LENGTHS_AXES)
+        shapes = KVCache(k=(layer_shape,) * n, v=(layer_shape,) * n, lengths=(batch_size,))
+    else:
+        full = (config.num_hidden_layers,) + layer_shape
+        axes = KVCache(k=CACHE_KV_AXES, v=CACHE_KV_AXES, lengths=CACHE_LENGTHS_AXES)
+        shapes = KVCache(k=full, v=full, lengths=(batch_size,))
+    return axes, shapes

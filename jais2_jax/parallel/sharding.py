@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jais2_jax.model.cache import CACHE_KV_AXES, CACHE_LENGTHS_AXES, KVCache
+from jais2_jax.model.cache import KVCache, cache_layout
 from jais2_jax.model.config import Jais2Config
 from jais2_jax.model.modules import Jais2ForCausalLM
+from jais2_jax.model.options import ModelOptions
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -48,6 +49,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("lora_rank", None),  # a LoRA adapter's rank: small, replicated
 )
 
 # Preset -> (data, fsdp, tensor); -1 is "the rest". `fsdp+tp` is resolved in `mesh_shape`:
@@ -230,7 +232,15 @@ def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules=LOGICAL
 # ------------------------------------------------------------------------------------ parameters
 def abstract_params(config: Jais2Config, *, param_dtype=jnp.float32, scan_layers: bool = True):
     """eval_shape of the model's init: the boxed (logically partitioned) params, no memory used."""
-    model = Jais2ForCausalLM(config, param_dtype=param_dtype, scan_layers=scan_layers)
+    model = Jais2ForCausalLM(config, param_dtype=param_dtype,
+                             options=ModelOptions(scan_layers=scan_layers))
+    return model_abstract_params(model)
+
+
+def model_abstract_params(model: Jais2ForCausalLM):
+    """The boxed abstract params of this model instance (its layout, quantization, adapters).
+    Traced with XLA attention: the tree does not depend on it, and TPU kernels want long inputs."""
+    model = model.with_options(attention_impl="xla")
     return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
 
 
@@ -243,7 +253,16 @@ def unboxed_shapes(abstract):
 
 def param_shardings(config: Jais2Config, mesh, scan_layers: bool = True, rules=LOGICAL_AXIS_RULES):
     """NamedSharding of every parameter (same tree as the params), checked for divisibility."""
-    abstract = abstract_params(config, scan_layers=scan_layers)
+    return _shardings_of(abstract_params(config, scan_layers=scan_layers), mesh, rules)
+
+
+def model_param_shardings(model: Jais2ForCausalLM, mesh, rules=LOGICAL_AXIS_RULES):
+    """As `param_shardings`, for this model instance's tree (per-layer view, int8 values and their
+    scales, adapters): each array by its logical axes."""
+    return _shardings_of(model_abstract_params(model), mesh, rules)
+
+
+def _shardings_of(abstract, mesh, rules):
     logical = nn.get_partition_spec(abstract)
     shapes = unboxed_shapes(abstract)
     return jax.tree_util.tree_map_with_path(
@@ -259,7 +278,8 @@ def init_params_sharded(config: Jais2Config, mesh: Mesh, rng: jax.Array, *,
 
     With JAX's partitionable threefry (the default) the values equal `model.init` on one device.
     """
-    model = Jais2ForCausalLM(config, param_dtype=param_dtype, scan_layers=scan_layers)
+    model = Jais2ForCausalLM(config, param_dtype=param_dtype,
+                             options=ModelOptions(scan_layers=scan_layers))
     shardings = param_shardings(config, mesh, scan_layers, rules)
 
     def init(key):
@@ -301,17 +321,14 @@ def opt_state_shardings(optimizer, params_shardings, abstract_params_):
 # ---------------------------------------------------------------------------- cache and batches
 def cache_shardings(config: Jais2Config, mesh, batch_size: int, max_length: int,
                     rules=LOGICAL_AXIS_RULES, *, per_layer: bool = False) -> KVCache:
-    """A KVCache of NamedShardings (same rules as the model: kv_heads over tensor, batch over
-    data*fsdp), checked for divisibility. `per_layer` matches `init_cache(..., per_layer=True)`."""
-    layer_shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
-    if per_layer:
-        one = _sharding(mesh, CACHE_KV_AXES[1:], layer_shape, "KV cache", rules)
-        kv = (one,) * config.num_hidden_layers
-    else:
-        kv = _sharding(mesh, CACHE_KV_AXES, (config.num_hidden_layers,) + layer_shape,
-                       "KV cache", rules)
-    lengths = _sharding(mesh, CACHE_LENGTHS_AXES, (batch_size,), "KV cache lengths", rules)
-    return KVCache(k=kv, v=kv, lengths=lengths)
+    """A KVCache of NamedShardings for `init_cache(config, batch_size, max_length, per_layer=...)`:
+    the cache's logical layout (`model.cache.cache_layout`) through the rules table, checked for
+    divisibility."""
+    axes, shapes = cache_layout(config, batch_size, max_length, per_layer=per_layer)
+    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x)  # noqa: E731
+    return jax.tree_util.tree_map(
+        lambda logical, shape: _sharding(mesh, logical, shape, "KV cache", rules), axes, shapes,
+        is_leaf=is_axes)
 
 
 def batch_sharding(mesh, shape: Sequence[int], rules=LOGICAL_AXIS_RULES) -> NamedSharding:

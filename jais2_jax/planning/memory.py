@@ -22,7 +22,8 @@ import jax.numpy as jnp
 
 from jais2_jax.model.cache import init_cache
 from jais2_jax.model.config import Jais2Config
-from jais2_jax.model.modules import REMAT_POLICIES, Jais2ForCausalLM, as_dtype
+from jais2_jax.model.modules import Jais2ForCausalLM
+from jais2_jax.model.options import REMAT_POLICIES, ModelOptions, as_dtype
 from jais2_jax.parallel import sharding
 from jais2_jax.training.run_config import RunConfig
 from jais2_jax.training.step import compute_copies, make_optimizer, train_loss_sums
@@ -111,8 +112,8 @@ def _activation_bytes(config, *, batch, seq, remat, dtype, param_dtype, attentio
     impl = "splash_interpret" if attention == "flash" and seq % 128 == 0 else "xla"
 
     def traced(cfg, policy, loss):
-        model = Jais2ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype, remat_policy=policy,
-                                 attention_impl=impl)
+        model = Jais2ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype,
+                                 options=ModelOptions(remat_policy=policy, attention_impl=impl))
         params = sharding.unboxed_shapes(sharding.abstract_params(cfg, param_dtype=param_dtype))
         ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
         if loss:

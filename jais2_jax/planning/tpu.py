@@ -28,17 +28,16 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 
-from jais2_jax.inference.generate import decode_step, prefill
+from jais2_jax.inference.program import build_inference_program
 from jais2_jax.model.cache import init_cache
 from jais2_jax.model.config import Jais2Config
-from jais2_jax.model.modules import REMAT_POLICIES, Jais2ForCausalLM, as_dtype
+from jais2_jax.model.options import REMAT_POLICIES, ModelOptions, as_dtype
 from jais2_jax.parallel import sharding
 from jais2_jax.planning import memory as analytic
+from jais2_jax.training.program import build_train_program
 from jais2_jax.training.run_config import RunConfig
-from jais2_jax.training.step import flops_per_token, init_state, make_optimizer
-from jais2_jax.training.trainer import _program
+from jais2_jax.training.step import flops_per_token, make_optimizer
 
 GiB = 1024 ** 3
 EXIT_DOES_NOT_FIT = 3
@@ -55,10 +54,6 @@ CHIPS = {
 }
 
 # The keys of a training batch, as `jais2_jax.data.PackedRows` makes them.
-_BATCH_DTYPES = {"input_ids": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
-                 "positions": jnp.int32, "loss_mask": jnp.float32}
-
-
 # ---------------------------------------------------------------------------------- topologies
 @dataclasses.dataclass(frozen=True)
 class Topology:
@@ -227,11 +222,6 @@ def _compile(name: str, lowered_fn) -> Compiled:
                     flops=(cost or {}).get("flops"))
 
 
-def _with_shardings(abstract, shardings):
-    return jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
 def _run_config(run, s: Setting):
     run = run or RunConfig(model="-", data="-", output_dir="-")
     return run.replace(seq_len=s.seq, batch_size=s.batch, grad_accum_steps=s.grad_accum,
@@ -240,38 +230,22 @@ def _run_config(run, s: Setting):
 
 
 def compile_train(config: Jais2Config, mesh, s: Setting, run=None) -> list[Compiled]:
-    """The trainer's own step, built and jitted by `trainer._program` as `jais2 train` does."""
-    run = _run_config(run, s)
-    program = _program(config, run, mesh)
-    state = _with_shardings(jax.eval_shape(lambda p: init_state(p, program.optimizer, run.seed),
-                                           program.abstract_params), program.state_sh)
-    batch = {k: jax.ShapeDtypeStruct((s.batch, s.seq), dt, sharding=program.batch_sh)
-             for k, dt in _BATCH_DTYPES.items()}
-    with sharding.use_mesh(mesh):
-        return [_compile("train step", lambda: program.train_step.lower(state, batch))]
+    """The trainer's own step (`build_train_program`, as `jais2 train` builds it), compiled."""
+    program = build_train_program(config, _run_config(run, s), mesh)
+    return [_compile("train step", program.lower_train_step)]
 
 
 def compile_decode(config: Jais2Config, mesh, s: Setting, param_dtype="bfloat16",
                    dtype="bfloat16", cache_dtype="bfloat16") -> list[Compiled]:
-    """`generate.prefill` of `prefill` tokens per row into an empty cache of `seq` slots, and one
-    `generate.decode_step`."""
-    model = Jais2ForCausalLM(config, dtype=as_dtype(dtype), param_dtype=as_dtype(param_dtype),
-                             attention_impl="splash")
-    params = _with_shardings(
-        sharding.unboxed_shapes(sharding.abstract_params(config, param_dtype=as_dtype(param_dtype))),
-        sharding.param_shardings(config, mesh))
-    cache = _with_shardings(
-        jax.eval_shape(lambda: init_cache(config, s.batch, s.seq, dtype=as_dtype(cache_dtype))),
-        sharding.cache_shardings(config, mesh, s.batch, s.seq))
+    """The prefill of `prefill` tokens per row into an empty cache of `seq` slots, and one decode
+    step (`build_inference_program`)."""
+    program = build_inference_program(config, batch_size=s.batch, max_length=s.seq, mesh=mesh,
+                                      dtype=dtype, param_dtype=param_dtype,
+                                      cache_dtype=cache_dtype,
+                                      options=ModelOptions(attention_impl="splash"))
     length = s.prefill or s.seq
-    rows = sharding.batch_sharding(mesh, (s.batch, length))
-    ids = jax.ShapeDtypeStruct((s.batch, length), jnp.int32, sharding=rows)
-    tokens = jax.ShapeDtypeStruct((s.batch,), jnp.int32,
-                                  sharding=sharding.named_sharding(mesh, ("batch",)))
-    with sharding.use_mesh(mesh):
-        return [_compile(f"prefill ({length} tokens per row)",
-                         lambda: prefill.lower(model, params, ids, ids, cache)),
-                _compile("decode step", lambda: decode_step.lower(model, params, tokens, cache))]
+    return [_compile(f"prefill ({length} tokens per row)", lambda: program.lower_prefill(length)),
+            _compile("decode step", program.lower_decode_step)]
 
 
 # ---------------------------------------------------------------------------- analytic estimates

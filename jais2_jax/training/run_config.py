@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from jais2_jax.kernels import pallas_gpu
-from jais2_jax.model.modules import REMAT_POLICIES, as_dtype
+from jais2_jax.model.options import REMAT_POLICIES, as_dtype
 from jais2_jax.parallel.sharding import parse_mesh
 
 SCHEDULES = ("cosine", "linear", "constant")

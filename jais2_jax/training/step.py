@@ -34,7 +34,8 @@ import optax
 
 from jais2_jax.kernels.logsumexp import logsumexp
 from jais2_jax.model.config import Jais2Config
-from jais2_jax.model.modules import dot_f32, unstack_layers
+from jais2_jax.model.layout import unstack_layers
+from jais2_jax.model.linear import dot_f32
 from jais2_jax.parallel.sharding import on_one_device, opt_state_shardings
 from jais2_jax.training.run_config import RunConfig
 
@@ -302,7 +303,7 @@ def layer_view(model: nn.Module, run: RunConfig):
     state and checkpoints keep the stacked layout; the gradient flows back through the slices)."""
     if run.scan_layers or not model.scan_layers:
         return model, lambda params: params
-    return model.clone(scan_layers=False), unstack_layers
+    return model.with_options(scan_layers=False), unstack_layers
 
 
 def make_eval_step(model: nn.Module, run: RunConfig) -> Callable[[Any, Batch], dict]:

@@ -13,38 +13,27 @@ made with. Every bad input is reported before the first step runs.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
 import threading
 import time
 import uuid
-from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from jais2_jax.checkpoint import load_checkpoint
 from jais2_jax.model.config import Jais2Config, load_model_config
-from jais2_jax.model.modules import Jais2ForCausalLM, as_dtype
+from jais2_jax.model.options import as_dtype
 from jais2_jax.parallel import distributed, sharding
 from jais2_jax.parallel.distributed import global_batch
 from jais2_jax.training import data
+from jais2_jax.training.program import build_train_program
 from jais2_jax.training.run_config import RunConfig
-from jais2_jax.training.step import (
-    flops_per_token,
-    init_state,
-    jit_train_step,
-    make_eval_step,
-    make_optimizer,
-    make_train_step,
-    peak_tflops,
-    state_shardings,
-)
+from jais2_jax.training.step import flops_per_token, init_state, make_optimizer, peak_tflops
 
 # `meta` entries that fix the order of the data: a resumed run must keep them.
 DATA_ORDER_KEYS = ("seq_len", "batch_size", "seed")
@@ -125,10 +114,36 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
 
     Returns {"status": "done" | "stopped" | "preempted" | "nonfinite", "step", "loss",
     "eval_loss", "output_dir"}.
+
+    Phases: checks (every bad input before any work), data, program (`build_train_program`),
+    state (resume, continue from `init_from`, or new), the step loop.
     """
     if until_step is not None and until_step < 1:
         raise ValueError(f"until_step must be at least 1, got {until_step}")
-    # ---------------------------------------------------------------- checks before any work
+    config, store, mesh = _check_run(run)
+    train_iter, eval_data = _open_data(run, store)
+    program = build_train_program(config, run, mesh)
+    os.makedirs(run.output_dir, exist_ok=True)
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(run.output_dir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints,
+                                             enable_async_checkpointing=run.async_checkpointing),
+        item_names=("state", "data", "meta"))
+    meta = {"model_config": config.to_dict(), "run": run.to_dict(),
+            "processes": jax.process_count(),
+            "data_dir": os.path.abspath(run.data)}  # `data` as seen from where the run started
+    with sharding.use_mesh(mesh):
+        latest = manager.latest_step()
+        if latest is not None:
+            state = _restore(manager, latest, config, run, meta, program, train_iter)
+        else:
+            state = _new_state(run, config, program)
+    loop = _Loop(run, program, manager, meta, train_iter, eval_data, show_progress)
+    return loop.run_until(state, until_step)
+
+
+def _check_run(run: RunConfig):
+    """The model config, token store and mesh of `run`, each checked against the others."""
     config = load_model_config(run.model)
     if config.attention_dropout:
         raise ValueError(f"attention_dropout {config.attention_dropout} is not implemented; training "
@@ -150,6 +165,11 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
                          f"{mesh.shape['fsdp']})")
     distributed.check_batch_split(sharding.batch_sharding(mesh, (run.batch_size, run.seq_len)),
                                   (run.batch_size, run.seq_len))
+    return config, store, mesh
+
+
+def _open_data(run: RunConfig, store: data.TokenStore):
+    """This process's training iterator and its eval batches (empty without an eval split)."""
     process, processes = jax.process_index(), jax.process_count()
     train_iter = data.train_iterator(store, seq_len=run.seq_len, batch_size=run.batch_size,
                                      seed=run.seed, process_index=process,
@@ -165,139 +185,109 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
                              "text, or set eval_every: 0)")
         print(f"no eval: {store.path} has no eval split (prepare-data --eval-fraction); "
               f"eval_every {run.eval_every} is ignored")
+    return train_iter, eval_data
 
-    p = _program(config, run.replace(output_dir="", data="", init_from=None), mesh)
-    model, optimizer, state_sh, batch_sh = p.model, p.optimizer, p.state_sh, p.batch_sh
 
-    os.makedirs(run.output_dir, exist_ok=True)
-    manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(run.output_dir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints,
-                                             enable_async_checkpointing=run.async_checkpointing),
-        item_names=("state", "data", "meta"))
-    meta = {"model_config": config.to_dict(), "run": run.to_dict(), "processes": processes,
-            "data_dir": os.path.abspath(run.data)}  # `data` as seen from where the run started
+class _Loop:
+    """The step loop: steps, logging, evaluation, checkpoints, SIGTERM and non-finite stops."""
 
-    # ---------------------------------------------------------------- state: resume, continue, new
-    with sharding.use_mesh(mesh):
-        latest = manager.latest_step()
-        if latest is not None:
-            state = _restore(manager, latest, config, run, meta, state_sh, train_iter, optimizer,
-                             p.abstract_params)
-        else:
-            state = _new_state(run, config, model, optimizer, mesh, state_sh)
-    step_fn, eval_fn = p.train_step, p.eval_step
+    def __init__(self, run, program, manager, meta, train_iter, eval_data, show_progress):
+        self.run, self.program, self.manager, self.meta = run, program, manager, meta
+        self.train_iter, self.eval_data, self.show_progress = train_iter, eval_data, show_progress
+        self.state = None
 
-    def save(step: int):
-        if step in manager.all_steps():  # e.g. SIGTERM right after a periodic save
+    def save(self, step: int):
+        if step in self.manager.all_steps():  # e.g. SIGTERM right after a periodic save
             return
-        manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(train_iter.get_state()),
-            meta=ocp.args.JsonSave(meta)))
+        self.manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(self.state),
+            data=ocp.args.JsonSave(self.train_iter.get_state()),
+            meta=ocp.args.JsonSave(self.meta)))
 
-    def evaluate() -> float | None:
-        if not eval_data:
+    def evaluate(self) -> float | None:
+        if not self.eval_data:
             return None
-        sums = [eval_fn(state.params, global_batch(b, batch_sh, run.batch_size)) for b in eval_data]
+        run, p = self.run, self.program
+        sums = [p.eval_step(self.state.params, global_batch(b, p.batch_sharding, run.batch_size))
+                for b in self.eval_data]
         sums = jax.device_get(sums)
         return float(sum(s["ce_sum"] for s in sums) / max(sum(s["targets"] for s in sums), 1.0))
 
-    # ---------------------------------------------------------------- the loop
-    step = int(jax.device_get(state.step))
-    end = min(run.total_steps, until_step if until_step is not None else run.total_steps)
-    tokens_per_step = run.batch_size * run.seq_len
-    peak = run.peak_tflops_per_device or peak_tflops(jax.devices()[0])
-    flops_token = flops_per_token(config, run.seq_len)
-    metrics_log = _Metrics(run.output_dir, step)
-    status, last, loss, eval_loss = "done", None, None, None
-    timer = None  # (time, step) after the first step of this session: compilation excluded
-    bar = tqdm(total=run.total_steps, initial=step, desc="train", disable=not show_progress,
-               dynamic_ncols=True)
-    try:
-        with _StopFlag() as stop, sharding.use_mesh(mesh):
-            while step < end:
-                local = next(train_iter)
-                state, metrics = step_fn(state, global_batch(local, batch_sh, run.batch_size))
-                step += 1
-                bar.update(1)
-                # The previous step's counter: reading it does not wait for the step just queued.
-                if last is not None and int(last["nonfinite_in_a_row"]) >= run.max_nonfinite_in_a_row:
+    def run_until(self, state, until_step: int | None) -> dict:
+        run, program, processes = self.run, self.program, jax.process_count()
+        self.state = state
+        step = int(jax.device_get(state.step))
+        end = min(run.total_steps, until_step if until_step is not None else run.total_steps)
+        tokens_per_step = run.batch_size * run.seq_len
+        peak = run.peak_tflops_per_device or peak_tflops(jax.devices()[0])
+        flops_token = flops_per_token(program.config, run.seq_len)
+        metrics_log = _Metrics(run.output_dir, step)
+        status, last, loss, eval_loss = "done", None, None, None
+        timer = None  # (time, step) after the first step of this session: compilation excluded
+        bar = tqdm(total=run.total_steps, initial=step, desc="train",
+                   disable=not self.show_progress, dynamic_ncols=True)
+        try:
+            with _StopFlag() as stop, sharding.use_mesh(program.mesh):
+                while step < end:
+                    local = next(self.train_iter)
+                    self.state, metrics = program.train_step(
+                        self.state, global_batch(local, program.batch_sharding, run.batch_size))
+                    step += 1
+                    bar.update(1)
+                    # The previous step's counter: reading it does not wait for the step just
+                    # queued.
+                    if last is not None and \
+                            int(last["nonfinite_in_a_row"]) >= run.max_nonfinite_in_a_row:
+                        status = "nonfinite"
+                        break
+                    last = metrics
+                    if timer is None:
+                        jax.block_until_ready(metrics)
+                        timer = (time.perf_counter(), step)
+                    if step % run.log_every == 0 or step == end:
+                        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                        loss = values["loss"]
+                        elapsed, steps = time.perf_counter() - timer[0], step - timer[1]
+                        timer = (time.perf_counter(), step)
+                        if steps > 0:
+                            values["tokens_per_s"] = tokens_per_step * steps / elapsed
+                            values["tflops_per_device"] = (flops_token * values["tokens_per_s"]
+                                                           / jax.device_count() / 1e12)
+                            if peak:
+                                values["mfu"] = values["tflops_per_device"] / peak
+                        metrics_log.write(step, values)
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}",
+                                        tok_s=f"{values.get('tokens_per_s', 0):.0f}")
+                        bar.write(_log_line(step, values))
+                    if run.eval_every and (step % run.eval_every == 0 or step == end) and \
+                            self.eval_data:
+                        eval_loss = self.evaluate()
+                        metrics_log.write(step, {"eval_loss": eval_loss})
+                        bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
+                    if step % run.checkpoint_every == 0 or step == end:
+                        self.save(step)
+                    preempted = stop.set if processes == 1 else \
+                        self.manager.reached_preemption(step)
+                    if preempted:
+                        self.save(step)
+                        status = "preempted"
+                        bar.write(f"step {step}: SIGTERM, checkpoint saved")
+                        break
+                if status == "done" and last is not None and \
+                        int(last["nonfinite_in_a_row"]) >= run.max_nonfinite_in_a_row:
                     status = "nonfinite"
-                    break
-                last = metrics
-                if timer is None:
-                    jax.block_until_ready(metrics)
-                    timer = (time.perf_counter(), step)
-                if step % run.log_every == 0 or step == end:
-                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    loss = values["loss"]
-                    elapsed, steps = time.perf_counter() - timer[0], step - timer[1]
-                    timer = (time.perf_counter(), step)
-                    if steps > 0:
-                        values["tokens_per_s"] = tokens_per_step * steps / elapsed
-                        values["tflops_per_device"] = (flops_token * values["tokens_per_s"]
-                                                       / jax.device_count() / 1e12)
-                        if peak:
-                            values["mfu"] = values["tflops_per_device"] / peak
-                    metrics_log.write(step, values)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}",
-                                    tok_s=f"{values.get('tokens_per_s', 0):.0f}")
-                    bar.write(_log_line(step, values))
-                if run.eval_every and (step % run.eval_every == 0 or step == end) and eval_data:
-                    eval_loss = evaluate()
-                    metrics_log.write(step, {"eval_loss": eval_loss})
-                    bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
-                if step % run.checkpoint_every == 0 or step == end:
-                    save(step)
-                preempted = stop.set if processes == 1 else manager.reached_preemption(step)
-                if preempted:
-                    save(step)
-                    status = "preempted"
-                    bar.write(f"step {step}: SIGTERM, checkpoint saved")
-                    break
-            if status == "done" and last is not None and \
-                    int(last["nonfinite_in_a_row"]) >= run.max_nonfinite_in_a_row:
-                status = "nonfinite"
-    finally:
-        manager.wait_until_finished()
-        manager.close()
-        metrics_log.close()
-        bar.close()
-    if status == "done" and step < run.total_steps:
-        status = "stopped"
-    if status == "nonfinite":
-        print(f"stopped: {run.max_nonfinite_in_a_row} steps in a row with a non-finite loss or "
-              f"gradient (step {step})")
-    return {"status": status, "step": step, "loss": loss, "eval_loss": eval_loss,
-            "output_dir": run.output_dir}
-
-
-class _Program(NamedTuple):
-    model: Jais2ForCausalLM
-    optimizer: Any
-    abstract_params: Any
-    state_sh: Any
-    batch_sh: Any
-    train_step: Any  # jitted
-    eval_step: Any  # jitted
-
-
-@functools.lru_cache(maxsize=4)
-def _program(config: Jais2Config, run: RunConfig, mesh) -> _Program:
-    """Model, optimizer, shardings and jitted steps; cached so that a process running several
-    runs of one shape (a notebook, a resumed run, the tests) compiles the steps once."""
-    model = Jais2ForCausalLM(config, dtype=as_dtype(run.dtype), param_dtype=as_dtype(run.param_dtype),
-                             remat_policy=run.remat_policy, attention_impl=run.attention_impl,
-                             kernels=run.kernels)
-    optimizer = make_optimizer(run)
-    params_sh = sharding.param_shardings(config, mesh)
-    abstract_params = nn.meta.unbox(
-        sharding.abstract_params(config, param_dtype=as_dtype(run.param_dtype)))
-    state_sh = state_shardings(optimizer, params_sh, abstract_params)
-    batch_sh = sharding.batch_sharding(mesh, (run.batch_size, run.seq_len))
-    step = jit_train_step(make_train_step(model, optimizer, run), state_sh, batch_sh)
-    evaluate = jax.jit(make_eval_step(model, run), in_shardings=(params_sh, batch_sh))
-    return _Program(model, optimizer, abstract_params, state_sh, batch_sh, step, evaluate)
+        finally:
+            self.manager.wait_until_finished()
+            self.manager.close()
+            metrics_log.close()
+            bar.close()
+        if status == "done" and step < run.total_steps:
+            status = "stopped"
+        if status == "nonfinite":
+            print(f"stopped: {run.max_nonfinite_in_a_row} steps in a row with a non-finite loss "
+                  f"or gradient (step {step})")
+        return {"status": status, "step": step, "loss": loss, "eval_loss": eval_loss,
+                "output_dir": run.output_dir}
 
 
 def _log_line(step: int, v: dict) -> str:
@@ -312,24 +302,21 @@ def _log_line(step: int, v: dict) -> str:
     return ", ".join(parts)
 
 
-def _new_state(run, config, model, optimizer, mesh, state_sh):
+def _new_state(run, config, program):
     """Random init or `init_from` (continued training), created directly in the state's shards."""
-    param_dtype = as_dtype(run.param_dtype)
     if run.init_from is None:
-        def fresh(key):
-            params = nn.meta.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
-            return init_state(params, optimizer, run.seed)
-        return jax.jit(fresh, out_shardings=state_sh)(jax.random.PRNGKey(run.seed))
-    loaded_config, params = load_checkpoint(run.init_from, dtype=param_dtype, mesh=mesh)
+        return program.init_state(jax.random.PRNGKey(run.seed))
+    loaded_config, params = load_checkpoint(run.init_from, dtype=as_dtype(run.param_dtype),
+                                            mesh=program.mesh)
     if loaded_config != config:
         raise ValueError(f"init_from {run.init_from}: its model config differs from {run.model} "
                          f"in {_config_diff(loaded_config.to_dict(), config.to_dict())}")
     # Donated: the loaded params become the state's, rather than a second copy beside it.
-    return jax.jit(lambda p: init_state(p, optimizer, run.seed), out_shardings=state_sh,
-                   donate_argnums=0)(params)
+    return program.state_from_params(params)
 
 
-def _restore(manager, step, config, run, meta, state_sh, train_iter, optimizer, abstract_params):
+def _restore(manager, step, config, run, meta, program, train_iter):
+    """The state of checkpoint `step` (and the data position), checked against this run."""
     saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     saved_config = Jais2Config.from_dict(saved["model_config"])
     if saved_config != config:
@@ -346,11 +333,8 @@ def _restore(manager, step, config, run, meta, state_sh, train_iter, optimizer, 
     if changed or saved.get("processes") != meta["processes"]:
         raise ValueError(f"cannot resume the data position of step {step}: "
                          f"{changed or ['process count']} changed since the checkpoint was made")
-    abstract = jax.eval_shape(lambda p: init_state(p, optimizer, run.seed), abstract_params)
-    target = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(program.abstract_state()), data=ocp.args.JsonRestore()))
     train_iter.set_state(restored["data"])
     print(f"resumed from {run.output_dir} at step {step}")
     return restored["state"]
