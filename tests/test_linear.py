@@ -118,7 +118,6 @@ def test_lora_tree_is_the_dense_model_with_the_merged_update():
         if "lora_a" not in p:
             return p
         a, b = np.asarray(p["lora_a"]), np.asarray(p["lora_b"])
-        n_in = _n_in(name)
         a2 = a.reshape(a.shape[:leading] + (-1, spec.rank))
         b2 = b.reshape(b.shape[:leading] + (spec.rank, -1))
         delta = (a2 @ b2).reshape(p["kernel"].shape) * spec.scale

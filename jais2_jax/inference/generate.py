@@ -7,7 +7,8 @@ produced an EOS or `max_new_tokens` tokens. RoPE positions are per row (0 at eac
 token), as in transformers' `generate`.
 
 `prefill` and `decode_step` are the two jitted steps, with the cache donated so it is updated in
-place; use them directly for custom loops. For GPU decoding pass `scan_layers=False` with
+place; use them directly for custom loops (or `build_inference_program`, which places them on a
+mesh). For GPU decoding use `ModelOptions(scan_layers=False)` with
 `unstack_layers(params)`: `generate` then keeps a per-layer cache as well.
 """
 

@@ -213,14 +213,31 @@ class _Loop:
         sums = jax.device_get(sums)
         return float(sum(s["ce_sum"] for s in sums) / max(sum(s["targets"] for s in sums), 1.0))
 
+    def _log(self, step, metrics, timer, metrics_log, bar):
+        """One logged step: metrics with throughput since the last log (`timer`: (time, step))."""
+        run = self.run
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed, steps = time.perf_counter() - timer[0], step - timer[1]
+        timer = (time.perf_counter(), step)
+        if steps > 0:
+            values["tokens_per_s"] = run.batch_size * run.seq_len * steps / elapsed
+            values["tflops_per_device"] = (flops_per_token(self.program.config, run.seq_len)
+                                           * values["tokens_per_s"] / jax.device_count() / 1e12)
+            peak = run.peak_tflops_per_device or peak_tflops(jax.devices()[0])
+            if peak:
+                values["mfu"] = values["tflops_per_device"] / peak
+        metrics_log.write(step, values)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
+                        tok_s=f"{values.get('tokens_per_s', 0):.0f}")
+        bar.write(_log_line(step, values))
+        return values, timer
+
     def run_until(self, state, until_step: int | None) -> dict:
+        """Steps from the state's step to `until_step` (or total_steps); the run's result."""
         run, program, processes = self.run, self.program, jax.process_count()
         self.state = state
         step = int(jax.device_get(state.step))
         end = min(run.total_steps, until_step if until_step is not None else run.total_steps)
-        tokens_per_step = run.batch_size * run.seq_len
-        peak = run.peak_tflops_per_device or peak_tflops(jax.devices()[0])
-        flops_token = flops_per_token(program.config, run.seq_len)
         metrics_log = _Metrics(run.output_dir, step)
         status, last, loss, eval_loss = "done", None, None, None
         timer = None  # (time, step) after the first step of this session: compilation excluded
@@ -245,20 +262,8 @@ class _Loop:
                         jax.block_until_ready(metrics)
                         timer = (time.perf_counter(), step)
                     if step % run.log_every == 0 or step == end:
-                        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                        values, timer = self._log(step, metrics, timer, metrics_log, bar)
                         loss = values["loss"]
-                        elapsed, steps = time.perf_counter() - timer[0], step - timer[1]
-                        timer = (time.perf_counter(), step)
-                        if steps > 0:
-                            values["tokens_per_s"] = tokens_per_step * steps / elapsed
-                            values["tflops_per_device"] = (flops_token * values["tokens_per_s"]
-                                                           / jax.device_count() / 1e12)
-                            if peak:
-                                values["mfu"] = values["tflops_per_device"] / peak
-                        metrics_log.write(step, values)
-                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}",
-                                        tok_s=f"{values.get('tokens_per_s', 0):.0f}")
-                        bar.write(_log_line(step, values))
                     if run.eval_every and (step % run.eval_every == 0 or step == end) and \
                             self.eval_data:
                         eval_loss = self.evaluate()
