@@ -34,11 +34,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PREFIX = "RESULT "
 SHAPE_8B = dict(vocab_size=150272, hidden_size=3328, intermediate_size=26624, num_hidden_layers=32,
                 num_attention_heads=26, num_key_value_heads=26, max_position_embeddings=8192)
+SHAPE_70B = dict(vocab_size=150272, hidden_size=7168, intermediate_size=57344, num_hidden_layers=68,
+                 num_attention_heads=56, num_key_value_heads=56, head_dim=128,
+                 max_position_embeddings=8192)
 SHAPE_TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
 
 
-def plan(tiny: bool) -> dict:
+def plan(tiny: bool, shape: str = "8b") -> dict:
+    if shape == "70b" and not tiny:  # one card: the int8 weights (~70 GB) fit, bf16 does not
+        return dict(shape=SHAPE_70B, batches=(1,), prompt=128, new=64, long_prompt=None,
+                    prefill=None, dtype="bfloat16")
     if tiny:
         return dict(shape=SHAPE_TINY, batches=(1, 4), prompt=16, new=16, long_prompt=112,
                     prefill=64, dtype="float32")
@@ -60,28 +66,43 @@ def median_time(fn, reps: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------- ours
-def random_params(config, dtype, fuse_qkv=True, seed=0):
+def random_params(config, dtype, fuse_qkv=True, seed=0, quantization=None):
     """Per-layer (scan_layers=False) parameters, random normal (std 0.02; norms near 1), made
-    on the device one array at a time. Zeros would hide bugs and can time differently."""
+    on the device one array at a time. Zeros would hide bugs and can time differently. With
+    `quantization`, the projections are random int8 / fp8 values with scales made directly (no
+    bf16 copy: the 70B shape's int8 weights fit one H100, its bf16 ones do not)."""
     import jax
     import jax.numpy as jnp
     from jais2_jax import ModelOptions, build_inference_program
 
     program = build_inference_program(config, batch_size=1, max_length=1, dtype=dtype,
-                                      options=ModelOptions(scan_layers=False, fuse_qkv=fuse_qkv))
+                                      options=ModelOptions(scan_layers=False, fuse_qkv=fuse_qkv),
+                                      quantization=quantization)
     model, shapes = program.model, program.abstract_params()
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
 
-    @functools.partial(jax.jit, static_argnums=(1, 2))
-    def make(key, shape, is_norm_scale):  # compiled once per distinct shape, not per array
-        noise = 0.02 * jax.random.normal(key, shape, jnp.float32)
-        return ((1.0 if is_norm_scale else 0.0) + noise).astype(dtype)
+    @functools.partial(jax.jit, static_argnums=(1, 2, 3))
+    def make(key, shape, kind, out_dtype):  # compiled once per distinct shape, not per array
+        noise = jax.random.normal(key, shape, jnp.float32)
+        if kind == "values":  # quantized values spread like a normal weight's
+            return jnp.clip(jnp.round(noise * 40.0), -127, 127).astype(out_dtype)
+        if kind == "qscale":  # values * scale ~ std 0.02
+            return jnp.full(shape, 0.02 / 40.0, jnp.float32) * (1.0 + 0.01 * noise)
+        return ((1.0 if kind == "norm" else 0.0) + 0.02 * noise).astype(out_dtype)
 
     out = []
     for i, (path, leaf) in enumerate(leaves):
         name = "/".join(str(getattr(p, "key", p)) for p in path)
-        is_norm_scale = "norm" in name and name.endswith("scale")
-        out.append(make(jax.random.key(seed * 100003 + i), leaf.shape, is_norm_scale))
+        if "norm" in name and name.endswith("scale"):
+            kind = "norm"
+        elif name.endswith("kernel") and jnp.dtype(leaf.dtype).itemsize == 1:
+            kind = "values"
+        elif name.endswith("/scale"):
+            kind = "qscale"
+        else:
+            kind = "float"
+        out.append(make(jax.random.key(seed * 100003 + i), leaf.shape, kind,
+                        jnp.dtype(leaf.dtype)))
     return model, jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -94,12 +115,14 @@ def run_ours(args) -> None:
     from jais2_jax.model.options import as_dtype
     from jais2_jax.inference.sampling import Sampler
 
-    p = plan(args.tiny)
+    p = plan(args.tiny, args.shape)
     dtype = as_dtype(p["dtype"])
     config = Jais2Config(**p["shape"], bos_token_id=0, eos_token_id=1, pad_token_id=0)
-    emit(what="device", side="jax", name=str(jax.devices()[0].device_kind), jax=jax.__version__)
+    emit(what="device", side="jax", name=str(jax.devices()[0].device_kind), jax=jax.__version__,
+         quantize=args.quantize or "none", shape=args.shape)
     t = time.perf_counter()
-    model, params = random_params(config, dtype, fuse_qkv=not args.unfused_qkv)
+    model, params = random_params(config, dtype, fuse_qkv=not args.unfused_qkv,
+                                  quantization=args.quantize)
     jax.block_until_ready(params)
     if args.attention:
         model = model.with_options(attention_impl=args.attention)
@@ -133,7 +156,8 @@ def run_ours(args) -> None:
 
     for b in p["batches"]:
         guard(case, f"decode_b{b}", b, p["prompt"], p["new"])
-    guard(case, "decode_long_b1", 1, p["long_prompt"], p["new"])
+    if p["long_prompt"]:
+        guard(case, "decode_long_b1", 1, p["long_prompt"], p["new"])
 
     def prefill_case():
         ids = jnp.asarray(rs.randint(2, config.vocab_size, (1, p["prefill"])).astype(np.int32))
@@ -150,7 +174,8 @@ def run_ours(args) -> None:
         s = statistics.median([once() for _ in range(max(args.reps, 5))])
         emit(what="prefill", side="jax", tokens=p["prefill"], seconds=s, compile_s=first - s)
 
-    guard(prefill_case)
+    if p["prefill"]:
+        guard(prefill_case)
 
 
 ONLY: set[str] | None = None  # --only
@@ -172,7 +197,10 @@ def run_hf(args) -> None:
     import transformers
     from transformers import Jais2Config, Jais2ForCausalLM
 
-    p = plan(args.tiny)
+    p = plan(args.tiny, args.shape)
+    if args.shape == "70b" and not args.tiny:
+        emit(what="device", side="hf", name="skipped: the 70B shape does not fit one card in bf16")
+        return
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if p["dtype"] == "bfloat16" else torch.float32
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -209,7 +237,8 @@ def run_hf(args) -> None:
     emit(what="prefill", side="hf", tokens=p["prefill"], seconds=s)
     for b in p["batches"]:
         guard(gen_case, f"decode_b{b}", b, p["prompt"], p["new"])
-    guard(gen_case, "decode_long_b1", 1, p["long_prompt"], p["new"])
+    if p["long_prompt"]:
+        guard(gen_case, "decode_long_b1", 1, p["long_prompt"], p["new"])
     if args.hf_static:
         guard(gen_case, "decode_b1", 1, p["prompt"], p["new"], cache_implementation="static")
 
@@ -277,6 +306,10 @@ def main() -> int:
     parser.add_argument("--only", default=None,
                         help="comma-separated figures to measure (decode_b1,decode_b16,decode_b64,"
                              "decode_long_b1,prefill); default all")
+    parser.add_argument("--quantize", choices=("int8", "fp8"), default=None,
+                        help="our weights quantized (transformers stays bf16, as the reference)")
+    parser.add_argument("--shape", choices=("8b", "70b"), default="8b",
+                        help="70b: batch 1 only, ours only (bf16 does not fit one H100)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--hf-reps", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write all results to this file")

@@ -20,6 +20,8 @@ _API = {
     "init_params": "jais2_jax.model",
     "stack_layers": "jais2_jax.model",
     "unstack_layers": "jais2_jax.model",
+    "quantize": "jais2_jax.model.quantize",
+    "dequantize": "jais2_jax.model.quantize",
     "load_checkpoint": "jais2_jax.checkpoint",
     "generate": "jais2_jax.inference.generate",
     "Tokenizer": "jais2_jax.inference.tokenizer",

@@ -1,0 +1,142 @@
+"""Weight-only quantization of the projections: int8 (the default) and fp8 (e4m3) values with one
+float32 scale per output channel.
+
+For a projection weight W (HF layout [out, in]; ours [in..., out...]):
+
+    scale[j] = max_i |W[j, i]| / QMAX          (QMAX = 127 for int8, 448 for fp8 e4m3)
+    q        = round(W / scale)                (int8: round half to even, clipped to [-127, 127];
+                                                fp8: the nearest e4m3 value)
+
+and the projection computes `(x @ q) * scale + bias`, accumulating in float32 (`linear.py`). Every
+decoder projection (q, k, v, o, up, down, or a fused qkv) and an untied `lm_head` are quantized;
+embeddings, norms and biases stay as they are. A channel of zeros gets scale 1 (q = 0).
+
+`quantize(params, "int8")` takes the stacked tree, the per-layer view (`unstack_layers`) or a
+fused-qkv view, on one device or sharded on a mesh: the values keep the weight's sharding, the
+scales take the sharding of the weight's output axes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jais2_jax.model.linear import QUANTIZED_DTYPES
+
+SCHEMES = tuple(QUANTIZED_DTYPES)  # ("int8", "fp8")
+QMAX = {"int8": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}  # 448
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "up_proj", "down_proj",
+               "lm_head")
+
+
+def contracted_dims(name: str) -> int:
+    """How many leading (input) dims of the projection's kernel the product contracts."""
+    return 2 if name == "o_proj" else 1  # o_proj: (heads, head_dim) -> embed
+
+
+def check_scheme(scheme) -> str:
+    if scheme not in QUANTIZED_DTYPES:
+        raise ValueError(f"quantization scheme {scheme!r}: choose one of {list(SCHEMES)}")
+    return scheme
+
+
+def quantize_array(w, scheme: str, *, leading: int = 0, n_in: int = 1):
+    """(values, scale) of one kernel [lead..., in..., out...]: the scale reduces the `n_in`
+    input dims after `leading` stacked dims. numpy or jax input; float32 math either way."""
+    check_scheme(scheme)
+    xp = np if isinstance(w, np.ndarray) else jnp
+    w = w.astype(xp.float32)
+    axes = tuple(range(leading, leading + n_in))
+    amax = xp.max(xp.abs(w), axis=axes, keepdims=True)
+    scale = xp.where(amax > 0, amax / QMAX[scheme], 1.0).astype(xp.float32)
+    if scheme == "int8":
+        q = xp.clip(xp.round(w / scale), -127, 127).astype(xp.int8)  # round half to even
+    else:
+        q = (w / scale).astype(QUANTIZED_DTYPES[scheme])
+    return q, xp.squeeze(scale, axis=axes)
+
+
+def dequantize_array(q, scale, *, leading: int = 0, n_in: int = 1):
+    """q * scale in float32 (the dense weight the quantized projection applies)."""
+    xp = np if isinstance(q, np.ndarray) else jnp
+    axes = tuple(range(leading, leading + n_in))
+    return q.astype(xp.float32) * xp.expand_dims(scale, axes)
+
+
+def is_quantized(params) -> bool:
+    return any(_is_projection_path(path) and path[-1] == "scale"
+               for path in _paths(params))
+
+
+def quantize(params: dict, scheme: str = "int8") -> dict:
+    """The tree with every projection's kernel replaced by `scheme` values + per-channel scales.
+
+    For `Jais2ForCausalLM(config, quantization=scheme)`, or the plain model: the projections
+    follow the tree. Refuses a tree that is already quantized."""
+    check_scheme(scheme)
+    if is_quantized(params):
+        raise ValueError("these parameters are already quantized (their projections hold "
+                         "'scale'); quantize the original weights instead")
+    return _map_projections(params, lambda name, p, leading: _quantize_projection(
+        name, p, leading, scheme))
+
+
+def dequantize(params: dict) -> dict:
+    """The dense float32 tree a quantized tree applies (for checks and exports)."""
+    def dense(name, p, leading):
+        if "scale" not in p:
+            return p
+        w = dequantize_array(p["kernel"], p["scale"], leading=leading,
+                             n_in=contracted_dims(name))
+        return {**{k: v for k, v in p.items() if k != "scale"}, "kernel": w}
+    return _map_projections(params, dense)
+
+
+def _quantize_projection(name: str, p: dict, leading: int, scheme: str) -> dict:
+    kernel = p["kernel"]
+    n_in = contracted_dims(name)
+    fn = lambda w: quantize_array(w, scheme, leading=leading, n_in=n_in)  # noqa: E731
+    sharding = getattr(kernel, "sharding", None)
+    if isinstance(kernel, jax.Array) and isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (kernel.ndim - len(sharding.spec))
+        scale_spec = PartitionSpec(*(spec[:leading] + spec[leading + n_in:]))
+        q, scale = jax.jit(fn, out_shardings=(sharding, NamedSharding(sharding.mesh,
+                                                                      scale_spec)))(kernel)
+    elif isinstance(kernel, jax.Array):
+        q, scale = jax.jit(fn)(kernel)
+    else:
+        q, scale = fn(np.asarray(kernel))
+    return {**p, "kernel": q, "scale": scale}
+
+
+def _map_projections(params: dict, fn) -> dict:
+    """fn(name, projection dict, leading) on every projection of a stacked (`layers`, leading 1)
+    or per-layer (`layers_i`, leading 0) tree; other leaves unchanged."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if key == "lm_head" and isinstance(value, dict) and "kernel" in value:
+            out[key] = fn(key, dict(value), 0)
+        elif key == "layers" or key.startswith("layers_"):
+            leading = 1 if key == "layers" else 0
+            out[key] = {block: ({name: (fn(name, dict(p), leading) if name in PROJECTIONS else p)
+                                 for name, p in sub.items()} if isinstance(sub, dict) else sub)
+                        for block, sub in value.items()}
+        else:
+            out[key] = value
+    return out
+
+
+def _paths(tree, prefix=()):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _paths(v, prefix + (k,))
+    else:
+        yield prefix
+
+
+def _is_projection_path(path) -> bool:
+    return len(path) >= 2 and path[-2] in PROJECTIONS

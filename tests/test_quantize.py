@@ -1,0 +1,113 @@
+"""Weight-only int8 / fp8 quantization (`jais2_jax.quantize`): the quantized model is exactly the
+dense model on the dequantized weights, checked against transformers run on those weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from helpers import hf_model, our_config, our_params, rel_err
+from jais2_jax import Jais2ForCausalLM, ModelOptions, dequantize, generate, quantize, unstack_layers
+from jais2_jax.checkpoint.hf_mapping import state_dict_from_params
+from jais2_jax.model.quantize import quantize_array
+
+VARIANTS = {
+    "gqa": dict(num_key_value_heads=2),
+    "mqa": dict(num_key_value_heads=1),
+    "head_dim_24": dict(head_dim=24),
+    "no_biases": dict(attention_bias=False, mlp_bias=False),
+    "tied": dict(tie_word_embeddings=True),
+}
+
+
+def _hf_on(params, config, seed, **overrides):
+    """transformers' model carrying our (dense float32) tree."""
+    hf = hf_model(seed=seed, **overrides)
+    hf.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32).copy())
+                        for k, v in state_dict_from_params(config, params).items()}, strict=False)
+    return hf
+
+
+def test_int8_formula_is_the_issue_s():
+    """scale[j] = max_i |W[j, i]| / 127 over the input dim, q = round half to even, clipped."""
+    w = np.array([[1.0, -2.0], [0.5, 127.0], [63.5, 0.0], [0.0, 0.0]], np.float32)  # [in, out]
+    q, scale = quantize_array(w, "int8")
+    np.testing.assert_array_equal(scale, [63.5 / 127, 127.0 / 127])
+    # 1 / 0.5 = 2; 0.5 / 0.5 = 1; 63.5 / 0.5 = 127; -2 / 1 = -2; 127 / 1 = 127
+    np.testing.assert_array_equal(q, [[2, -2], [1, 127], [127, 0], [0, 0]])
+    q, _ = quantize_array(np.array([[2.5], [0.5], [1.5], [127.0]], np.float32), "int8")
+    np.testing.assert_array_equal(q[:3, 0], [2, 0, 2])  # halves to even
+    q, scale = quantize_array(np.zeros((3, 2), np.float32), "int8")
+    assert np.all(scale == 1.0) and not np.any(q)  # an all-zero channel
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_quantized_logits_equal_transformers_on_dequantized_weights(name, scheme):
+    hf = hf_model(seed=7, **VARIANTS[name])
+    config = our_config(hf)
+    params = our_params(hf, config)
+    qparams = quantize(params, scheme)
+    up = qparams["layers"]["mlp"]["up_proj"]
+    assert up["kernel"].dtype == {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[scheme]
+    assert qparams["embed_tokens"]["embedding"].dtype == jnp.float32
+    ref_model = _hf_on(dequantize(qparams), config, 7, **VARIANTS[name])
+    ids = np.random.RandomState(0).randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        ref = ref_model(torch.tensor(ids)).logits.numpy()
+    ours = Jais2ForCausalLM(config, quantization=scheme).apply({"params": qparams},
+                                                               jnp.asarray(ids))
+    assert rel_err(ours, ref) <= 1e-5, rel_err(ours, ref)
+    dense = Jais2ForCausalLM(config).apply({"params": params}, jnp.asarray(ids))
+    assert rel_err(ours, dense) > 1e-4  # the quantization is real
+
+
+def test_int8_greedy_generation_equals_transformers_and_per_layer_views():
+    hf = hf_model(seed=8, num_key_value_heads=2)
+    config = our_config(hf)
+    qparams = quantize(our_params(hf, config), "int8")
+    ref_model = _hf_on(dequantize(qparams), config, 8, num_key_value_heads=2)
+    ids = np.random.RandomState(1).randint(3, config.vocab_size, (2, 5))
+    with torch.no_grad():
+        ref = ref_model.generate(torch.tensor(ids), max_new_tokens=8, do_sample=False,
+                                 min_new_tokens=8).numpy()[:, 5:]
+    model = Jais2ForCausalLM(config, quantization="int8")
+    ours = generate(model, qparams, ids, max_new_tokens=8, eos_token_id=[])
+    np.testing.assert_array_equal(np.asarray(ours), ref)
+    # The GPU decoding layout: per-layer weights with q/k/v fused, quantized after the fusion.
+    fused = quantize(unstack_layers(dequantize(qparams), fuse_qkv=True), "int8")
+    per_layer = Jais2ForCausalLM(config, quantization="int8",
+                                 options=ModelOptions(scan_layers=False, fuse_qkv=True))
+    np.testing.assert_array_equal(
+        np.asarray(generate(per_layer, fused, ids, max_new_tokens=8, eos_token_id=[])), ref)
+
+
+def test_int8_on_an_8_device_mesh_equals_one_device():
+    from jais2_jax.parallel import make_mesh, model_param_shardings, use_mesh
+    hf = hf_model(seed=9, num_key_value_heads=2)
+    config = our_config(hf)
+    mesh = make_mesh((2, 2, 2))
+    model = Jais2ForCausalLM(config, quantization="int8")
+    dense_sh = model_param_shardings(Jais2ForCausalLM(config), mesh)
+    sharded = quantize(jax.device_put(our_params(hf, config), dense_sh), "int8")
+    expected = model_param_shardings(model, mesh)
+    for got, want in zip(jax.tree_util.tree_leaves(sharded), jax.tree_util.tree_leaves(expected)):
+        assert got.sharding.is_equivalent_to(want, got.ndim), (got.sharding, want)
+    one = quantize(our_params(hf, config), "int8")
+    ids = np.random.RandomState(2).randint(3, config.vocab_size, (4, 6))
+    with use_mesh(mesh):
+        on_mesh = generate(model, sharded, ids, max_new_tokens=6, eos_token_id=[])
+    np.testing.assert_array_equal(np.asarray(on_mesh),
+                                  np.asarray(generate(model, one, ids, max_new_tokens=6,
+                                                      eos_token_id=[])))
+
+
+def test_bad_input():
+    hf = hf_model(seed=3)
+    config = our_config(hf)
+    params = our_params(hf, config)
+    with pytest.raises(ValueError, match="quantization scheme 'int4'"):
+        quantize(params, "int4")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(quantize(params, "int8"), "int8")
