@@ -143,7 +143,7 @@ def generate(model: Jais2ForCausalLM, params, input_ids, attention_mask=None, *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
              rng: Array | None = None, callback: Callable[[int, np.ndarray], None] | None = None,
-             cache_length: int | None = None) -> Array:
+             cache_length: int | None = None, cache_dtype=None) -> Array:
     """New tokens [batch, max_new_tokens] int32 for a batch of prompts.
 
     input_ids, attention_mask: [batch, length], padded on either side (transformers pads left).
@@ -153,7 +153,8 @@ def generate(model: Jais2ForCausalLM, params, input_ids, attention_mask=None, *,
     EOS id when the config has no pad). `callback(step, tokens [batch])` is called on the host as
     each step's tokens are chosen (streaming), and all calls have happened when `generate`
     returns; the loop is compiled once per distinct callback object, so reuse one.
-    `cache_length` (default: prompt + max_new_tokens, rounded up) bounds prompt + new tokens.
+    `cache_length` (default: prompt + max_new_tokens, rounded up) bounds prompt + new tokens;
+    `cache_dtype` (default: the model's compute dtype; `jnp.int8`: a quantized cache).
     """
     config = model.config
     sampler = Sampler(temperature, top_k, top_p)
@@ -196,7 +197,8 @@ def generate(model: Jais2ForCausalLM, params, input_ids, attention_mask=None, *,
     width = min(_round_up(longest, PROMPT_BUCKET), cache_length)
     ids = np.pad(ids[:, :longest], ((0, 0), (0, width - longest)), constant_values=pad_id)
     mask = np.pad(mask[:, :longest], ((0, 0), (0, width - longest)))
-    cache = init_cache(config, batch, cache_length, dtype=model.dtype,
+    cache = init_cache(config, batch, cache_length,
+                       dtype=model.dtype if cache_dtype is None else cache_dtype,
                        per_layer=not model.scan_layers)
     logits, cache = prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), cache)
     tokens, _ = decode_loop(model, params, logits, cache, rng, max_new_tokens=int(max_new_tokens),

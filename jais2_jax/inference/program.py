@@ -136,7 +136,8 @@ def build_inference_program(config: Jais2Config, *, batch_size: int, max_length:
     else:
         params_sh = sharding.model_param_shardings(model, mesh)
         cache_sh = sharding.cache_shardings(config, mesh, batch_size, max_length,
-                                            per_layer=not options.scan_layers)
+                                            per_layer=not options.scan_layers,
+                                            quantized=cache_dtype == jnp.int8)
     return InferenceProgram(config, model, mesh, batch_size, max_length, cache_dtype, params_sh,
                             cache_sh)
 

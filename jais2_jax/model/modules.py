@@ -25,7 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jais2_jax.kernels.layernorm import layer_norm
 from jais2_jax.model.attention import dot_product_attention
-from jais2_jax.model.cache import KVCache
+from jais2_jax.model.cache import KVCache, dequantize_kv, quantize_kv
 from jais2_jax.model.config import Jais2Config
 from jais2_jax.model.linear import QUANTIZED_DTYPES, Epilogue, Linear, LoraSpec, dot_f32, relu2
 from jais2_jax.model.options import REMAT_POLICIES, ModelOptions
@@ -123,14 +123,22 @@ class Attention(nn.Module):
                                         segment_ids=mask["segment_ids"], implementation=impl)
             new_cache = None
         else:
-            k_cache, v_cache = layer_cache  # [B, S, KV, hd]
             start = mask["cache_lengths"]  # [B]: first slot this chunk writes
 
             def write(buf, new):
-                return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice(b, n, (s, 0, 0)))(
+                zeros = (0,) * (buf.ndim - 2)
+                return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice(b, n, (s,) + zeros))(
                     buf, new.astype(buf.dtype), start)
 
-            k_cache, v_cache = write(k_cache, k), write(v_cache, v)
+            if len(layer_cache) == 4:  # int8: values [B, S, KV, hd] and scales [B, S, KV]
+                (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+                k_q, v_q, k_s, v_s = (write(b, n) for b, n in zip(layer_cache, (kq, vq, ks, vs)))
+                new_cache = (k_q, v_q, k_s, v_s)
+                k_cache, v_cache = dequantize_kv(k_q, k_s, q.dtype), dequantize_kv(v_q, v_s, q.dtype)
+            else:
+                k_cache, v_cache = layer_cache  # [B, S, KV, hd]
+                k_cache, v_cache = write(k_cache, k), write(v_cache, v)
+                new_cache = (k_cache, v_cache)
             if "chunk_lengths" in mask:
                 # Prefill of an empty cache: the chunk is all there is to attend to, causal from
                 # slot 0, which the flash kernel covers (attention over the cache would not).
@@ -140,7 +148,6 @@ class Attention(nn.Module):
                 out = dot_product_attention(
                     q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), q_offset=start,
                     kv_lengths=start + q.shape[1], implementation=impl)
-            new_cache = (k_cache, v_cache)
         out = _constrain(out, ("batch", "length", "heads", "head_dim"))  # tagged in attention.py
         y = st.linear("o_proj", (c.hidden_size,), ("heads", "head_dim"), ("embed",), **kw)(out)
         return y, new_cache
@@ -287,29 +294,28 @@ class Jais2ForCausalLM(nn.Module):
             mask = {"kv_mask": attention_mask, "segment_ids": segment_ids}
         cos, sin = rope_cos_sin(self.config, positions, rope_len)  # [B, T, head_dim] float32
 
-        layer_caches = None if cache is None else (cache.k, cache.v)
+        layer_caches = None if cache is None else cache.layer_arrays()
         if self.options.scan_layers and cache is not None and cache.per_layer:
             raise ValueError("a per-layer KV cache needs scan_layers=False; use "
                              "init_cache(..., per_layer=False) with scan_layers=True")
         if self.options.scan_layers:
             x, layer_caches = self.layers(x, cos, sin, mask, layer_caches)
         else:
-            new_k, new_v = [], []
+            new = []  # per layer: (k, v) or (k, v, k_scale, v_scale)
             for i, layer in enumerate(self.layers):
-                lc = None if cache is None else (cache.k[i], cache.v[i])
+                lc = None if cache is None else tuple(a[i] for a in layer_caches)
                 x, lc = layer(x, cos, sin, mask, lc)
-                if lc is not None:
-                    new_k.append(lc[0])
-                    new_v.append(lc[1])
-            if cache is not None and cache.per_layer:
-                layer_caches = (tuple(new_k), tuple(new_v))
-            elif cache is not None:
-                layer_caches = (jnp.stack(new_k), jnp.stack(new_v))
+                new.append(lc)
+            if cache is not None:
+                join = tuple if cache.per_layer else jnp.stack
+                layer_caches = tuple(join(arrays) for arrays in zip(*new))
         x = self.norm(x)
         new_cache = None
         if cache is not None:
+            scales = dict(k_scale=layer_caches[2], v_scale=layer_caches[3]) \
+                if cache.quantized else {}
             new_cache = KVCache(k=layer_caches[0], v=layer_caches[1],
-                                lengths=cache.lengths + real.sum(axis=1))
+                                lengths=cache.lengths + real.sum(axis=1), **scales)
         return x, new_cache
 
     def lm_head_weight(self):

@@ -320,11 +320,13 @@ def opt_state_shardings(optimizer, params_shardings, abstract_params_):
 
 # ---------------------------------------------------------------------------- cache and batches
 def cache_shardings(config: Jais2Config, mesh, batch_size: int, max_length: int,
-                    rules=LOGICAL_AXIS_RULES, *, per_layer: bool = False) -> KVCache:
+                    rules=LOGICAL_AXIS_RULES, *, per_layer: bool = False,
+                    quantized: bool = False) -> KVCache:
     """A KVCache of NamedShardings for `init_cache(config, batch_size, max_length, per_layer=...)`:
     the cache's logical layout (`model.cache.cache_layout`) through the rules table, checked for
     divisibility."""
-    axes, shapes = cache_layout(config, batch_size, max_length, per_layer=per_layer)
+    axes, shapes = cache_layout(config, batch_size, max_length, per_layer=per_layer,
+                                quantized=quantized)
     is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x)  # noqa: E731
     return jax.tree_util.tree_map(
         lambda logical, shape: _sharding(mesh, logical, shape, "KV cache", rules), axes, shapes,
