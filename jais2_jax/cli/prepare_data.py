@@ -15,7 +15,9 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0, help="seed of the eval split choice")
     parser.add_argument("--text-key", default="text", help="jsonl field holding the text")
     parser.add_argument("--no-bos", action="store_true", help="do not prepend bos to documents")
-    parser.add_argument("--no-eos", action="store_true", help="do not append eos to documents")
+    parser.add_argument("--no-eos", action="store_true",
+                        help="do not append eos to documents (a tokenizer without an eos token is "
+                             "refused unless this is given)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 

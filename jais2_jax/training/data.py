@@ -21,9 +21,10 @@ one target that would cross from a document into the next.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
-import shutil
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -32,6 +33,9 @@ from jais2_jax.inference.tokenizer import Tokenizer
 from jais2_jax.model.config import parse_json_object
 from jais2_jax.utils.fsutil import check_output, staged_output
 
+# The most reader threads train_iterator starts (RunConfig.data_threads is checked against it):
+# each prefetches two batches, and 100000 of them hung the run before its first step.
+MAX_DATA_THREADS = 256
 FORMAT = "jais2-token-store"
 VERSION = 1
 INPUT_SUFFIXES = (".txt", ".jsonl")
@@ -63,9 +67,11 @@ def _input_files(inputs: Sequence[str]) -> list[str]:
 
 def _documents(path: str, text_key: str, progress) -> Iterator[tuple[str, str | None]]:
     """(text, None) or (completion, prompt) per document. `.txt`: blank lines separate documents;
-    `.jsonl`: one object per line with `text_key`, or `prompt` and `completion`."""
+    `.jsonl`: one object per line with `text_key`, or `prompt` and `completion`. A leading UTF-8
+    byte order mark is not text; bytes that are not UTF-8 and strings that are not valid Unicode
+    (a lone surrogate from a JSON escape) are errors naming the line."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             if path.endswith(".txt"):
                 block: list[str] = []
                 for line in f:
@@ -91,9 +97,31 @@ def _documents(path: str, text_key: str, progress) -> Iterator[tuple[str, str | 
                     if not isinstance(record[key], str):
                         raise ValueError(f"{path}:{n}: {key!r} must be a string, got "
                                          f"{type(record[key]).__name__} {record[key]!r:.40}")
+                    try:
+                        record[key].encode("utf-8")
+                    except UnicodeEncodeError as e:  # "\ud800": JSON allows it, Unicode does not
+                        bad = ord(record[key][e.start])
+                        raise ValueError(f"{path}:{n}: {key!r} holds a lone surrogate (\\u{bad:04x} "
+                                         f"at character {e.start}), which is not valid Unicode "
+                                         "text") from None
                 yield record[keys[0]], (record[keys[1]] if len(keys) > 1 else None)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except UnicodeDecodeError:
+        line, offset, reason = _utf8_error(path)
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({reason} at byte {offset})") from None
+
+
+def _utf8_error(path: str) -> tuple[int, int, str]:
+    """(line, byte offset in the file, reason) of the first bytes of `path` that are not UTF-8.
+    The text reader decodes in chunks, so its error's offset is the chunk's, not the file's."""
+    offset, line = 0, 1
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return line, offset + e.start, e.reason
+            offset, line = offset + len(raw), line + 1
+    return line, offset, "a truncated character"
 
 
 def _tokenizer_files(directory: str) -> list[str]:
@@ -113,9 +141,10 @@ def prepare_data(inputs: Sequence[str], tokenizer: str, output: str, *, eval_fra
 
     The store is built in a temporary directory beside `output` and renamed when complete; with
     `overwrite`, an existing store (only a store, and never one holding an input) is replaced once
-    the new one is complete.
+    the new one is complete. Every file is written through `_OutputFile` (each write checked,
+    fsynced, its size on disk checked), so a full disk is an error naming the file, and neither a
+    partial store nor the loss of the old one.
     """
-    from tqdm import tqdm
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     check_output(output, overwrite, inputs, "--overwrite", "the token store")
@@ -127,8 +156,30 @@ def prepare_data(inputs: Sequence[str], tokenizer: str, output: str, *, eval_fra
     tok = Tokenizer.from_pretrained(tokenizer)
     bos = tok.bos_token_id if add_bos else None
     eos = tok.eos_token_id if add_eos else None
-    with staged_output(output, overwrite, "--overwrite") as tmp:
-        writer = _ShardWriter(tmp, shard_tokens)
+    if add_eos and eos is None:
+        raise ValueError(f"tokenizer {tokenizer} has no eos token (tokenizer_config.json names "
+                         "none, or one not in its vocabulary): documents would be packed with "
+                         "nothing marking where each ends; name its eos_token, or pass --no-eos "
+                         "(add_eos=False) to pack them without one")
+    existed = os.path.lexists(output)
+    try:
+        with staged_output(output, overwrite, "--overwrite") as tmp:
+            index = _write_store(tmp, output, files, tok, tokenizer, bos, eos, text_key=text_key,
+                                 eval_fraction=eval_fraction, seed=seed, shard_tokens=shard_tokens,
+                                 show_progress=show_progress)
+    except _WriteError as e:
+        kept = "the existing store is unchanged" if existed else "no store was written"
+        raise _WriteError(f"{e}; {kept}", e.errno) from None
+    return index
+
+
+def _write_store(tmp, output, files, tok, tokenizer, bos, eos, *, text_key, eval_fraction, seed,
+                 shard_tokens, show_progress) -> dict:
+    """Writes the store's files into the staging folder `tmp` (named as in `output` in errors)
+    and returns its index."""
+    from tqdm import tqdm
+    writer = _ShardWriter(tmp, shard_tokens, output)
+    try:
         total = sum(os.path.getsize(f) for f in files)
         with tqdm(total=total, unit="B", unit_scale=True, desc="prepare-data",
                   disable=not show_progress) as bar:
@@ -136,32 +187,41 @@ def prepare_data(inputs: Sequence[str], tokenizer: str, output: str, *, eval_fra
                 for text, prompt in _documents(path, text_key, bar):
                     _encode_into(writer, tok, text, prompt, bos, eos)
         documents = writer.close()
-        if len(documents) == 0 or documents[:, 2].sum() == 0:
-            raise ValueError(f"no text found in {', '.join(files)}")
-        is_eval = np.random.default_rng(seed).random(len(documents)) < eval_fraction
-        if eval_fraction > 0 and not is_eval.any():
-            if len(documents) == 1:
-                raise ValueError(f"eval_fraction {eval_fraction} asks for an eval split, but the "
-                                 "input holds one document; give more documents or --eval-fraction 0")
-            is_eval[-1] = True  # a requested eval split gets at least one document
-        if is_eval.all():
-            raise ValueError("eval_fraction leaves no training documents")
-        splits = {}
-        for name, chosen in (("train", ~is_eval), ("eval", is_eval)):
-            docs = documents[chosen]
-            np.save(os.path.join(tmp, f"{name}_documents.npy"), docs, allow_pickle=False)
-            splits[name] = {"documents": f"{name}_documents.npy", "num_documents": int(len(docs)),
-                            "num_tokens": int(docs[:, 2].sum())}
+    finally:
+        writer.abort()  # a no-op once closed; otherwise its files are closed, unwritten
+    if len(documents) == 0 or documents[:, 2].sum() == 0:
+        raise ValueError(f"no text found in {', '.join(files)}")
+    is_eval = np.random.default_rng(seed).random(len(documents)) < eval_fraction
+    if eval_fraction > 0 and not is_eval.any():
+        if len(documents) == 1:
+            raise ValueError(f"eval_fraction {eval_fraction} asks for an eval split, but the "
+                             "input holds one document; give more documents or --eval-fraction 0")
+        is_eval[-1] = True  # a requested eval split gets at least one document
+    if is_eval.all():
+        raise ValueError("eval_fraction leaves no training documents")
+    splits = {}
+    for name, chosen in (("train", ~is_eval), ("eval", is_eval)):
+        docs = documents[chosen]
+        buffer = io.BytesIO()  # np.save to a file would write with ndarray.tofile (see _OutputFile)
+        np.save(buffer, docs, allow_pickle=False)
+        _write_file(tmp, output, f"{name}_documents.npy", buffer.getvalue())
+        splits[name] = {"documents": f"{name}_documents.npy", "num_documents": int(len(docs)),
+                        "num_tokens": int(docs[:, 2].sum())}
+    try:
         os.makedirs(os.path.join(tmp, "tokenizer"))
-        for f in _tokenizer_files(tokenizer):
-            shutil.copy(f, os.path.join(tmp, "tokenizer", os.path.basename(f)))
-        index = {"format": FORMAT, "version": VERSION, "dtype": "uint32",
-                 "num_tokens": int(documents[:, 2].sum()), "shards": writer.shards,
-                 "splits": splits, "inputs": [os.path.abspath(f) for f in files],
-                 "tokenizer": {"vocab_size": tok.vocab_size, "bos_token_id": bos,
-                               "eos_token_id": eos}}
-        with open(os.path.join(tmp, "index.json"), "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
+    except OSError as e:
+        raise _WriteError(f"cannot write {os.path.join(output, 'tokenizer')}: {e.strerror or e}",
+                          e.errno) from None
+    for f in _tokenizer_files(tokenizer):
+        with open(f, "rb") as source:
+            _write_file(tmp, output, os.path.join("tokenizer", os.path.basename(f)), source.read())
+    index = {"format": FORMAT, "version": VERSION, "dtype": "uint32",
+             "num_tokens": int(documents[:, 2].sum()), "shards": writer.shards,
+             "splits": splits, "inputs": [os.path.abspath(f) for f in files],
+             "tokenizer": {"vocab_size": tok.vocab_size, "bos_token_id": bos,
+                           "eos_token_id": eos},
+             "max_token_id": writer.max_token_id}
+    _write_file(tmp, output, "index.json", json.dumps(index, indent=2).encode("utf-8"))
     return index
 
 
@@ -175,23 +235,121 @@ def _encode_into(writer, tok, text, prompt, bos, eos):
     writer.add(head + tail, mask)
 
 
+class _WriteError(OSError):
+    """A store file could not be written completely (a full disk, a quota, an I/O error)."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)  # one argument: str() is the message alone
+        self.errno = code
+
+
+# The writer's low-level calls, one place to see (and, in tests, to fail) every byte written.
+_write_fd = os.write
+_fsync = os.fsync
+_FLUSH_BYTES = 1 << 20
+
+
+class _OutputFile:
+    """A store file written through os.write, never through ndarray.tofile: tofile writes small
+    arrays through a C stdio buffer whose failed flush (ENOSPC) it ignores, which left truncated
+    stores behind. Every write here is checked (short writes are retried), `close` flushes, fsyncs
+    and checks that the file on disk holds exactly the bytes written; any failure is a
+    `_WriteError` naming the file as `shown` (its name in the finished store)."""
+
+    def __init__(self, path: str, shown: str):
+        self.path, self.shown = path, shown
+        self.size = 0  # bytes handed to the kernel
+        self._buffer = bytearray()
+        self._fd = self._call(os.open, path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            raise _WriteError(f"cannot write {self.shown}: {e.strerror or e}", e.errno) from None
+
+    def write(self, data) -> None:
+        self._buffer += data
+        if len(self._buffer) >= _FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        view = memoryview(self._buffer)
+        try:
+            while len(view):
+                n = self._call(_write_fd, self._fd, view)
+                if n <= 0:
+                    raise _WriteError(f"cannot write {self.shown}: the write wrote nothing",
+                                      errno.EIO)
+                view = view[n:]
+                self.size += n
+        finally:
+            view.release()
+        self._buffer.clear()
+
+    def close(self) -> None:
+        """Flushes, fsyncs and closes; an error unless the file holds every byte written."""
+        try:
+            self._flush()
+            try:
+                _fsync(self._fd)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # no fsync here
+                    raise _WriteError(f"cannot write {self.shown}: {e.strerror or e}",
+                                      e.errno) from None
+            on_disk = self._call(os.fstat, self._fd).st_size
+            if on_disk != self.size:
+                raise _WriteError(f"cannot write {self.shown}: it holds {on_disk} bytes on disk, "
+                                  f"not the {self.size} written (a full disk?)", errno.EIO)
+            fd, self._fd = self._fd, None
+            self._call(os.close, fd)  # some file systems report write errors only here
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Closes the file without flushing (after a failure); it is left incomplete."""
+        fd, self._fd = self._fd, None
+        self._buffer.clear()
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the file is being given up; the error that led here is the one to report
+
+
+def _write_file(directory: str, shown: str, name: str, data: bytes) -> None:
+    """`data` as the file `name` of `directory` (`shown` is the store's name in errors)."""
+    f = _OutputFile(os.path.join(directory, name), os.path.join(shown, name))
+    try:
+        f.write(data)
+    except BaseException:
+        f.abort()
+        raise
+    f.close()
+
+
 class _ShardWriter:
     """Appends documents to uint32 shards (and uint8 mask shards, kept only if some document has a
-    prompt); a document never spans two shards."""
+    prompt); a document never spans two shards. Tracks the largest id written."""
 
-    def __init__(self, directory: str, shard_tokens: int):
-        self.directory, self.shard_tokens = directory, shard_tokens
+    def __init__(self, directory: str, shard_tokens: int, shown: str):
+        # `shown`: the store's name in errors (the files are written in the staging `directory`)
+        self.directory, self.shard_tokens, self.shown = directory, shard_tokens, shown
         self.shards: list[dict] = []
         self.docs: list[tuple[int, int, int]] = []
         self.any_mask = False
-        self._files = None
+        self.max_token_id = -1
+        self._files: list[_OutputFile] | None = None
 
     def _open(self):
         n = len(self.shards)
         self.shards.append({"tokens": f"tokens-{n:05d}.bin", "mask": f"mask-{n:05d}.bin",
                             "num_tokens": 0})
-        self._files = [open(os.path.join(self.directory, self.shards[-1][k]), "wb")
-                       for k in ("tokens", "mask")]
+        self._files = []
+        for k in ("tokens", "mask"):
+            name = self.shards[-1][k]
+            self._files.append(_OutputFile(os.path.join(self.directory, name),
+                                           os.path.join(self.shown, name)))
 
     def add(self, ids: list[int], mask: list[int] | None):
         if self._files is None or (self.shards[-1]["num_tokens"] + len(ids) > self.shard_tokens
@@ -199,15 +357,30 @@ class _ShardWriter:
             self._close_files()
             self._open()
         shard = self.shards[-1]
-        np.asarray(ids, np.uint32).tofile(self._files[0])
-        np.asarray(mask if mask is not None else [1] * len(ids), np.uint8).tofile(self._files[1])
+        tokens = np.asarray(ids, np.uint32)
+        self._files[0].write(tokens.tobytes())
+        self._files[1].write(np.asarray(mask if mask is not None else [1] * len(ids),
+                                        np.uint8).tobytes())
+        if len(tokens):
+            self.max_token_id = max(self.max_token_id, int(tokens.max()))
         self.any_mask |= mask is not None
         self.docs.append((len(self.shards) - 1, shard["num_tokens"], len(ids)))
         shard["num_tokens"] += len(ids)
 
     def _close_files(self):
-        for f in self._files or ():
-            f.close()
+        files, self._files = self._files or [], None
+        try:
+            for f in files:
+                f.close()
+        finally:
+            for f in files:
+                f.abort()
+
+    def abort(self):
+        """Closes any open shard files without finishing them (the store is being dropped)."""
+        files, self._files = self._files or [], None
+        for f in files:
+            f.abort()
 
     def close(self) -> np.ndarray:
         self._close_files()
@@ -237,6 +410,8 @@ class TokenStore:
             raise ValueError(f"{index_file} is not a {FORMAT} index")
         if self.index.get("version") != VERSION:
             raise ValueError(f"{index_file}: version {self.index.get('version')}, expected {VERSION}")
+        _check_index(self.index, index_file)
+        self._max_token_id = self.index.get("max_token_id")
         self.tokens, self.masks = [], []
         for shard in self.index["shards"]:
             file = os.path.join(path, shard["tokens"])
@@ -263,6 +438,20 @@ class TokenStore:
         return int(self.index["tokenizer"]["vocab_size"])
 
     @property
+    def max_token_id(self) -> int:
+        """The largest token id in the store's shards (-1 when they hold no tokens): a model
+        trains on the store only if this is below its vocab_size. Recorded in index.json by
+        prepare-data; for a store written before that, found once by a pass over the memory-mapped
+        shards, `_MAX_ID_CHUNK` tokens at a time."""
+        if self._max_token_id is None:
+            largest = -1
+            for tokens in self.tokens:
+                for i in range(0, len(tokens), _MAX_ID_CHUNK):
+                    largest = max(largest, int(tokens[i:i + _MAX_ID_CHUNK].max()))
+            self._max_token_id = largest
+        return self._max_token_id
+
+    @property
     def tokenizer_path(self) -> str:
         return os.path.join(self.path, "tokenizer")
 
@@ -285,6 +474,59 @@ class TokenStore:
                              f"{first[i] + length[i]}) lies outside the store's shards: a corrupt "
                              "store; prepare it again")
         return docs
+
+
+_MAX_ID_CHUNK = 1 << 24  # tokens (64 MiB) per step of TokenStore.max_token_id's pass
+
+
+def _check_index(index: dict, where: str) -> None:
+    """A ValueError naming `where` (index.json) and the key, unless every key the reader uses is
+    present with the right type: shards, splits, tokenizer (and max_token_id when recorded)."""
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def name(v):  # a file of the store itself: never a path out of it
+        return isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and \
+            os.sep not in v and "\0" not in v
+
+    def bad(label, wanted, value):
+        raise ValueError(f"{where}: {label!r} must be {wanted}, got {value!r:.60}: a corrupt "
+                         "store; prepare it again")
+
+    def need(obj, key, label, ok, wanted, required=True):
+        if key not in obj:
+            if required:
+                raise ValueError(f"{where}: no {label!r} key: a corrupt or foreign store; "
+                                 "prepare it again")
+        elif not ok(obj[key]):
+            bad(label, wanted, obj[key])
+
+    need(index, "shards", "shards", lambda v: isinstance(v, list), "a list")
+    for i, shard in enumerate(index["shards"]):
+        label = f"shards[{i}]"
+        if not isinstance(shard, dict):
+            bad(label, "an object", shard)
+        need(shard, "tokens", f"{label}.tokens", name, "a file name in the store")
+        need(shard, "num_tokens", f"{label}.num_tokens", count, "an integer >= 0")
+        need(shard, "mask", f"{label}.mask", lambda v: v is None or name(v),
+             "a file name in the store or null", required=False)
+    need(index, "splits", "splits", lambda v: isinstance(v, dict), "an object")
+    for split, info in index["splits"].items():
+        label = f"splits.{split}"
+        if not isinstance(info, dict):
+            bad(label, "an object", info)
+        need(info, "documents", f"{label}.documents", name, "a file name in the store")
+        need(info, "num_tokens", f"{label}.num_tokens", count, "an integer >= 0")
+        need(info, "num_documents", f"{label}.num_documents", count, "an integer >= 0",
+             required=False)
+    need(index, "tokenizer", "tokenizer", lambda v: isinstance(v, dict), "an object")
+    need(index["tokenizer"], "vocab_size", "tokenizer.vocab_size", lambda v: count(v) and v > 0,
+         "a positive integer")
+    for key in ("bos_token_id", "eos_token_id"):
+        need(index["tokenizer"], key, f"tokenizer.{key}", lambda v: v is None or count(v),
+             "an integer >= 0 or null", required=False)
+    need(index, "max_token_id", "max_token_id", lambda v: count(v) or v == -1,
+         "an integer >= -1", required=False)
 
 
 class PackedRows:
@@ -347,8 +589,10 @@ def _dataset(store, split, seq_len, batch_size, seed, process_index, process_cou
 def train_iterator(store: TokenStore, *, seq_len: int, batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1, threads: int = 2):
     """Endless iterator of this process's share of each global batch ([batch_size / processes, L]
-    arrays). `get_state()` / `set_state()` save and restore its position."""
+    arrays). `get_state()` / `set_state()` save and restore its position. `threads` (reader
+    threads; twice as many batches are prefetched) is capped at MAX_DATA_THREADS."""
     import grain
+    threads = max(1, min(int(threads), MAX_DATA_THREADS))
     ds = _dataset(store, "train", seq_len, batch_size, seed, process_index, process_count, True)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                      prefetch_buffer_size=2 * threads)))

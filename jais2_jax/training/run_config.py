@@ -17,8 +17,9 @@ from typing import Any
 import yaml
 
 from jais2_jax.kernels import pallas_gpu
-from jais2_jax.model.options import REMAT_POLICIES, as_dtype
+from jais2_jax.model.options import ATTENTION_IMPLS, REMAT_POLICIES, as_dtype
 from jais2_jax.parallel.sharding import parse_mesh
+from jais2_jax.training.data import MAX_DATA_THREADS
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -79,7 +80,7 @@ class RunConfig:
     async_checkpointing: bool = True
     max_nonfinite_in_a_row: int = 5
     peak_tflops_per_device: float | None = None  # for MFU; None: looked up from the device kind
-    data_threads: int = 2
+    data_threads: int = 2  # loader threads, 1..MAX_DATA_THREADS (256; each prefetches 2 batches)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -89,10 +90,13 @@ class RunConfig:
     def _validate(self):
         positive = ("seq_len", "batch_size", "grad_accum_steps", "total_steps", "loss_chunk",
                     "log_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
-                    "max_nonfinite_in_a_row", "data_threads")
+                    "max_nonfinite_in_a_row")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 1 <= self.data_threads <= MAX_DATA_THREADS:
+            raise ValueError(f"data_threads must be in [1, {MAX_DATA_THREADS}], got "
+                             f"{self.data_threads}")
         for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps",
                      "clip_grad_norm", "z_loss", "peak_tflops_per_device"):
             value = getattr(self, name)
@@ -131,6 +135,11 @@ class RunConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r}: choose one of "
                              f"{sorted(REMAT_POLICIES)}")
+        if self.attention_impl not in ATTENTION_IMPLS:  # as ModelOptions checks it, but up front
+            raise ValueError(f"attention_impl {self.attention_impl!r}: choose one of "
+                             f"{ATTENTION_IMPLS} (null: by backend)")
+        if not 0 <= self.seed < 2 ** 63:  # a jax.random key's signed 64-bit seed
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         as_dtype(self.dtype), as_dtype(self.param_dtype)
         pallas_gpu.check(self.kernels, "kernels")
 
@@ -144,7 +153,11 @@ class RunConfig:
             key, sep, value = item.partition("=")
             if not sep or not key:
                 raise ValueError(f"--set wants key=value, got {item!r}")
-            d[key.strip()] = yaml.safe_load(value)
+            try:
+                d[key.strip()] = yaml.safe_load(value)
+            except yaml.YAMLError as e:  # one line: the override, then YAML's first complaint
+                why = " ".join(str(getattr(e, "problem", None) or e).split())
+                raise ValueError(f"--set {item!r}: the value is not valid YAML ({why})") from None
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
