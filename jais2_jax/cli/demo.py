@@ -13,6 +13,7 @@ import os
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOKENIZER = os.path.join(ROOT, "data", "tokenizer")
 PROMPTS = ("The desert at dawn", "A good teacher", "الصحراء عند الفجر", "كان البحر دائما")
 
 
@@ -29,22 +30,35 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from jais2_jax.inference.tokenizer import Tokenizer
+    from jais2_jax.model.config import load_model_config
     from jais2_jax.training.data import prepare_data
     from jais2_jax.training.run_config import RunConfig
     from jais2_jax.utils.fsutil import write_text_atomic
 
-    if args.max_new_tokens <= 0:  # before minutes of data preparation and training
+    # Every check before minutes of data preparation and training.
+    if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     out = args.output_dir or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
+    if os.path.exists(os.path.join(out, "samples.txt")):
+        raise FileExistsError(f"{out} already holds a finished demo run (samples.txt); choose "
+                              "another --output-dir, or delete it to run again")
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists; choose another --output-dir")
     store = os.path.join(out, "data")
     run_config = RunConfig.from_yaml(args.config, [f"data={store}", f"output_dir={out}/train",
                                                    *args.set])
+    # The prompts and the new tokens must fit the model's positions (the bundled tokenizer is the
+    # one prepare-data copies into the store).
+    context = load_model_config(run_config.model).max_position_embeddings
+    longest = max(map(len, _prompt_rows(Tokenizer.from_pretrained(TOKENIZER))))
+    if longest + args.max_new_tokens > context:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} does not fit {run_config.model}: "
+                         f"its max_position_embeddings is {context} and the longest demo prompt "
+                         f"has {longest} tokens, so at most {context - longest} new tokens")
     print(f"[1/4] prepare-data: data/corpus -> {store}")
-    index = prepare_data([os.path.join(ROOT, "data", "corpus")],
-                         os.path.join(ROOT, "data", "tokenizer"), store, eval_fraction=0.1,
-                         show_progress=not args.no_progress)
+    index = prepare_data([os.path.join(ROOT, "data", "corpus")], TOKENIZER, store,
+                         eval_fraction=0.1, show_progress=not args.no_progress)
 
     print(f"[2/4] train: {run_config.model}, {run_config.total_steps} steps of "
           f"{run_config.batch_size} x {run_config.seq_len} tokens")
@@ -93,6 +107,11 @@ def eval_note(metrics_file: str, train_tokens: int, tokens_per_step: int) -> str
             "that generalises, train on more text: `jais2 prepare-data YOUR_FILES ...`.")
 
 
+def _prompt_rows(tok) -> list[list[int]]:
+    """The prompts' ids. They start like the training documents: bos, then text."""
+    return [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in PROMPTS]
+
+
 def _sample(train_dir: str, tokenizer_dir: str, max_new_tokens: int) -> list[tuple[str, str]]:
     import jax
 
@@ -103,8 +122,7 @@ def _sample(train_dir: str, tokenizer_dir: str, max_new_tokens: int) -> list[tup
     config, params, _ = load_trained(train_dir)
     tok = Tokenizer.from_pretrained(tokenizer_dir)
     model = Jais2ForCausalLM(config)
-    # Prompts start like the training documents: bos, then text.
-    rows = [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in PROMPTS]
+    rows = _prompt_rows(tok)
     width = max(map(len, rows))
     pad = config.pad_token_id or 0  # masked out anyway
     ids = [[pad] * (width - len(r)) + r for r in rows]  # left-padded, like HF

@@ -11,6 +11,7 @@ import sys
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_NEW_TOKENS = 256
+SEED_LIMIT = 2 ** 63  # seeds are in [0, 2**63): what a jax.random key takes as a signed 64-bit int
 
 
 def add_arguments(parser) -> None:
@@ -22,10 +23,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help=f"default: {DEFAULT_NEW_TOKENS}, or fewer where the prompt leaves less "
                              "room in the model's max_position_embeddings")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 (default) = greedy; below 1e-5 also greedy")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling seed in [0, 2**63) (same seed, same text)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="compute and parameter dtype (default: bfloat16 on GPU/TPU, else "
                              "float32)")
@@ -81,6 +84,8 @@ def run(args) -> int:
 
     # Cheap checks first: a bad flag should not wait for the checkpoint to load.
     Sampler(args.temperature, args.top_k, args.top_p)
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.max_new_tokens is not None and args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.prompt is not None and not args.prompt:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -36,6 +37,21 @@ ROPE_OPTIONAL_KEYS = {
 # Types whose pretraining length transformers fills in from max_position_embeddings when absent.
 ROPE_TYPES_WITH_ORIGINAL_LENGTH = ("yarn", "longrope", "llama3")
 DEFAULT_ROPE_THETA = 10000.0  # transformers >= 5 `default_theta`; always prefer config.json's value
+# Upper bounds on the sizes, checked before anything is built from them (a config.json with
+# `num_hidden_layers: 100000000` would otherwise build per-layer names until memory runs out).
+# Far above any real model (Jais2 70B: 68 layers, 56 heads, hidden 7168, mlp 57344, vocab 150272,
+# 8192 positions); a bound only stops a typo or a corrupt file.
+MAX_SIZES = {
+    "vocab_size": 1 << 24,  # 16.8M tokens
+    "hidden_size": 1 << 18,
+    "intermediate_size": 1 << 20,
+    "num_hidden_layers": 1 << 14,
+    "num_attention_heads": 1 << 14,
+    "num_key_value_heads": 1 << 14,
+    "head_dim": 1 << 14,
+    "max_position_embeddings": 1 << 27,  # 134M positions
+}
+_FLOAT32_MAX = 3.4028234663852886e38
 
 # Generic PreTrainedConfig keys: no effect on the model, preserved for an exact round trip.
 HF_METADATA_KEYS = frozenset({
@@ -62,8 +78,27 @@ def parse_json_object(text: str, where: str) -> dict:
 _ABSENT = "<absent>"  # a key config.json did not have
 
 
+class _DefaultId(int):
+    """transformers' default for a token id the config did not state: an int like any other, but
+    not checked against vocab_size (the defaults are those of the released 150272-token vocabulary;
+    transformers keeps them for any vocabulary too). Every id a config states is checked."""
+    __slots__ = ()
+
+    def __repr__(self):
+        return int.__repr__(self)
+
+
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    """A number (not a bool) that is neither NaN nor infinite."""
+    return _number(value) and math.isfinite(value)
+
+
+def _positive_finite(value) -> bool:
+    return _finite(value) and value > 0
 
 
 def read_json_object(path: str) -> dict:
@@ -87,8 +122,8 @@ class Jais2Config:
     layer_norm_eps: float = 1e-5
     use_cache: bool = True
     pad_token_id: int | None = None
-    bos_token_id: int | None = 0
-    eos_token_id: int | tuple[int, ...] | None = 150024
+    bos_token_id: int | None = _DefaultId(0)
+    eos_token_id: int | tuple[int, ...] | None = _DefaultId(150024)
     tie_word_embeddings: bool = False
     attention_bias: bool = True
     attention_dropout: float = 0.0
@@ -124,8 +159,14 @@ class Jais2Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
+        if self.head_dim is not None and (not isinstance(self.head_dim, int)
+                                          or isinstance(self.head_dim, bool) or self.head_dim <= 0):
             raise ValueError(f"head_dim must be a positive integer, got {self.head_dim!r}")
+        for name, limit in MAX_SIZES.items():
+            value = getattr(self, name)
+            if value is not None and value > limit:
+                raise ValueError(f"{name} {value} is beyond any real model (at most {limit}); "
+                                 "is the config corrupt?")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
@@ -164,6 +205,9 @@ class Jais2Config:
             return
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer or null, got {value!r}")
+        if value >= self.vocab_size and not isinstance(value, _DefaultId):
+            raise ValueError(f"{name} {value} is outside the vocabulary: it must be below "
+                             f"vocab_size ({self.vocab_size}), or null")
 
     def _validate_rope(self):
         rope = self.rope_parameters
@@ -172,8 +216,9 @@ class Jais2Config:
             raise ValueError(f"rope_parameters.rope_type {rope_type!r} is not supported; "
                              f"choose one of {tuple(ROPE_REQUIRED_KEYS)}")
         theta = rope["rope_theta"]
-        if not isinstance(theta, (int, float)) or theta <= 0:
-            raise ValueError(f"rope_parameters.rope_theta must be positive, got {theta!r}")
+        if not (_positive_finite(theta) and theta <= _FLOAT32_MAX):  # float32, as transformers
+            raise ValueError(f"rope_parameters.rope_theta must be a positive number within "
+                             f"float32 range, got {theta!r}")
         missing = [k for k in ROPE_REQUIRED_KEYS[rope_type] if rope.get(k) is None]
         if missing:
             raise ValueError(f"rope_parameters of rope_type {rope_type!r} needs {missing}")
@@ -187,20 +232,43 @@ class Jais2Config:
             raise ValueError("rope_parameters.partial_rotary_factor must be 1.0 for Jais2, got "
                              f"{rope['partial_rotary_factor']!r}")
         factor = rope.get("factor")
-        if factor is not None and (not isinstance(factor, (int, float)) or factor <= 0):
-            raise ValueError(f"rope_parameters.factor must be positive, got {factor!r}")
+        if factor is not None and not _positive_finite(factor):
+            raise ValueError(f"rope_parameters.factor must be a positive finite number, "
+                             f"got {factor!r}")
         if rope_type in ("linear", "dynamic", "llama3") and factor < 1.0:
             raise ValueError(f"rope_parameters.factor must be >= 1 for {rope_type}, got {factor!r}")
         if rope_type == "longrope":
             half = (self.head_dim or self.hidden_size // self.num_attention_heads) // 2
             for key in ("short_factor", "long_factor"):
-                if len(rope[key]) != half:
+                value = rope[key]
+                if not isinstance(value, (list, tuple)):
+                    raise ValueError(f"rope_parameters.{key} must be a list of head_dim/2 = {half} "
+                                     f"positive numbers, got {value!r}")
+                if len(value) != half:
                     raise ValueError(f"rope_parameters.{key} must have head_dim/2 = {half} entries, "
-                                     f"got {len(rope[key])}")
-        if rope_type == "llama3" and rope["high_freq_factor"] <= rope["low_freq_factor"]:
-            raise ValueError("rope_parameters.high_freq_factor must exceed low_freq_factor")
+                                     f"got {len(value)}")
+                bad = [v for v in value if not _positive_finite(v)]
+                if bad:
+                    raise ValueError(f"rope_parameters.{key} must hold positive finite numbers, "
+                                     f"got {bad[0]!r}")
+        if rope_type == "llama3":
+            for key in ("low_freq_factor", "high_freq_factor"):
+                if not _positive_finite(rope[key]):
+                    raise ValueError(f"rope_parameters.{key} must be a positive finite number, "
+                                     f"got {rope[key]!r}")
+            if rope["high_freq_factor"] <= rope["low_freq_factor"]:
+                raise ValueError(f"rope_parameters.high_freq_factor ({rope['high_freq_factor']!r}) "
+                                 f"must exceed low_freq_factor ({rope['low_freq_factor']!r})")
+        for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+            value = rope.get(key)
+            if value is not None and not (_finite(value) and value >= 0):
+                raise ValueError(f"rope_parameters.{key} must be a finite number >= 0 or null, "
+                                 f"got {value!r}")
+        if not isinstance(rope.get("truncate", True), bool):
+            raise ValueError(f"rope_parameters.truncate must be true or false, "
+                             f"got {rope['truncate']!r}")
         orig = rope.get("original_max_position_embeddings")
-        if orig is not None and (not isinstance(orig, int) or orig <= 0):
+        if orig is not None and (not isinstance(orig, int) or isinstance(orig, bool) or orig <= 0):
             raise ValueError(f"rope_parameters.original_max_position_embeddings must be a positive "
                              f"integer, got {orig!r}")
 

@@ -28,17 +28,26 @@ from jais2_jax.parallel import sharding
 from jais2_jax.training.run_config import RunConfig
 from jais2_jax.training.step import compute_copies, make_optimizer, train_loss_sums
 
-# name pattern -> (devices from the number in the name, bytes of HBM per device, devices per host)
-# TPU v4/v5p names count TensorCores (2 per chip); v5e/v6e names count chips.
+# name pattern -> (devices from the number in the name, bytes of HBM per device, devices per host,
+# the numbers a slice or host group can have). TPU v4/v5p names count TensorCores (2 per chip), in
+# whole hosts of 4 chips (v5p-8, v5p-16, ...); v5e/v6e names count chips (1x1, 2x2, 2x4, then
+# multiples of 8); GPUs come in hosts of 8, or fewer on one host.
+_TPU_V4_V5P = ("a multiple of 8 TensorCores", lambda n: n >= 8 and n % 8 == 0)
+_TPU_V5E_V6E = ("1, 4 or a multiple of 8 chips", lambda n: n in (1, 4) or (n >= 8 and n % 8 == 0))
+_GPUS = ("1 to 8 GPUs, or a multiple of 8", lambda n: 1 <= n <= 8 or (n > 8 and n % 8 == 0))
+MAX_DEVICES = 1 << 17  # far above any pod or cluster: a bound on a typo's device count
 _HARDWARE = (
-    (r"v5p-(\d+)", lambda n: n // 2, 95e9, 4),
-    (r"v4-(\d+)", lambda n: n // 2, 32e9, 4),
-    (r"v5e-(\d+)|v5litepod-(\d+)", lambda n: n, 16e9, 4),
-    (r"v6e-(\d+)", lambda n: n, 32e9, 4),
-    (r"(\d+)xh100", lambda n: n, 80e9, 8),
-    (r"(\d+)xh200", lambda n: n, 141e9, 8),
-    (r"(\d+)xa100", lambda n: n, 80e9, 8),
+    (r"v5p-(\d+)", lambda n: n // 2, 95e9, 4, _TPU_V4_V5P),
+    (r"v4-(\d+)", lambda n: n // 2, 32e9, 4, _TPU_V4_V5P),
+    (r"v5e-(\d+)|v5litepod-(\d+)", lambda n: n, 16e9, 4, _TPU_V5E_V6E),
+    (r"v6e-(\d+)", lambda n: n, 32e9, 4, _TPU_V5E_V6E),
+    (r"(\d+)xh100", lambda n: n, 80e9, 8, _GPUS),
+    (r"(\d+)xh200", lambda n: n, 141e9, 8, _GPUS),
+    (r"(\d+)xa100", lambda n: n, 80e9, 8, _GPUS),
 )
+KNOWN_HARDWARE = ("v4-N / v5p-N (N TensorCores, a multiple of 8: v5p-8, v5p-32, v5p-128, ...), "
+                  "v5e-N / v5litepod-N / v6e-N (N chips: 1, 4 or a multiple of 8: v5e-256, ...), "
+                  "NxH100 / NxH200 / NxA100 (N GPUs: 1 to 8 or a multiple of 8: 8xh100, ...)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,17 +59,23 @@ class Hardware:
 
 
 def hardware(name: str) -> Hardware:
-    """`v5p-32` (16 chips), `v5e-256`, `8xh100`, ... -> device count, HBM per device, per host."""
+    """`v5p-32` (16 chips), `v5e-256`, `8xh100`, ... -> device count, HBM per device, per host.
+    A name of no known kind, or a count no such slice or host group has (`v5p-3`), is a
+    ValueError that lists the known names."""
     key = name.lower()
-    for pattern, devices, hbm, per_host in _HARDWARE:
+    for pattern, devices, hbm, per_host, (sizes, valid) in _HARDWARE:
         m = re.fullmatch(pattern, key)
         if m:
-            n = devices(int(next(g for g in m.groups() if g)))
-            if n <= 0:
-                break
+            count = int(next(g for g in m.groups() if g))
+            if not valid(count):
+                raise ValueError(f"hardware {name!r}: {count} is not a size this hardware comes in "
+                                 f"({sizes}); known: {KNOWN_HARDWARE}; or --devices N")
+            n = devices(count)
+            if n > MAX_DEVICES:
+                raise ValueError(f"hardware {name!r}: {n} devices is beyond any cluster (at most "
+                                 f"{MAX_DEVICES})")
             return Hardware(name, n, hbm, min(per_host, n))
-    raise ValueError(f"unknown hardware {name!r}: use e.g. v5p-32, v5e-256, v4-64, v6e-16, 8xh100, "
-                     f"8xh200, or --devices N")
+    raise ValueError(f"unknown hardware {name!r}: known: {KNOWN_HARDWARE}; or --devices N")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +115,12 @@ def _residual_bytes(fn, *args) -> int:
 def _local_config(config: Jais2Config, tensor: int) -> Jais2Config:
     """One tensor shard's model: heads, kv heads, mlp and vocab divided (divisibility was checked
     by the parameter shardings)."""
+    # Token ids play no part in the shapes; a vocabulary shard may no longer hold them.
     return config.replace(num_attention_heads=config.num_attention_heads // tensor,
                           num_key_value_heads=config.num_key_value_heads // tensor,
                           intermediate_size=config.intermediate_size // tensor,
-                          vocab_size=config.vocab_size // tensor, head_dim=config.head_dim)
+                          vocab_size=config.vocab_size // tensor, head_dim=config.head_dim,
+                          pad_token_id=None, bos_token_id=None, eos_token_id=None)
 
 
 def _activation_bytes(config, *, batch, seq, remat, dtype, param_dtype, attention, mode,
