@@ -111,3 +111,40 @@ def test_bad_input():
         quantize(params, "int4")
     with pytest.raises(ValueError, match="already quantized"):
         quantize(quantize(params, "int8"), "int8")
+
+
+@pytest.mark.parametrize("cache_dtype", ["bfloat16", "int8"])
+def test_plan_counts_the_quantized_bytes_of_real_arrays(cache_dtype):
+    """`jais2 plan --quantize int8` (and an int8 KV cache): the bytes per device equal those of
+    real quantized, sharded arrays on an 8-device mesh."""
+    from jais2_jax import build_inference_program
+    from jais2_jax.parallel import abstract_mesh, make_mesh, model_param_shardings
+    from jais2_jax.planning import memory
+    hf = hf_model(seed=10, num_key_value_heads=2)
+    config = our_config(hf)
+    mesh = make_mesh((1, 4, 2))
+    dense = jax.device_put(jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16),
+                                                  our_params(hf, config)),
+                           model_param_shardings(Jais2ForCausalLM(config), mesh))
+    q = quantize(dense, "int8")
+    per_device = {}
+    for a in jax.tree_util.tree_leaves(q):
+        for s in a.addressable_shards:
+            per_device[s.device] = per_device.get(s.device, 0) + s.data.nbytes
+    plan = memory.make_plan(config, abstract_mesh((1, 4, 2), 8), batch=4, seq=32, mode="decode",
+                            param_dtype="bfloat16", cache_dtype=cache_dtype, quantize="int8")
+    assert plan.params == max(per_device.values())
+    program = build_inference_program(config, batch_size=4, max_length=32, mesh=mesh,
+                                      cache_dtype=jnp.int8 if cache_dtype == "int8" else None)
+    cache = program.init_cache()
+    cache_bytes = {}
+    for a in jax.tree_util.tree_leaves(cache):
+        for s in a.addressable_shards:
+            cache_bytes[s.device] = cache_bytes.get(s.device, 0) + s.data.nbytes
+    assert plan.kv_cache == max(cache_bytes.values())
+    dense_plan = memory.make_plan(config, abstract_mesh((1, 4, 2), 8), batch=4, seq=32,
+                                  mode="decode", param_dtype="bfloat16")
+    assert plan.params < dense_plan.params
+    with pytest.raises(ValueError, match="is for decoding"):
+        memory.make_plan(config, abstract_mesh((1, 4, 2), 8), batch=4, seq=32, mode="train",
+                         quantize="int8")

@@ -48,7 +48,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--param-dtype", default=None,
                         help="default float32 for train, bfloat16 for decode")
     parser.add_argument("--dtype", default=None, help="compute dtype (default bfloat16, or --run's)")
-    parser.add_argument("--cache-dtype", default="bfloat16")
+    parser.add_argument("--cache-dtype", default="bfloat16",
+                        help="KV cache dtype (decode): float32, bfloat16, float16 or int8")
+    parser.add_argument("--quantize", choices=("int8", "fp8"), default=None,
+                        help="decode with weight-only int8 / fp8 projections (per-channel scales)")
     parser.add_argument("--attention", choices=("flash", "xla"), default="flash",
                         help="flash: splash/cuDNN kernels keep no [T, T] scores (default)")
 
@@ -110,9 +113,10 @@ def run(args) -> int:
     result = plan.make_plan(config, mesh, batch=batch, seq=args.seq, mode=args.mode,
                             remat=args.remat, param_dtype=param_dtype, dtype=args.dtype,
                             cache_dtype=args.cache_dtype, attention=args.attention,
-                            prefill=args.prefill)
+                            prefill=args.prefill, quantize=args.quantize)
     where = args.hardware or f"{devices} devices"
-    title = (f"{args.model} ({config.num_parameters() / 1e9:.2f}B parameters, {param_dtype}) on "
+    weights = f"{param_dtype}, {args.quantize} projections" if args.quantize else param_dtype
+    title = (f"{args.model} ({config.num_parameters() / 1e9:.2f}B parameters, {weights}) on "
              f"{where}, compute {args.dtype}")
     print(plan.format_plan(result, hbm, title))
     return 0
@@ -137,12 +141,13 @@ def _run_topology(args, config, run_config) -> int:
         raise ValueError(f"seq {args.seq} exceeds the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")
     kw = dict(run=run_config, param_dtype=args.param_dtype, dtype=args.dtype,
-              cache_dtype=args.cache_dtype)
+              cache_dtype=args.cache_dtype, quantize=args.quantize)
     result = tpu_plan.plan_topology(config, topology, setting, mode=args.mode, dcn_mesh=dcn, **kw)
     param_dtype = args.param_dtype or (run_config.param_dtype if run_config else
                                        ("float32" if args.mode == "train" else "bfloat16"))
-    title = (f"{args.model} ({config.num_parameters() / 1e9:.2f}B parameters, {param_dtype}), "
-             f"compute {args.dtype}")
+    weights = f"{param_dtype}, {args.quantize} projections" if args.quantize else param_dtype
+    title = (f"{args.model} ({config.num_parameters() / 1e9:.2f}B parameters, {weights}), "
+             f"compute {args.dtype}, KV cache {args.cache_dtype}")
     print(tpu_plan.format_result(result, title), flush=True)
     if result.fits:
         return 0

@@ -88,6 +88,17 @@ def init_cache(config: Jais2Config, batch_size: int, max_length: int,
     return KVCache(k=make(shape, dtype), v=make(shape, dtype), lengths=lengths, **scales)
 
 
+def as_cache_dtype(dtype) -> jnp.dtype:
+    """A cache dtype from a name: a float dtype name, or "int8" (quantized)."""
+    if isinstance(dtype, str):
+        if dtype == "int8":
+            return jnp.dtype(jnp.int8)
+        names = ("float32", "bfloat16", "float16")
+        if dtype not in names:
+            raise ValueError(f"cache dtype {dtype!r}: choose one of {names + ('int8',)}")
+    return jnp.dtype(dtype)
+
+
 def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[..., head_dim] -> (int8 values, float32 scale [...]): one scale per head per token."""
     x = x.astype(jnp.float32)

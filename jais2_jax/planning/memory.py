@@ -20,7 +20,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from jais2_jax.model.cache import init_cache
+from jais2_jax.model.cache import as_cache_dtype, init_cache
 from jais2_jax.model.config import Jais2Config
 from jais2_jax.model.modules import Jais2ForCausalLM
 from jais2_jax.model.options import REMAT_POLICIES, ModelOptions, as_dtype
@@ -156,11 +156,13 @@ def _activation_bytes(config, *, batch, seq, remat, dtype, param_dtype, attentio
 def make_plan(config: Jais2Config, mesh, *, batch: int, seq: int, mode: str = "train",
               remat: str = "dots", param_dtype="float32", dtype="bfloat16",
               cache_dtype="bfloat16", attention: str = "flash", optimizer=None,
-              loss_chunk: int = 512, prefill: int | None = None) -> Plan:
+              loss_chunk: int = 512, prefill: int | None = None,
+              quantize: str | None = None) -> Plan:
     """Bytes per device for training (`mode="train"`: params, grads, optimizer state, activations)
     or decoding (`mode="decode"`: params, KV cache of `batch` rows x `seq` slots, one layer's
     activations while prefilling `prefill` (default `seq`) prompt tokens of every row at once).
-    `mesh`: a Mesh or an AbstractMesh (`sharding.abstract_mesh`)."""
+    `mesh`: a Mesh or an AbstractMesh (`sharding.abstract_mesh`). `quantize` ("int8", "fp8"):
+    decoding with weight-only quantized projections (values + per-channel scales)."""
     if mode not in ("train", "decode"):
         raise ValueError(f"mode {mode!r}: choose 'train' or 'decode'")
     if remat not in REMAT_POLICIES:
@@ -172,11 +174,17 @@ def make_plan(config: Jais2Config, mesh, *, batch: int, seq: int, mode: str = "t
     if seq > config.max_position_embeddings:
         raise ValueError(f"seq {seq} exceeds the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")
-    param_dtype, dtype, cache_dtype = as_dtype(param_dtype), as_dtype(dtype), as_dtype(cache_dtype)
+    if quantize is not None and mode != "decode":
+        raise ValueError(f"quantize {quantize!r} is for decoding (mode='decode'); training keeps "
+                         "its weights in param_dtype")
+    param_dtype, dtype = as_dtype(param_dtype), as_dtype(dtype)
+    cache_dtype = as_cache_dtype(cache_dtype)
 
     params_sh = sharding.param_shardings(config, mesh)  # raises on an indivisible rule
     abstract = sharding.unboxed_shapes(sharding.abstract_params(config, param_dtype=param_dtype))
     params = sharding.bytes_per_device(abstract, params_sh)
+    if quantize is not None:
+        params = quantized_param_bytes(config, mesh, param_dtype, quantize)
     sharding.batch_sharding(mesh, (batch, seq))  # the batch must split over data * fsdp
     local_batch = batch // (mesh.shape["data"] * mesh.shape["fsdp"])
     local = _local_config(config, mesh.shape["tensor"])
@@ -205,15 +213,29 @@ def make_plan(config: Jais2Config, mesh, *, batch: int, seq: int, mode: str = "t
         saved += sharding.bytes_per_device(abstract[head[0]][head[1]],
                                            params_sh[head[0]][head[1]]) - traced_dw
     else:
-        cache_abstract = jax.eval_shape(lambda: init_cache(config, batch, seq, dtype=cache_dtype))
-        cache = sharding.bytes_per_device(
-            cache_abstract, sharding.cache_shardings(config, mesh, batch, seq))
+        cache = cache_bytes(config, mesh, batch, seq, cache_dtype)
         saved, layer = _activation_bytes(local, **acts)
         # Prefill keeps only the last position's float32 logits: [batch, vocab / tensor].
         layer += local_batch * local.vocab_size * 4
     return Plan(mesh=dict(mesh.shape), mode=mode, batch=batch, seq=seq, prefill=act_seq, remat=remat,
                 params=params, grads=grads, opt_state=opt, activations_saved=saved,
                 activations_layer=layer, kv_cache=cache)
+
+
+def quantized_param_bytes(config: Jais2Config, mesh, param_dtype, scheme: str) -> int:
+    """Bytes per device of the parameters with int8 / fp8 projections (embeddings, norms and
+    biases in `param_dtype`), from the quantized model's own tree and shardings."""
+    model = Jais2ForCausalLM(config, param_dtype=as_dtype(param_dtype), quantization=scheme)
+    abstract = sharding.unboxed_shapes(sharding.model_abstract_params(model))
+    return sharding.bytes_per_device(abstract, sharding.model_param_shardings(model, mesh))
+
+
+def cache_bytes(config: Jais2Config, mesh, batch: int, seq: int, cache_dtype) -> int:
+    """Bytes per device of the KV cache (an int8 cache with its per-head-per-token scales)."""
+    cache_dtype = as_cache_dtype(cache_dtype)
+    abstract = jax.eval_shape(lambda: init_cache(config, batch, seq, dtype=cache_dtype))
+    return sharding.bytes_per_device(abstract, sharding.cache_shardings(
+        config, mesh, batch, seq, quantized=cache_dtype == jnp.int8))
 
 
 def format_plan(plan: Plan, hbm: float | None = None, title: str = "") -> str:

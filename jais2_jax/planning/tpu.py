@@ -30,7 +30,7 @@ import time
 import jax
 
 from jais2_jax.inference.program import build_inference_program
-from jais2_jax.model.cache import init_cache
+from jais2_jax.model.cache import as_cache_dtype
 from jais2_jax.model.config import Jais2Config
 from jais2_jax.model.options import REMAT_POLICIES, ModelOptions, as_dtype
 from jais2_jax.parallel import sharding
@@ -236,13 +236,14 @@ def compile_train(config: Jais2Config, mesh, s: Setting, run=None) -> list[Compi
 
 
 def compile_decode(config: Jais2Config, mesh, s: Setting, param_dtype="bfloat16",
-                   dtype="bfloat16", cache_dtype="bfloat16") -> list[Compiled]:
+                   dtype="bfloat16", cache_dtype="bfloat16", quantize=None) -> list[Compiled]:
     """The prefill of `prefill` tokens per row into an empty cache of `seq` slots, and one decode
     step (`build_inference_program`)."""
     program = build_inference_program(config, batch_size=s.batch, max_length=s.seq, mesh=mesh,
                                       dtype=dtype, param_dtype=param_dtype,
-                                      cache_dtype=cache_dtype,
-                                      options=ModelOptions(attention_impl="splash"))
+                                      cache_dtype=as_cache_dtype(cache_dtype),
+                                      options=ModelOptions(attention_impl="splash"),
+                                      quantization=quantize)
     length = s.prefill or s.seq
     return [_compile(f"prefill ({length} tokens per row)", lambda: program.lower_prefill(length)),
             _compile("decode step", program.lower_decode_step)]
@@ -252,9 +253,10 @@ def compile_decode(config: Jais2Config, mesh, s: Setting, param_dtype="bfloat16"
 class _Estimator:
     """Analytic bytes per chip (`plan.make_plan` on a device-free mesh), cached per setting."""
 
-    def __init__(self, config, mode, param_dtype, dtype, cache_dtype, run=None):
+    def __init__(self, config, mode, param_dtype, dtype, cache_dtype, run=None, quantize=None):
         self.config, self.mode, self.run = config, mode, run
-        self.kw = dict(param_dtype=param_dtype, dtype=dtype, cache_dtype=cache_dtype)
+        self.kw = dict(param_dtype=param_dtype, dtype=dtype, cache_dtype=cache_dtype,
+                       quantize=quantize)
         self._cache = {}
 
     def state(self, s: Setting, chips: int) -> int:
@@ -267,16 +269,17 @@ class _Estimator:
             abstract = sharding.unboxed_shapes(sharding.abstract_params(
                 self.config, param_dtype=as_dtype(self.kw["param_dtype"])))
             params = sharding.bytes_per_device(abstract, params_sh)
+            if self.kw["quantize"] is not None:
+                params = analytic.quantized_param_bytes(self.config, mesh, self.kw["param_dtype"],
+                                                        self.kw["quantize"])
             if self.mode == "train":
                 optimizer = make_optimizer(_run_config(self.run, s))
                 extra = params + sharding.bytes_per_device(
                     jax.eval_shape(optimizer.init, abstract),
                     sharding.opt_state_shardings(optimizer, params_sh, abstract))
             else:
-                cache = jax.eval_shape(lambda: init_cache(
-                    self.config, s.batch, s.seq, dtype=as_dtype(self.kw["cache_dtype"])))
-                extra = sharding.bytes_per_device(
-                    cache, sharding.cache_shardings(self.config, mesh, s.batch, s.seq))
+                extra = analytic.cache_bytes(self.config, mesh, s.batch, s.seq,
+                                             self.kw["cache_dtype"])
             self._cache[key] = params + extra
         return self._cache[key]
 
@@ -344,11 +347,11 @@ class Suggestion:
 
 def plan_topology(config: Jais2Config, topology: Topology, setting: Setting, *, mode="train",
                   dcn_mesh=None, run=None, param_dtype=None, dtype="bfloat16",
-                  cache_dtype="bfloat16") -> Result:
+                  cache_dtype="bfloat16", quantize=None) -> Result:
     """Compile `setting` for `topology` (after an exact check that the state can fit at all)."""
     param_dtype = param_dtype or (run.param_dtype if run else
                                   ("float32" if mode == "train" else "bfloat16"))
-    estimator = _Estimator(config, mode, param_dtype, dtype, cache_dtype, run)
+    estimator = _Estimator(config, mode, param_dtype, dtype, cache_dtype, run, quantize)
     per_slice = topology.chips // topology.num_slices
     dcn = dcn_mesh or ((topology.num_slices, 1, 1) if topology.num_slices > 1 else None)
     sharding.mesh_shape(setting.mesh, per_slice)  # a clear error for a mesh of the wrong size
@@ -370,7 +373,8 @@ def plan_topology(config: Jais2Config, topology: Topology, setting: Setting, *, 
         result.programs = compile_train(config, mesh, setting, run.replace(param_dtype=param_dtype)
                                         if run else _default_run(param_dtype, dtype))
     else:
-        result.programs = compile_decode(config, mesh, setting, param_dtype, dtype, cache_dtype)
+        result.programs = compile_decode(config, mesh, setting, param_dtype, dtype, cache_dtype,
+                                         quantize)
     return result
 
 
@@ -386,14 +390,15 @@ def _global(s: Setting, dcn) -> Setting:
 
 
 def suggest(config: Jais2Config, result: Result, *, run=None, param_dtype=None, dtype="bfloat16",
-            cache_dtype="bfloat16", verify: int = 2, dcn_mesh=None) -> Suggestion | None:
+            cache_dtype="bfloat16", verify: int = 2, dcn_mesh=None,
+            quantize=None) -> Suggestion | None:
     """The nearest setting that fits: analytic estimates (scaled by the compiled / analytic ratio
     of the failed setting) rank the candidates; the best `verify` are compiled until one fits.
     `dcn_mesh`: how the axes span the slices, as given to `plan_topology` (default data)."""
     topo, s, mode = result.topology, result.setting, result.mode
     param_dtype = param_dtype or (run.param_dtype if run else
                                   ("float32" if mode == "train" else "bfloat16"))
-    estimator = _Estimator(config, mode, param_dtype, dtype, cache_dtype, run)
+    estimator = _Estimator(config, mode, param_dtype, dtype, cache_dtype, run, quantize)
     ratio = max(result.total / result.estimate, 1.0) if result.total and result.estimate else 1.0
     dcn = dcn_mesh or ((topo.num_slices, 1, 1) if topo.num_slices > 1 else None)
     policies = [] if mode != "train" else sorted(  # the policy keeping most first
@@ -419,7 +424,7 @@ def suggest(config: Jais2Config, result: Result, *, run=None, param_dtype=None, 
         tried += 1
         suggestion.checked = plan_topology(config, topo, cand, mode=mode, dcn_mesh=dcn_mesh,
                                            run=run, param_dtype=param_dtype, dtype=dtype,
-                                           cache_dtype=cache_dtype)
+                                           cache_dtype=cache_dtype, quantize=quantize)
         if suggestion.checked.fits:
             return suggestion
         ratio = max(ratio, suggestion.checked.total / max(estimate / ratio, 1))
