@@ -380,7 +380,7 @@ def test_pickle_only_folder_is_refused(hf_copy, capsys):
 
 def test_existing_output_needs_force(hf_src, tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
+    assert main(["convert", str(hf_src), str(out), "--quiet"]) == 0  # a model folder of ours
     (out / "keep.txt").write_text("mine")
     _fails(["convert", str(hf_src), str(out)], capsys, "exists", "--force")
     assert (out / "keep.txt").read_text() == "mine"

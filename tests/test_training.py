@@ -622,3 +622,22 @@ def test_export_finds_the_tokenizer_of_a_run_started_elsewhere(store, tmp_path, 
     assert not (tmp_path / "hf2" / "tokenizer.json").exists()
     err = capsys.readouterr().err
     assert "no tokenizer/ folder" in err and str(start / "store") in err, err
+
+
+def test_token_ids_beyond_the_model_vocabulary_are_refused(store, tmp_path):
+    """A store whose ids reach the model's vocab_size (its tokenizer may be smaller: a store
+    written by another tool) is refused before any step; it trained on NaN and reported "done"."""
+    from jais2_jax.model.config import load_model_config
+    bad = tmp_path / "store"
+    shutil.copytree(store, bad)
+    index = json.loads((bad / "index.json").read_text())
+    index.pop("max_token_id", None)  # as a store written before it was recorded
+    (bad / "index.json").write_text(json.dumps(index))
+    tokens = np.memmap(bad / index["shards"][0]["tokens"], np.uint32, mode="r+")
+    vocab = load_model_config("jais2-tiny").vocab_size
+    tokens[5] = vocab + 3
+    tokens.flush()
+    del tokens
+    with pytest.raises(ValueError, match=f"holds token id {vocab + 3}.*vocab_size is {vocab}"):
+        train(_loop_run(str(bad), tmp_path / "out"), show_progress=False)
+    assert not (tmp_path / "out").exists()

@@ -26,7 +26,33 @@ from jais2_jax.checkpoint.orbax_io import OrbaxCheckpoint, StreamedArray, save_s
 from jais2_jax.checkpoint.safetensors_io import hf_row_axis, to_hf, write_safetensors
 from jais2_jax.model.config import Jais2Config
 from jais2_jax.model.options import as_dtype
-from jais2_jax.utils.fsutil import check_output, staged_output
+from jais2_jax.utils.fsutil import (
+    check_output,
+    deferred_interrupts,
+    raise_if_interrupted,
+    staged_output,
+)
+
+
+def is_orbax_model_folder(path) -> bool:
+    """A folder as `jais2 convert` writes it: config.json and params/ (not a link)."""
+    path = os.fspath(path)
+    return (os.path.isdir(path) and not os.path.islink(path)
+            and os.path.isfile(os.path.join(path, "config.json"))
+            and os.path.isdir(os.path.join(path, PARAMS_DIR)))
+
+
+def is_hf_folder(path) -> bool:
+    """A folder as `jais2 export` writes it: config.json and *.safetensors (not a link)."""
+    path = os.fspath(path)
+    return (os.path.isdir(path) and not os.path.islink(path)
+            and os.path.isfile(os.path.join(path, "config.json"))
+            and any(f.endswith(".safetensors") for f in os.listdir(path)))
+
+
+# What --force may replace (fsutil.check_output's `kind`): only what these tools write.
+ORBAX_MODEL = (f"an Orbax model folder (config.json and {PARAMS_DIR}/)", is_orbax_model_folder)
+HF_FOLDER = ("an HF checkpoint folder (config.json and *.safetensors)", is_hf_folder)
 
 
 def _hf_to_streamed(ckpt: HFCheckpoint, dtype: np.dtype) -> dict:
@@ -34,6 +60,7 @@ def _hf_to_streamed(ckpt: HFCheckpoint, dtype: np.dtype) -> dict:
     tree: dict = {}
     for spec in ckpt.specs:
         def read(box, spec=spec):
+            raise_if_interrupted()  # after SIGINT/SIGTERM no block starts (the save then fails)
             return ckpt.read(spec, box).astype(dtype, copy=False)
 
         # Stacked: one chunk per layer. Others (embedding, lm_head): chunks of ~64 MB.
@@ -45,15 +72,22 @@ def _hf_to_streamed(ckpt: HFCheckpoint, dtype: np.dtype) -> dict:
 
 def convert_hf_to_orbax(hf_dir, orbax_dir, *, dtype=None, force: bool = False,
                         progress: bool = True) -> None:
-    """HF safetensors folder -> our Orbax folder (params + config + tokenizer), streaming."""
-    target = check_output(orbax_dir, force, [hf_dir])
+    """HF safetensors folder -> our Orbax folder (params + config + tokenizer), streaming.
+
+    `force` replaces only an Orbax model folder (or an empty folder), never the current
+    directory. Interrupted (fsutil.interrupt_on_signals), the writers stop after their current
+    block, and the temporary folder is removed once they have."""
+    target = check_output(orbax_dir, force, [hf_dir], kind=ORBAX_MODEL)
     ckpt = HFCheckpoint(hf_dir)  # every check happens before anything is written
     dtype = ckpt.dtype if dtype is None else np.dtype(as_dtype(dtype))
     tree = _hf_to_streamed(ckpt, dtype)
-    with staged_output(target, force) as tmp:
+    with staged_output(target, force, kind=ORBAX_MODEL) as tmp:
         config_with_dtype(ckpt.config, dtype).save(tmp)
         copy_tokenizer_files(ckpt.folder, tmp)
-        save_streamed(os.path.join(tmp, PARAMS_DIR), tree, "convert", progress)
+        # Orbax's writer threads do not stop on a main-thread error: an interrupt stops the
+        # reads (raise_if_interrupted), the save fails once no block is in flight, then it raises.
+        with deferred_interrupts():
+            save_streamed(os.path.join(tmp, PARAMS_DIR), tree, "convert", progress)
 
 
 
@@ -82,8 +116,10 @@ def _ordered_map(fn: Callable, items: Sequence, workers: int = 4) -> Iterator:
 
 def export_orbax_to_hf(orbax_dir, hf_dir, *, max_shard_size="5GB", dtype=None,
                        force: bool = False, progress: bool = True) -> None:
-    """Our Orbax folder -> HF safetensors shards + index + config (+ tokenizer), streaming."""
-    target = check_output(hf_dir, force, [orbax_dir])
+    """Our Orbax folder -> HF safetensors shards + index + config (+ tokenizer), streaming.
+    `force` replaces only an HF checkpoint folder (or an empty folder), never the current
+    directory. The files are written by the calling thread (an interrupt stops it at once)."""
+    target = check_output(hf_dir, force, [orbax_dir], kind=HF_FOLDER)
     limit = parse_size(max_shard_size)
     ckpt = OrbaxCheckpoint(orbax_dir)
     config = ckpt.config
@@ -111,7 +147,7 @@ def export_orbax_to_hf(orbax_dir, hf_dir, *, max_shard_size="5GB", dtype=None,
         return to_hf(spec, np.asarray(ours)).astype(entries[i][2], copy=False)
 
     written_dtypes = {dt for _, _, dt in entries}
-    with staged_output(target, force) as tmp, progress_bar(sum(sizes), "export", progress) as bar:
+    with staged_output(target, force, kind=HF_FOLDER) as tmp, progress_bar(sum(sizes), "export", progress) as bar:
         config_with_dtype(config, max(written_dtypes, key=lambda d: d.itemsize)).save(tmp)
         copy_tokenizer_files(ckpt.folder, tmp)
         arrays = _ordered_map(read, range(len(order)))

@@ -5,7 +5,7 @@ with the tokenizer of the run's token store."""
 
 from __future__ import annotations
 
-from jais2_jax.cli.convert import DTYPES
+from jais2_jax.cli.convert import DTYPES, interruptible
 
 
 def add_arguments(parser) -> None:
@@ -18,11 +18,17 @@ def add_arguments(parser) -> None:
                         help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="dtype of the written tensors (default: as stored)")
-    parser.add_argument("--force", action="store_true", help="replace HF_DIR if it exists")
+    parser.add_argument("--force", action="store_true",
+                        help="replace HF_DIR if it exists (only an HF checkpoint folder: "
+                             "config.json and *.safetensors, or an empty folder)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
+    return interruptible("export", args.hf_dir, lambda: _export(args))
+
+
+def _export(args) -> int:
     from jais2_jax.checkpoint import export_orbax_to_hf, return_freed_memory_to_os
     from jais2_jax.training.export import export_run_to_hf, is_training_run
     return_freed_memory_to_os()  # a process of its own: bound RSS (see the function)

@@ -6,6 +6,9 @@ Output directory:
     metrics.jsonl                          one JSON object per log / eval step
     tensorboard/                           event files (tensorboardX)
 
+One run at a time: a run holds the lock file `.jais2.lock` in its output directory from its
+first write to its end (`jais2_jax.utils.lock`); a second run on the same directory is refused.
+
 Resuming: when `checkpoints/` holds a step, the run restores params, optimizer state, step, RNG
 and the data position from the latest one and continues; the model config must be the one it was
 made with. Every bad input is reported before the first step runs.
@@ -34,6 +37,7 @@ from jais2_jax.training import data
 from jais2_jax.training.program import build_train_program
 from jais2_jax.training.run_config import RunConfig
 from jais2_jax.training.step import flops_per_token, init_state, make_optimizer, peak_tflops
+from jais2_jax.utils import lock
 
 # `meta` entries that fix the order of the data: a resumed run must keep them.
 DATA_ORDER_KEYS = ("seq_len", "batch_size", "seed")
@@ -115,13 +119,30 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
     Returns {"status": "done" | "stopped" | "preempted" | "nonfinite", "step", "loss",
     "eval_loss", "output_dir"}.
 
-    Phases: checks (every bad input before any work), data, program (`build_train_program`),
-    state (resume, continue from `init_from`, or new), the step loop.
+    Phases: checks (every bad input before any work), data, the output directory's lock,
+    program (`build_train_program`), state (resume, continue from `init_from`, or new), the step
+    loop.
+
+    The lock (`lock.locked`: the file `output_dir/.jais2.lock`, created atomically with
+    O_CREAT | O_EXCL, so it also works on NFS / gcsfuse-like storage shared by the hosts of a
+    pod) is held from before the first write to output_dir until the run returns or raises. A
+    second run on the same output_dir is refused (FolderInUse, an OSError) naming the folder and
+    the holder (host, pid). A lock left by a killed run on this host (its pid is gone) is taken
+    over; one of another host cannot be checked and is refused with the file to remove. In a
+    multi-process run (jax.process_count() > 1) only process 0 takes the lock; the others never
+    touch it (so they cannot fail on it), and if process 0 is refused, its error stops the job as
+    any failed process does.
     """
     if until_step is not None and until_step < 1:
         raise ValueError(f"until_step must be at least 1, got {until_step}")
     config, store, mesh = _check_run(run)
     train_iter, eval_data = _open_data(run, store)
+    with lock.locked(run.output_dir, enabled=jax.process_index() == 0):
+        return _train_locked(run, until_step, show_progress, config, mesh, train_iter, eval_data)
+
+
+def _train_locked(run, until_step, show_progress, config, mesh, train_iter, eval_data) -> dict:
+    """`train` once the checks passed and the output directory is locked."""
     program = build_train_program(config, run, mesh)
     os.makedirs(run.output_dir, exist_ok=True)
     manager = ocp.CheckpointManager(
@@ -155,6 +176,9 @@ def _check_run(run: RunConfig):
     if store.vocab_size > config.vocab_size:
         raise ValueError(f"the token store's tokenizer has {store.vocab_size} tokens, more than "
                          f"the model's vocab_size {config.vocab_size}")
+    if store.max_token_id >= config.vocab_size:
+        raise ValueError(f"token store {run.data} holds token id {store.max_token_id}, but the "
+                         f"model's vocab_size is {config.vocab_size}: ids must be below it")
     mesh = sharding.make_mesh(run.mesh, dcn_shape=run.dcn_mesh)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = run.batch_size // run.grad_accum_steps
