@@ -9,7 +9,13 @@ import os
 import numpy as np
 
 from jais2_jax.checkpoint import hf_mapping
-from jais2_jax.checkpoint.common import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, check_folder
+from jais2_jax.checkpoint.common import (
+    INDEX_FILE,
+    PICKLE_SUFFIXES,
+    SINGLE_FILE,
+    check_folder,
+    regular_file_exists,
+)
 from jais2_jax.checkpoint.hf_mapping import TensorSpec, tensor_specs
 from jais2_jax.checkpoint.safetensors_io import (
     SLAB_BYTES,
@@ -24,9 +30,10 @@ from jais2_jax.model.config import Jais2Config
 
 
 def _weight_files(folder: str) -> list[str]:
-    """The safetensors files of an HF folder, from index.json if there is one."""
+    """The safetensors files of an HF folder, from index.json if there is one. Each must be a
+    regular file (regular_file_exists: a named pipe would be waited on forever)."""
     index_path = os.path.join(folder, INDEX_FILE)
-    if os.path.isfile(index_path):
+    if regular_file_exists(index_path):
         try:
             with open(index_path, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
@@ -40,11 +47,12 @@ def _weight_files(folder: str) -> list[str]:
                     ".safetensors"):
                 raise ValueError(f"{index_path} names {name!r}, which is not a .safetensors file "
                                  f"inside {folder}")
-            if not os.path.isfile(os.path.join(folder, norm)):
+            if not regular_file_exists(os.path.join(folder, norm)):
                 raise FileNotFoundError(f"{index_path} names {name!r}, which does not exist in "
                                         f"{folder}")
         return [os.path.join(folder, os.path.normpath(n)) for n in files]
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")
+                   and regular_file_exists(os.path.join(folder, f)))
     if files:
         return [os.path.join(folder, f) for f in files]
     pickles = sorted(f for f in os.listdir(folder) if f.endswith(PICKLE_SUFFIXES))

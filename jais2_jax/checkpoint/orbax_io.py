@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import math
 import os
+import sys
 from typing import Callable, Sequence
 
 import jax
@@ -20,6 +22,12 @@ from jais2_jax.utils.fsutil import staged_output
 
 _BLOCK_BUDGET_BYTES = 1 << 30  # blocks read and not yet written (convert)
 _DATA_FILE_BYTES = 16 << 20  # OCDBT target data file size (convert)
+
+
+def _one_line(e: BaseException, limit: int = 400) -> str:
+    """The first line of what TensorStore / Orbax say (their messages can hold a whole spec)."""
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ------------------------------------------------------------------------- Orbax (write side)
@@ -160,12 +168,55 @@ def save_streamed(directory: str, tree: dict, progress_desc: str, progress: bool
                 type_handler_registry=registry, use_compression=False)) as ck:
             # Small OCDBT data files: each large chunk is flushed to its own file as soon as it is
             # written, in parallel (with Orbax's 2 GB target, one flush at a time, all serial).
-            ck.save(directory, args=ocp.args.PyTreeSave(
-                tree, save_args=save_args, ocdbt_target_data_file_size=_DATA_FILE_BYTES))
+            try:
+                ck.save(directory, args=ocp.args.PyTreeSave(
+                    tree, save_args=save_args, ocdbt_target_data_file_size=_DATA_FILE_BYTES))
+            except OSError as e:  # out of space, a read-only place, ...: say where
+                error = OSError(f"could not write {directory}: {e.strerror or _one_line(e)}")
+                error.errno = e.errno
+                raise error from None
 
 
 
 # -------------------------------------------------------------------------- Orbax (read side)
+# Integrity: nothing checks that the weights read are the bytes written. Our folders are OCDBT
+# databases of zarr v2 arrays, uncompressed. OCDBT puts a CRC-32C on its manifest, version-tree
+# nodes and B+tree nodes (tensorstore/kvstore/ocdbt/index.rst, "crc32c_checksum" of each), but a
+# chunk too large to be inlined is an out-of-line value referenced by (data file, offset, length)
+# only, with no checksum; zarr v2 has no checksum codec (only a compressor's own framing, and we
+# store uncompressed); zarr v3's "crc32c" codec exists but is a write-time codec, which Orbax
+# (orbax/checkpoint/_src/serialization/tensorstore_utils.py, _build_zarr3_metadata) puts only on a
+# shard's index, never on the chunk data; TensorStore's "recheck_cached_data" and
+# "recheck_cached_metadata" spec options only decide whether cached data is revalidated against
+# the storage generation, and do not verify content. So flipped bytes inside a data file load
+# silently; what is detected is structure: a missing or truncated data file, a damaged manifest
+# or tree node (all ValueErrors naming the folder, see `restore` and `open`).
+def _root_cause(e: BaseException) -> BaseException:
+    """Orbax wraps TensorStore's error in a bare Exception (read: with the array's spec appended)."""
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _collect_abandoned_reads() -> None:
+    """After a failed restore, Orbax's reads of the other arrays are left as coroutines that raise
+    again when collected ("Exception ignored in: <coroutine ...>", a traceback and an array spec
+    each, long after the error was reported): collected now, those reports dropped."""
+    report = sys.unraisablehook
+
+    def quiet(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is None or "orbax" not in code.co_filename:
+            report(unraisable)
+    sys.unraisablehook = quiet
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = report
+
+
 class OrbaxCheckpoint:
     """Our Orbax folder: config and the stored parameter metadata, checked against each other."""
 
@@ -208,10 +259,16 @@ class OrbaxCheckpoint:
         import tensorstore as ts
         from etils import epath
         m = self.metadata(spec)
+        context = ocp.type_handlers.get_ts_context()
         info = ocp.type_handlers.ParamInfo(name=m.name, parent_dir=epath.Path(self.params_dir),
-                                           is_ocdbt_checkpoint=True, use_zarr3=False)
-        return ts.open(ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=True), open=True,
-                       context=ocp.type_handlers.get_ts_context()).result()
+                                           is_ocdbt_checkpoint=True, use_zarr3=False,
+                                           ts_context=context)
+        try:
+            return ts.open(ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=True), open=True,
+                           context=context).result()
+        except Exception as e:  # noqa: BLE001  (TensorStore raises ValueError and bare Exception)
+            raise ValueError(f"{self.params_dir}: could not open parameter {m.name} (damaged or "
+                             f"incomplete files?): {_one_line(e)}") from None
 
     def restore(self, shardings, dtype=None) -> dict:
         """The whole tree, each array created with its sharding (read only where it is needed)."""
@@ -225,9 +282,11 @@ class OrbaxCheckpoint:
         with ocp.StandardCheckpointer() as ck:
             try:
                 return ck.restore(self.params_dir, target)
-            except Exception as e:  # TensorStore's errors are bare Exceptions
-                raise ValueError(f"{self.params_dir}: could not read the Orbax checkpoint (damaged "
-                                 f"or incomplete files?): {e}") from None
+            except Exception as e:  # noqa: BLE001  (TensorStore's errors are bare Exceptions)
+                why = _one_line(_root_cause(e))
+        _collect_abandoned_reads()
+        raise ValueError(f"{self.params_dir}: could not read the Orbax checkpoint (damaged or "
+                         f"incomplete files?): {why}")
 
 
 

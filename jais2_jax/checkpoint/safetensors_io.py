@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from jais2_jax.checkpoint import hf_mapping
+from jais2_jax.checkpoint.common import regular_file_exists
 from jais2_jax.checkpoint.hf_mapping import TensorSpec
 
 _ST_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
@@ -39,6 +40,8 @@ def read_header(path: str) -> dict[str, StoredTensor]:
     def corrupt(why):
         return ValueError(f"{path}: not a valid safetensors file ({why}); the file is truncated "
                           "or corrupt, download or write it again")
+    if not regular_file_exists(path):  # a named pipe would be waited on forever
+        raise FileNotFoundError(f"{path} does not exist")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -50,7 +53,7 @@ def read_header(path: str) -> dict[str, StoredTensor]:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise corrupt(f"header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise corrupt("header is not a JSON object")
@@ -59,12 +62,27 @@ def read_header(path: str) -> dict[str, StoredTensor]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(shape)
-        except (KeyError, TypeError, ValueError):
-            raise corrupt(f"bad header entry for {name!r}") from None
-        if not all(_is_int(v) and v >= 0 for v in (begin, end, *shape)):
+        # Each field checked for its JSON type first: a number, list or object where a string is
+        # due must be named, never reach a dict lookup or unpacking as is.
+        if not isinstance(entry, dict):
+            raise corrupt(f"the header entry of tensor {name!r} is {_json_type(entry)}, not an "
+                          "object")
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+        if missing:
+            raise corrupt(f"the header entry of tensor {name!r} has no {', '.join(missing)}")
+        dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype_name, str):
+            raise corrupt(f"tensor {name!r} has dtype {json.dumps(dtype_name)[:40]}, "
+                          f"{_json_type(dtype_name)}; a dtype is a string such as \"BF16\"")
+        if not isinstance(shape, list) or not all(_is_int(v) and v >= 0 for v in shape):
+            raise corrupt(f"tensor {name!r} has shape {json.dumps(shape)[:60]}; a shape is a list "
+                          "of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2:
+            raise corrupt(f"tensor {name!r} has data_offsets {json.dumps(offsets)[:60]}; they are "
+                          "a list [begin, end]")
+        begin, end = offsets
+        shape = tuple(shape)
+        if not all(_is_int(v) and v >= 0 for v in (begin, end)):
             raise corrupt(f"bad header entry for {name!r}: shape {list(shape)} and data_offsets "
                           f"{[begin, end]} must be non-negative integers")
         if dtype_name not in _ST_DTYPES:
@@ -93,6 +111,13 @@ def read_header(path: str) -> dict[str, StoredTensor]:
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _json_type(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return json.dumps(v)
+    return {int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(v), type(v).__name__)
 
 
 def _pread(fd: int, path: str, out: np.ndarray, offset: int) -> None:
