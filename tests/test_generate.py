@@ -1,5 +1,6 @@
 """Cached prefill/decode and `generate` against transformers; sampling filters and draws."""
 
+import copy
 import numpy as np
 import pytest
 
@@ -321,3 +322,27 @@ def test_cli_checkpoint_without_tokenizer(cli_folder, capsys, tmp_path):
     cli_folder[1].save_pretrained(tmp_path)  # the model only
     assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi"]) == 1
     assert "has no tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_cli_quantized_reply_is_transformers_on_the_dequantized_weights(cli_folder, capsys,
+                                                                        scheme):
+    """`jais2 generate --quantize`: the reply of transformers' greedy generate on the same
+    model whose projections hold q * scale."""
+    from jais2_jax import dequantize, load_checkpoint
+    from jais2_jax.checkpoint.hf_mapping import state_dict_from_params
+    from jais2_jax.cli import main
+    path, hf, tok = cli_folder
+    config, qparams = load_checkpoint(path, quantize=scheme)
+    deq = copy.deepcopy(hf)
+    deq.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32).copy()) for k, v in
+                         state_dict_from_params(config, dequantize(qparams)).items()},
+                        strict=False)
+    prompt = "مرحبا بكم في the lazy fox"
+    want = _hf_reply(deq, tok, tok.encode(prompt), 24)
+    args = ["generate", "--checkpoint", str(path), "--prompt", prompt, "--max-new-tokens", "24",
+            "--quantize", scheme]
+    assert main(args) == 0
+    assert capsys.readouterr().out == want + "\n"
+    assert main(args + ["--cache-dtype", "int8"]) == 0  # the int8 cache: same reply here
+    assert capsys.readouterr().out == want + "\n"

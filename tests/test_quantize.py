@@ -148,3 +148,41 @@ def test_plan_counts_the_quantized_bytes_of_real_arrays(cache_dtype):
     with pytest.raises(ValueError, match="is for decoding"):
         memory.make_plan(config, abstract_mesh((1, 4, 2), 8), batch=4, seq=32, mode="train",
                          quantize="int8")
+
+
+@pytest.mark.parametrize("fmt", ["hf", "orbax"])
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_load_checkpoint_quantizes_while_reading(tmp_path, fmt, on_mesh):
+    """load_checkpoint(..., quantize="int8") equals quantize() of the loaded tree, bit for bit,
+    with the quantized model's shardings on a mesh; non-projections take `dtype`."""
+    from jais2_jax import load_checkpoint
+    from jais2_jax.checkpoint import convert_hf_to_orbax
+    from jais2_jax.parallel import make_mesh, model_param_shardings
+    hf = hf_model(seed=13, num_key_value_heads=2)
+    hf.save_pretrained(tmp_path / "hf")
+    folder = tmp_path / "hf"
+    if fmt == "orbax":
+        convert_hf_to_orbax(folder, tmp_path / "orbax", progress=False)
+        folder = tmp_path / "orbax"
+    mesh = make_mesh((2, 2, 2)) if on_mesh else None
+    config, qparams = load_checkpoint(folder, quantize="int8", mesh=mesh)
+    _, dense = load_checkpoint(folder)
+    expected = quantize(jax.device_get(dense), "int8")
+    flat_got = jax.tree_util.tree_flatten_with_path(qparams)[0]
+    flat_want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    assert len(flat_got) == len(flat_want)
+    for path, got in flat_got:
+        want = flat_want[path]
+        assert got.dtype == want.dtype, path
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(path))
+    if on_mesh:
+        shardings = model_param_shardings(Jais2ForCausalLM(config, quantization="int8"), mesh)
+        for got, want in zip(jax.tree_util.tree_leaves(qparams),
+                             jax.tree_util.tree_leaves(shardings)):
+            assert got.sharding.is_equivalent_to(want, got.ndim)
+    _, bf16 = load_checkpoint(folder, quantize="int8", dtype="bfloat16")
+    assert bf16["embed_tokens"]["embedding"].dtype == jnp.bfloat16
+    assert bf16["layers"]["mlp"]["up_proj"]["bias"].dtype == jnp.bfloat16
+    assert bf16["layers"]["mlp"]["up_proj"]["kernel"].dtype == jnp.int8
+    with pytest.raises(ValueError, match="quantization scheme 'int4'"):
+        load_checkpoint(folder, quantize="int4")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jais2_jax.checkpoint import hf_mapping
 from jais2_jax.checkpoint.common import PARAMS_DIR, check_folder
@@ -14,8 +16,16 @@ from jais2_jax.checkpoint.hf import HFCheckpoint
 from jais2_jax.checkpoint.hf_mapping import tensor_specs
 from jais2_jax.checkpoint.orbax_io import OrbaxCheckpoint
 from jais2_jax.model.config import Jais2Config
+from jais2_jax.model.linear import QUANTIZED_DTYPES
+from jais2_jax.model.modules import Jais2ForCausalLM
 from jais2_jax.model.options import as_dtype
-from jais2_jax.parallel.sharding import param_shardings
+from jais2_jax.model.quantize import PROJECTIONS, check_scheme, contracted_dims, quantize_array
+from jais2_jax.parallel.sharding import (
+    model_abstract_params,
+    model_param_shardings,
+    param_shardings,
+    unboxed_shapes,
+)
 
 
 # --------------------------------------------------------------------------------- load either
@@ -58,8 +68,88 @@ def _load_hf(path, dtype, shardings) -> tuple[Jais2Config, dict]:
     return ckpt.config, params
 
 
-def load_checkpoint(path, *, dtype=None, mesh=None) -> tuple[Jais2Config, dict]:
+def _layer_sharding(sharding):
+    """The sharding of one layer's slice of a stacked array."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+    return sharding
+
+
+def _put(host: np.ndarray, sharding):
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _load_quantized(folder, config, scheme, dtype, mesh):
+    """Every parameter read a layer at a time; projections quantized on the host as they are read
+    and written into their (donated) device buffers in place: neither the host nor the devices
+    ever hold the model in its stored dtype, only one layer's tensor of it."""
+    model = Jais2ForCausalLM(config, quantization=scheme)
+    if mesh is not None:
+        shardings = model_param_shardings(model, mesh)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's
+        shardings = jax.tree_util.tree_map(lambda _: device, unboxed_shapes(
+            model_abstract_params(model)))
+    if is_orbax_folder(folder):
+        ckpt = OrbaxCheckpoint(folder)
+        stores = {s.path: ckpt.open(s) for s in ckpt.specs}
+
+        def read(spec, layer):
+            store = stores[spec.path]
+            return np.asarray((store if layer is None else store[layer]).read().result())
+    else:
+        ckpt = HFCheckpoint(folder)
+
+        def read(spec, layer):
+            if layer is None:
+                return ckpt.read(spec)
+            full = spec.full_shape(config.num_hidden_layers)
+            box = (slice(layer, layer + 1),) + tuple(slice(0, d) for d in full[1:])
+            return ckpt.read(spec, box)[0]
+    write = jax.jit(lambda buf, x, i: jax.lax.dynamic_update_index_in_dim(buf, x, i, 0),
+                    donate_argnums=0)
+    params: dict = {}
+    n = config.num_hidden_layers
+    for spec in ckpt.specs:
+        name = spec.path[-2] if len(spec.path) >= 2 else ""
+        quantized = spec.path[-1] == "kernel" and name in PROJECTIONS
+        node = hf_mapping.tree_get(shardings, spec.path[:-1])
+        leaf_dtype = dtype
+        if quantized:
+            parts = {"kernel": node["kernel"], "scale": node["scale"]}
+            dtypes = {"kernel": QUANTIZED_DTYPES[scheme], "scale": np.dtype(np.float32)}
+        else:
+            parts = {spec.path[-1]: node[spec.path[-1]]}
+            dtypes = {spec.path[-1]: None}
+
+        def convert(x):
+            if quantized:
+                q, s = quantize_array(x, scheme, n_in=contracted_dims(name))
+                return {"kernel": q, "scale": s}
+            return {spec.path[-1]: x if leaf_dtype is None else x.astype(leaf_dtype, copy=False)}
+        if not spec.stacked:
+            arrays = {k: _put(v, parts[k]) for k, v in convert(read(spec, None)).items()}
+        else:
+            arrays = {}
+            for i in range(n):
+                for k, v in convert(read(spec, i)).items():
+                    if k not in arrays:
+                        dt = dtypes[k] or v.dtype
+                        arrays[k] = jax.jit(lambda shape=(n,) + v.shape, dt=dt: jnp.zeros(shape, dt),
+                                            out_shardings=parts[k])()
+                    arrays[k] = write(arrays[k], _put(v, _layer_sharding(parts[k])), i)
+        for k, v in arrays.items():
+            hf_mapping.tree_set(params, spec.path[:-1] + (k,), v)
+    return ckpt.config, params
+
+
+def load_checkpoint(path, *, dtype=None, mesh=None,
+                    quantize: str | None = None) -> tuple[Jais2Config, dict]:
     """(config, params) from an HF folder or one of our Orbax folders (detected).
+
+    `quantize` ("int8", "fp8"): the projections come back as values + per-channel scales
+    (`jais2_jax.quantize`), quantized a layer at a time while reading, so the model in its stored
+    dtype never has to fit (for `Jais2ForCausalLM(config, quantization=quantize)`).
 
     `dtype`: a name ("float32", "bfloat16") or a jnp dtype; default: as stored. `mesh`: a
     `jax.sharding.Mesh` with axes (data, fsdp, tensor); each parameter is then created with its
@@ -69,6 +159,8 @@ def load_checkpoint(path, *, dtype=None, mesh=None) -> tuple[Jais2Config, dict]:
     dtype = None if dtype is None else np.dtype(as_dtype(dtype))
     folder = check_folder(path)
     config = Jais2Config.from_json_file(folder)
+    if quantize is not None:
+        return _load_quantized(folder, config, check_scheme(quantize), dtype, mesh)
     if mesh is not None:
         shardings = param_shardings(config, mesh)
     else:

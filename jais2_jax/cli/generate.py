@@ -32,6 +32,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="compute and parameter dtype (default: bfloat16 on GPU/TPU, else "
                              "float32)")
+    parser.add_argument("--quantize", choices=("int8", "fp8"), default=None,
+                        help="weight-only int8 / fp8 projections with per-channel scales, "
+                             "quantized while loading (fp8 values are converted to the compute "
+                             "dtype for the GEMM on every device: no fp8 tensor cores needed)")
+    parser.add_argument("--cache-dtype", choices=("auto", "int8"), default="auto",
+                        help="KV cache: the compute dtype (auto) or int8 with per-head scales")
 
 
 class TextStream:
@@ -93,14 +99,16 @@ def run(args) -> int:
     tokenizer = Tokenizer.from_pretrained(args.checkpoint)
     if args.chat and tokenizer.chat_template is None:
         raise ValueError(f"{args.checkpoint}: the tokenizer has no chat template; use --prompt")
+    prompt_ids = None if args.prompt is None else tokenizer.encode(args.prompt)  # before the load
 
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    config, params = load_checkpoint(args.checkpoint, dtype=dtype)
+    config, params = load_checkpoint(args.checkpoint, dtype=dtype, quantize=args.quantize)
     # Per-layer weights on accelerators: slicing a stacked weight inside jit copies it each step.
     per_layer = jax.default_backend() != "cpu"
     # There also q/k/v as one GEMM (one device: this command does not shard).
-    model = Jais2ForCausalLM(config, dtype=dtype, param_dtype=dtype,
+    model = Jais2ForCausalLM(config, dtype=dtype, param_dtype=dtype, quantization=args.quantize,
                              options=ModelOptions(scan_layers=not per_layer, fuse_qkv=per_layer))
+    cache_dtype = "int8" if args.cache_dtype == "int8" else None
     if per_layer:
         params = unstack_layers(params, fuse_qkv=True)
     # Stop at the config's eos ids, those of generation_config.json (what transformers' generate
@@ -123,11 +131,11 @@ def run(args) -> int:
         new = args.max_new_tokens or min(DEFAULT_NEW_TOKENS, room)
         generate(model, params, [ids], max_new_tokens=new,
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                 eos_token_id=stop_ids, rng=rng, callback=stream)
+                 eos_token_id=stop_ids, rng=rng, callback=stream, cache_dtype=cache_dtype)
         return stream.finish()
 
     if not args.chat:
-        reply(tokenizer.encode(args.prompt))
+        reply(prompt_ids)
         return 0
     messages = [] if args.system is None else [{"role": "system", "content": args.system}]
     for turn, line in enumerate(_user_lines()):
