@@ -55,7 +55,7 @@ def test_int8_cache_on_a_mesh():
     config = our_config(hf)
     program = build_inference_program(config, batch_size=4, max_length=32,
                                       mesh=make_mesh((2, 2, 2)),
-                                      dtype="float32", cache_dtype=jnp.int8)
+                                      dtype="float32", cache_dtype="int8")
     cache = program.init_cache()
     assert cache.k.dtype == jnp.int8 and cache.k_scale.dtype == jnp.float32
     assert cache.k_scale.sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None, "tensor")

@@ -26,6 +26,7 @@ from jais2_jax.utils.fsutil import OWNER_FILE, staged_output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = socket.gethostname()
+NS = os.readlink("/proc/self/ns/pid")  # this process's PID namespace
 
 
 def _dead_pid() -> int:
@@ -104,7 +105,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(store, tmp_path, capsys):
     and releases its own lock at its end."""
     out = tmp_path / "run"
     out.mkdir()
-    stale = {"host": HOST, "pid": _dead_pid(), "time": time.time() - 60, "token": "stale"}
+    stale = {"host": HOST, "pidns": NS, "pid": _dead_pid(), "time": time.time() - 60, "token": "stale"}
     (out / lock.LOCK_NAME).write_text(json.dumps(stale))
     result = train(_run(store, out), show_progress=False)
     assert result["status"] == "done" and result["step"] == 2
@@ -112,6 +113,21 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(store, tmp_path, capsys):
     assert not (out / lock.LOCK_NAME).exists()
     assert (out / "checkpoints" / "2").is_dir()
     assert not [f for f in os.listdir(out) if f.startswith(lock.LOCK_NAME + ".")]  # no leftovers
+
+
+def test_a_lock_of_another_container_on_this_host_is_not_taken_over(store, tmp_path):
+    """Containers with host networking share the host name but not the pids: a holder in another
+    PID namespace cannot be checked, so its lock is refused, not taken over (its live run would
+    be written over)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    other = {"host": HOST, "pidns": "pid:[1]", "pid": _dead_pid(), "time": time.time(),
+             "token": "x"}
+    (out / lock.LOCK_NAME).write_text(json.dumps(other))
+    with pytest.raises(lock.FolderInUse):
+        train(_run(store, out), show_progress=False)
+    assert json.loads((out / lock.LOCK_NAME).read_text())["token"] == "x"
+    assert sorted(os.listdir(out)) == [lock.LOCK_NAME]
 
 
 def test_a_lock_of_another_host_is_refused_with_the_file_to_remove(store, tmp_path):
@@ -133,8 +149,14 @@ def test_a_lock_of_another_host_is_refused_with_the_file_to_remove(store, tmp_pa
 def test_the_lock_is_released_when_the_run_fails(store, tmp_path, monkeypatch):
     out = tmp_path / "run"
 
+    calls = []
+
     def failing(*args, **kwargs):
-        assert (out / lock.LOCK_NAME).exists()  # taken before the program is built
+        calls.append(1)
+        if len(calls) == 1:  # train's up-front check of the shardings, before the lock
+            assert not out.exists()
+            return None
+        assert (out / lock.LOCK_NAME).exists()  # the program under the lock
         raise RuntimeError("out of memory while compiling")
     monkeypatch.setattr(trainer, "build_train_program", failing)
     with pytest.raises(RuntimeError, match="out of memory"):
@@ -147,7 +169,7 @@ def test_only_one_of_racing_takeovers_wins(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / lock.LOCK_NAME).write_text(json.dumps(
-        {"host": HOST, "pid": _dead_pid(), "time": 0, "token": "stale"}))
+        {"host": HOST, "pidns": NS, "pid": _dead_pid(), "time": 0, "token": "stale"}))
     script = ("import sys\nfrom jais2_jax.utils import lock\n"
               "try:\n    record = lock.acquire(sys.argv[1])\n"
               "except lock.FolderInUse:\n    print('refused', flush=True)\n    sys.exit(0)\n"
@@ -372,11 +394,11 @@ def _temporary(parent, name, owner, files=("half.bin",), age=0.0):
 
 
 def test_the_next_convert_removes_what_a_killed_one_left(hf_src, tmp_path, capsys):
-    dead = {"host": HOST, "pid": _dead_pid(), "time": time.time()}
+    dead = {"host": HOST, "pidns": NS, "pid": _dead_pid(), "time": time.time()}
     gone = [_temporary(tmp_path, ".ob.tmp-killed", dead),
             _temporary(tmp_path, ".ob.old-killed", dead),
             _temporary(tmp_path, ".ob.tmp-ancient", None, age=2 * 24 * 3600)]
-    kept = [_temporary(tmp_path, ".ob.tmp-live", {"host": HOST, "pid": os.getpid()}),
+    kept = [_temporary(tmp_path, ".ob.tmp-live", {"host": HOST, "pidns": NS, "pid": os.getpid()}),
             _temporary(tmp_path, ".ob.tmp-remote", {"host": HOST + "-elsewhere", "pid": 1}),
             _temporary(tmp_path, ".ob.tmp-recent", None),
             _temporary(tmp_path, ".other.tmp-killed", dead)]
@@ -389,7 +411,7 @@ def test_the_next_convert_removes_what_a_killed_one_left(hf_src, tmp_path, capsy
 def test_an_output_moved_aside_by_a_killed_run_is_put_back(hf_src, orbax_src, tmp_path, capsys):
     """Killed between moving the old output aside and renaming the new one in: the next run
     puts the old one back (rather than removing it with the temporary folders)."""
-    dead = {"host": HOST, "pid": _dead_pid(), "time": time.time()}
+    dead = {"host": HOST, "pidns": NS, "pid": _dead_pid(), "time": time.time()}
     aside = _temporary(tmp_path, ".ob.old-killed", dead, files=())
     shutil.copytree(orbax_src, aside / "x")
     capsys.readouterr()

@@ -641,3 +641,10 @@ def test_token_ids_beyond_the_model_vocabulary_are_refused(store, tmp_path):
     with pytest.raises(ValueError, match=f"holds token id {vocab + 3}.*vocab_size is {vocab}"):
         train(_loop_run(str(bad), tmp_path / "out"), show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_impossible_mesh_is_refused_before_output_dir_is_made(store, tmp_path):
+    """tensor=8 does not divide jais2-tiny's 4 heads: named before anything is written."""
+    with pytest.raises(ValueError, match="does not divide"):
+        train(_loop_run(store, tmp_path / "out", mesh=[1, 1, 8]), show_progress=False)
+    assert not (tmp_path / "out").exists()

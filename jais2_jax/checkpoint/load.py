@@ -82,7 +82,9 @@ def _put(host: np.ndarray, sharding):
 def _load_quantized(folder, config, scheme, dtype, mesh):
     """Every parameter read a layer at a time; projections quantized on the host as they are read
     and written into their (donated) device buffers in place: neither the host nor the devices
-    ever hold the model in its stored dtype, only one layer's tensor of it."""
+    ever hold the model in its stored dtype, only one layer's tensor of it. Each process reads
+    whole layers (not only the part its devices own, as the unquantized load does): on many hosts
+    that multiplies the reads."""
     model = Jais2ForCausalLM(config, quantization=scheme)
     if mesh is not None:
         shardings = model_param_shardings(model, mesh)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jais2_jax.inference.generate import decode_step, prefill
-from jais2_jax.model.cache import KVCache, init_cache
+from jais2_jax.model.cache import KVCache, as_cache_dtype, init_cache
 from jais2_jax.model.config import Jais2Config
 from jais2_jax.model.modules import Jais2ForCausalLM
 from jais2_jax.model.options import ModelOptions, as_dtype
@@ -124,7 +124,7 @@ def build_inference_program(config: Jais2Config, *, batch_size: int, max_length:
                          f"{config.max_position_embeddings}")
     dtype = as_dtype(dtype)
     param_dtype = dtype if param_dtype is None else as_dtype(param_dtype)
-    cache_dtype = dtype if cache_dtype is None else as_dtype(cache_dtype)
+    cache_dtype = dtype if cache_dtype is None else as_cache_dtype(cache_dtype)
     model = Jais2ForCausalLM(config, dtype=dtype, param_dtype=param_dtype, options=options,
                              quantization=quantization)
     if mesh is None:

@@ -124,8 +124,7 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
     loop.
 
     The lock (`lock.locked`: the file `output_dir/.jais2.lock`, created atomically with
-    O_CREAT | O_EXCL, so it also works on NFS / gcsfuse-like storage shared by the hosts of a
-    pod) is held from before the first write to output_dir until the run returns or raises. A
+    O_CREAT | O_EXCL, atomic on NFS shared by the hosts of a pod; best effort on gcsfuse) is held from before the first write to output_dir until the run returns or raises. A
     second run on the same output_dir is refused (FolderInUse, an OSError) naming the folder and
     the holder (host, pid). A lock left by a killed run on this host (its pid is gone) is taken
     over; one of another host cannot be checked and is refused with the file to remove. In a
@@ -137,6 +136,7 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
         raise ValueError(f"until_step must be at least 1, got {until_step}")
     config, store, mesh = _check_run(run)
     train_iter, eval_data = _open_data(run, store)
+    build_train_program(config, run, mesh)  # its sharding checks before output_dir is made (cached)
     with lock.locked(run.output_dir, enabled=jax.process_index() == 0):
         return _train_locked(run, until_step, show_progress, config, mesh, train_iter, eval_data)
 

@@ -1,6 +1,8 @@
-"""Who owns a file or folder (host, pid, start), whether that owner is gone, and a lock on a folder
-that works on shared storage (NFS, gcsfuse-like mounts of TPU pods): an atomically created lock
-file, no fcntl/flock (which such mounts do not share between hosts)."""
+"""Who owns a file or folder (host, pid namespace, pid, start), whether that owner is gone, and a
+lock on a folder shared by the hosts of a pod: an atomically created lock file (O_CREAT | O_EXCL,
+atomic on local disks and NFSv3+), no fcntl/flock (which such mounts do not share between hosts).
+On object-store mounts (gcsfuse) exclusive creation and rename are not atomic across mounts: there
+the lock is best effort."""
 
 from __future__ import annotations
 
@@ -38,19 +40,32 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    """This process's PID namespace: containers sharing a host name (host networking) have pids
+    of their own, which another container cannot check."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def owner_record() -> dict:
-    """This process as an owner: host, pid, its start on this host (boot id and start ticks:
-    a reused pid or a rebooted host is not taken for it) and the time."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "boot": _boot_id(),
-            "pid_start": _process_start(os.getpid()), "time": time.time()}
+    """This process as an owner: host, PID namespace, pid, its start on this host (boot id and
+    start ticks: a reused pid or a rebooted host is not taken for it) and the time."""
+    return {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": os.getpid(),
+            "boot": _boot_id(), "pid_start": _process_start(os.getpid()), "time": time.time()}
 
 
 def owner_is_gone(record: dict) -> bool:
     """True if the owner `record` (owner_record) is known to be dead: it ran on this host and its
     pid is no longer alive (or is now another process, or the host rebooted since). An owner on
-    another host cannot be checked: False."""
+    another host, or in another PID namespace (container) of this host, cannot be checked:
+    False."""
     if record.get("host") != socket.gethostname():
         return False
+    ns = _pid_namespace()
+    if not ns or record.get("pidns") != ns:
+        return False  # another container on this host (or unknown): its pid cannot be checked
     boot = _boot_id()
     if record.get("boot") and boot and record["boot"] != boot:
         return True  # the host rebooted: no process of before is alive
