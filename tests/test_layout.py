@@ -11,8 +11,8 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "jais2_jax"
-LAYERS = ("utils", "kernels", "model", "parallel", "checkpoint", "inference", "training",
-          "planning", "cli")
+LAYERS = ("utils", "kernels", "model", "parallel", "checkpoint", "inference", "evaluation",
+          "training", "planning", "serving", "cli")
 TOP = LAYERS.index("cli")  # `jais2_jax` itself, the public facade: beside the CLI, above the rest
 
 

@@ -25,6 +25,8 @@ COMMANDS = {
     "prepare-data": ("jais2_jax.cli.prepare_data", "tokenize text/jsonl into a token store"),
     "plan": ("jais2_jax.cli.plan", "memory plan for a model, mesh and batch"),
     "demo": ("jais2_jax.cli.demo", "the embedded default: train a tiny model, then sample"),
+    "eval": ("jais2_jax.cli.eval", "lm-evaluation-harness tasks or perplexity on a checkpoint"),
+    "serve": ("jais2_jax.cli.serve", "OpenAI-compatible HTTP server with continuous batching"),
 }
 VERBOSE_ENV = "JAIS2_VERBOSE"
 VERBOSE_HELP = (f"on failure, print the full traceback and the libraries' error logs (or set "
@@ -34,7 +36,7 @@ VERBOSE_HELP = (f"on failure, print the full traceback and the libraries' error 
 _LIBRARY_LOGGERS = ("absl",)
 # Commands that hold those back (_Held) until they end: the ones that end soon. A training run
 # may go on for days after a library logs an error, so `train` and `demo` let them through at once.
-_HOLDING_COMMANDS = ("convert", "export", "generate", "prepare-data", "plan")
+_HOLDING_COMMANDS = ("convert", "export", "generate", "prepare-data", "plan", "eval")
 
 
 class _Held(logging.Filter):

@@ -1,0 +1,1 @@
+"""Serving: continuous-batching engine and the OpenAI-compatible HTTP server (issue 21)."""
