@@ -21,7 +21,8 @@ a temporary folder beside the target and are renamed into place when complete.
 
 Modules: `common` (file names, folder checks), `safetensors_io` (reading and writing safetensors
 files), `hf_mapping` (HF tensor names <-> our tree), `hf` (an HF folder), `orbax_io` (our Orbax
-folder), `convert` (HF <-> Orbax, streamed), `load` (either format into a mesh).
+folder), `convert` (HF <-> Orbax, streamed), `load` (either format into a mesh), `peft` (PEFT
+LoRA adapter folders, read and written).
 """
 
 from jais2_jax.checkpoint.common import (
@@ -36,7 +37,15 @@ from jais2_jax.checkpoint.convert import convert_hf_to_orbax, export_orbax_to_hf
 from jais2_jax.checkpoint.hf import HFCheckpoint
 from jais2_jax.checkpoint.load import is_orbax_folder, load_checkpoint
 from jais2_jax.checkpoint.orbax_io import OrbaxCheckpoint, save_model
+from jais2_jax.checkpoint.peft import (
+                                       AdapterConfig,
+                                       merge_adapter,
+                                       read_adapter,
+                                       read_adapter_config,
+                                       save_adapter,
+)
 
-__all__ = ["INDEX_FILE", "PARAMS_DIR", "SINGLE_FILE", "TOKENIZER_FILES", "HFCheckpoint",
-           "OrbaxCheckpoint", "convert_hf_to_orbax", "export_orbax_to_hf", "is_orbax_folder",
-           "load_checkpoint", "parse_size", "return_freed_memory_to_os", "save_model"]
+__all__ = ["INDEX_FILE", "PARAMS_DIR", "SINGLE_FILE", "TOKENIZER_FILES", "AdapterConfig",
+           "HFCheckpoint", "OrbaxCheckpoint", "convert_hf_to_orbax", "export_orbax_to_hf",
+           "is_orbax_folder", "load_checkpoint", "merge_adapter", "parse_size", "read_adapter",
+           "read_adapter_config", "return_freed_memory_to_os", "save_adapter", "save_model"]

@@ -15,7 +15,10 @@ SEED_LIMIT = 2 ** 63  # seeds are in [0, 2**63): what a jax.random key takes as 
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="HF or Orbax checkpoint folder")
+    parser.add_argument("--checkpoint", required=True,
+                        help="HF or Orbax checkpoint folder, or a Hugging Face model id")
+    parser.add_argument("--revision", default=None,
+                        help="branch, tag or commit of a Hugging Face model id (default: main)")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="text to continue")
     what.add_argument("--chat", action="store_true", help="chat: one user message per stdin line")
@@ -36,6 +39,9 @@ def add_arguments(parser) -> None:
                         help="weight-only int8 / fp8 projections with per-channel scales, "
                              "quantized while loading (fp8 values are converted to the compute "
                              "dtype for the GEMM on every device: no fp8 tensor cores needed)")
+    parser.add_argument("--adapter", default=None,
+                        help="a PEFT LoRA adapter folder (adapter_config.json + "
+                             "adapter_model.safetensors), merged into the weights while loading")
     parser.add_argument("--cache-dtype", choices=("auto", "int8"), default="auto",
                         help="KV cache: the compute dtype (auto) or int8 with per-head scales")
 
@@ -96,13 +102,16 @@ def run(args) -> int:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.prompt is not None and not args.prompt:
         raise ValueError("--prompt is empty")
+    from jais2_jax.checkpoint.hub import resolve_checkpoint
+    args.checkpoint = resolve_checkpoint(args.checkpoint, args.revision)
     tokenizer = Tokenizer.from_pretrained(args.checkpoint)
     if args.chat and tokenizer.chat_template is None:
         raise ValueError(f"{args.checkpoint}: the tokenizer has no chat template; use --prompt")
     prompt_ids = None if args.prompt is None else tokenizer.encode(args.prompt)  # before the load
 
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    config, params = load_checkpoint(args.checkpoint, dtype=dtype, quantize=args.quantize)
+    config, params = load_checkpoint(args.checkpoint, dtype=dtype, quantize=args.quantize,
+                                     adapter=args.adapter)
     # Per-layer weights on accelerators: slicing a stacked weight inside jit copies it each step.
     per_layer = jax.default_backend() != "cpu"
     # There also q/k/v as one GEMM (one device: this command does not shard).

@@ -13,6 +13,9 @@ fits):
 
     jais2 plan --model jais2-70b --topology v5p:4x4x4 --mesh 1,-1,8 --batch 64 --seq 8192 --remat full
     jais2 plan --run configs/jais2-8b-v5p.yaml --topology v5p:4x4x2
+
+A run config with a `lora:` block plans (and with --topology compiles) the LoRA / QLoRA step:
+frozen base (compute dtype or int8), adapters, their gradients and optimizer state, activations.
 """
 
 from __future__ import annotations
@@ -110,12 +113,16 @@ def run(args) -> int:
         raise ValueError(f"batch {args.batch} is not divisible by grad_accum {accum}")
     # With accumulation the backward pass keeps one micro-batch's activations at a time.
     batch = args.batch // accum if args.mode == "train" else args.batch
+    lora = run_config.lora if run_config is not None and args.mode == "train" else None
     result = plan.make_plan(config, mesh, batch=batch, seq=args.seq, mode=args.mode,
                             remat=args.remat, param_dtype=param_dtype, dtype=args.dtype,
                             cache_dtype=args.cache_dtype, attention=args.attention,
-                            prefill=args.prefill, quantize=args.quantize)
+                            prefill=args.prefill, quantize=args.quantize, lora=lora)
     where = args.hardware or f"{devices} devices"
     weights = f"{param_dtype}, {args.quantize} projections" if args.quantize else param_dtype
+    if lora is not None:
+        weights = (f"LoRA rank {lora.rank} on {', '.join(lora.target_modules)}, frozen base "
+                   f"{lora.base_quantization or args.dtype}, adapters {param_dtype}")
     title = (f"{args.model} ({config.num_parameters() / 1e9:.2f}B parameters, {weights}) on "
              f"{where}, compute {args.dtype}")
     print(plan.format_plan(result, hbm, title))
@@ -146,6 +153,10 @@ def _run_topology(args, config, run_config) -> int:
     param_dtype = args.param_dtype or (run_config.param_dtype if run_config else
                                        ("float32" if args.mode == "train" else "bfloat16"))
     weights = f"{param_dtype}, {args.quantize} projections" if args.quantize else param_dtype
+    lora = run_config.lora if run_config is not None and args.mode == "train" else None
+    if lora is not None:
+        weights = (f"LoRA rank {lora.rank}, frozen base {lora.base_quantization or args.dtype}, "
+                   f"adapters {param_dtype}")
     title = (f"{args.model} ({config.num_parameters() / 1e9:.2f}B parameters, {weights}), "
              f"compute {args.dtype}, KV cache {args.cache_dtype}")
     print(tpu_plan.format_result(result, title), flush=True)

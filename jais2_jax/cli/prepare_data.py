@@ -5,8 +5,10 @@ from __future__ import annotations
 
 def add_arguments(parser):
     parser.add_argument("inputs", nargs="+",
-                        help=".txt (blank lines separate documents) or .jsonl ({'text': ...} or "
-                             "{'prompt': ..., 'completion': ...} per line) files or directories")
+                        help=".txt (blank lines separate documents) or .jsonl ({'text': ...}, "
+                             "{'prompt': ..., 'completion': ...} or {'messages': [{'role': ..., "
+                             "'content': ...}, ...]} per line: chat rendered with the tokenizer's "
+                             "chat template, trained on the assistant turns) files or directories")
     parser.add_argument("--tokenizer", required=True,
                         help="directory with tokenizer.json (+ tokenizer_config.json for bos/eos)")
     parser.add_argument("--output", required=True, help="token store directory to create")

@@ -124,6 +124,8 @@ class _RenderState(threading.local):
     deadline: float | None = None
     work = 0
     depth = 0
+    spans: list | None = None  # (start, end, text) of each {% generation %} block, when asked
+    rendered = 0  # characters output so far
 
 
 _render_state = _RenderState()
@@ -358,7 +360,11 @@ def _environment():
             return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
         def _body(self, caller):
-            return caller()
+            text = caller()
+            state = _render_state
+            if state.spans is not None:  # at the output's end: Jinja yields blocks in order
+                state.spans.append((state.rendered, state.rendered + len(text), text))
+            return text
 
     class Guard(Extension):
         """What `_bounded` weaves into a parsed template: every loop steps through `iterate`;
@@ -487,8 +493,9 @@ def _compile_template(source: str):
     return env.from_string(_bounded(env.parse(source), guard))
 
 
-def _render(source: str, where: str, context: dict) -> str:
-    """`source` rendered within the bounds; any failure is a ValueError naming `where`."""
+def _render(source: str, where: str, context: dict, spans: list | None = None) -> str:
+    """`source` rendered within the bounds; any failure is a ValueError naming `where`. With
+    `spans` (a list), the (start, end) of each `{% generation %}` block's text is appended."""
     import jinja2
     try:
         template = _compile_template(source)
@@ -496,12 +503,14 @@ def _render(source: str, where: str, context: dict) -> str:
         raise ValueError(f"chat template of {where} does not parse: {_one_line(e)}") from None
     state = _render_state
     state.deadline, state.work, state.depth = time.monotonic() + CHAT_TEMPLATE_SECONDS, 0, 0
+    state.spans, state.rendered = ([] if spans is not None else None), 0
     out, n = [], 0
     try:
         for chunk in template.generate(**context):
             n += len(chunk)
             _check_size(n, "output")
             out.append(chunk)
+            state.rendered = n
     except Exception as e:  # noqa: BLE001  (the template is code: any failure is the template's)
         line = _template_line(e.__traceback__)
         kind = "" if isinstance(e, (jinja2.TemplateError, _TemplateLimit)) else \
@@ -510,7 +519,21 @@ def _render(source: str, where: str, context: dict) -> str:
                          f"{kind}{_one_line(e)}") from None
     finally:
         state.deadline = None
-    return "".join(out)
+        found, state.spans = state.spans, None
+    text = "".join(out)
+    if spans is not None:
+        for start, end, body in found:
+            # A block inside a macro, {% set %} or filter is output later, elsewhere: its place
+            # in the text is unknown (transformers' tracker has the same limit; we check it).
+            if text[start:end] != body:
+                raise ValueError(f"chat template of {where}: a {{% generation %}} block is not "
+                                 "output where it is rendered (inside a macro, set or filter "
+                                 "block?); its tokens cannot be located")
+            spans.append((start, end))
+    return text
+
+
+_GENERATION_TAG = re.compile(r"\{%[-+]?\s*generation\s*[-+]?%\}")
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
@@ -741,13 +764,38 @@ class Tokenizer:
     # ----------------------------------------------------------------------------- chat
     def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False,
                             tokenize: bool = False, chat_template: str | None = None,
-                            **kwargs) -> str | list[int]:
+                            return_assistant_tokens_mask: bool = False,
+                            **kwargs) -> str | list[int] | dict:
         """Renders a conversation ([{"role": ..., "content": ...}, ...]) with the chat template.
 
         The template sees `messages`, `add_generation_prompt`, the special tokens by name
         (`bos_token`, `eos_token`, ...) and `kwargs`. With tokenize=True returns token ids (the
         template writes any special tokens itself, so none are added).
+
+        `return_assistant_tokens_mask=True` (with tokenize=True) returns, as transformers does,
+        {"input_ids": ids, "assistant_masks": [0/1 per token]}: 1 on the tokens of the template's
+        `{% generation %}` blocks (a template without them is an error).
         """
+        if return_assistant_tokens_mask:
+            if not tokenize:
+                raise ValueError("return_assistant_tokens_mask needs tokenize=True")
+            text, spans = self.render_chat(messages, add_generation_prompt=add_generation_prompt,
+                                           chat_template=chat_template, **kwargs)
+            if spans is None:
+                raise ValueError("the chat template has no {% generation %} blocks: it does not "
+                                 "say which tokens are the assistant's")
+            ids, mask = self.encode_spans(text, spans)
+            return {"input_ids": ids, "assistant_masks": mask}
+        text, _ = self.render_chat(messages, add_generation_prompt=add_generation_prompt,
+                                   chat_template=chat_template, track=False, **kwargs)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = False,
+                    chat_template: str | None = None, track: bool = True,
+                    **kwargs) -> tuple[str, list[tuple[int, int]] | None]:
+        """(text, spans): the rendered conversation and the (start, end) character spans of its
+        `{% generation %}` blocks; spans is None when the template has no such blocks (or
+        `track` is off)."""
         where = self.name_or_path or "this tokenizer"
         if chat_template in self.chat_templates:  # a name, as transformers takes it
             template = self.chat_templates[chat_template]
@@ -771,7 +819,35 @@ class Tokenizer:
                 raise ValueError(f"chat messages must be dicts, got {m!r}")
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         context = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
+        spans = [] if track and _GENERATION_TAG.search(template) else None
         text = _render(template, where, dict(messages=messages,
                                              add_generation_prompt=add_generation_prompt,
-                                             **context))
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+                                             **context), spans)
+        return text, spans
+
+    def special_strings(self) -> list[str]:
+        """The text of every special token (named or added as special), longest first."""
+        found = set(self.special_tokens.values())
+        if self._hf is not None:
+            found |= {t.content for t in self._hf.get_added_tokens_decoder().values() if t.special}
+        return sorted(found, key=len, reverse=True)
+
+    def encode_spans(self, text: str, spans) -> tuple[list[int], list[int]]:
+        """(ids, mask) of `text` (no special tokens added) with 1 on every token from the one
+        holding a span's first character to the one holding its last (transformers' rule for
+        assistant masks). Needs a tokenizer.json tokenizer (character offsets)."""
+        _check_text(text)
+        if self._hf is None:
+            raise ValueError("locating characters in tokens needs a tokenizer.json tokenizer; "
+                             "this one is SentencePiece")
+        enc = self._hf.encode(text, add_special_tokens=False)
+        mask = [0] * len(enc.ids)
+        for start, end in spans:
+            if end <= start:
+                continue
+            first, last = enc.char_to_token(start), enc.char_to_token(end - 1)
+            if first is None:
+                continue
+            for t in range(first, (len(mask) - 1 if last is None else last) + 1):
+                mask[t] = 1
+        return list(enc.ids), mask

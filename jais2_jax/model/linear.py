@@ -7,7 +7,11 @@ A `Linear` computes `y = epilogue(x . W, b)`. What `W` is comes from the paramet
 |----------------------------------|--------------------------------------------------|
 | `kernel` (float)                 | `x . kernel`                                     |
 | `kernel` (int8 / fp8) + `scale`  | `(x . kernel) * scale` (per output channel)      |
-| either, + `lora_a` + `lora_b`    | the above + `lora_scale * (x . lora_a) . lora_b` |
+| either, + `lora_a` + `lora_b`    | the above + `lora_scale * (drop(x) . lora_a) . lora_b` |
+
+`drop` is the adapter's dropout (`LoraSpec.dropout`, PEFT's lora_dropout): applied only when the
+model is applied with a "dropout" rng (`rngs={"dropout": key}`, the train step); without one (eval,
+inference) it is the identity.
 
 All products accumulate in float32. The epilogue adds the bias in float32 and, for the MLP's up
 projection, applies relu^2 (with the Pallas bias + relu^2 backward on GPU); outputs are tagged
@@ -86,10 +90,18 @@ dot_f32.defvjp(_dot_f32_fwd, _dot_f32_bwd)
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
-    """A low-rank adapter on a projection: `W x + (alpha / rank) * B(A(x))`, PEFT's LoRA. A is
-    initialised as PEFT does (kaiming-uniform with a = sqrt(5)), B with zeros."""
+    """A low-rank adapter on a projection: `W x + (alpha / rank) * B(A(dropout(x)))`, PEFT's LoRA.
+    A is initialised as PEFT does (kaiming-uniform with a = sqrt(5)), B with zeros. `dropout`
+    (PEFT's lora_dropout) acts only under a "dropout" rng (training)."""
     rank: int
     alpha: float
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise ValueError(f"lora rank must be a positive integer, got {self.rank!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
     def scale(self) -> float:
@@ -187,6 +199,10 @@ class Linear(nn.Module):
         b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
                                                               ("lora_rank",) + self.out_axes),
                        (r,) + self.features, self.param_dtype)
+        if self.lora.dropout > 0.0 and self.has_rng("dropout"):
+            keep = 1.0 - self.lora.dropout
+            mask = jax.random.bernoulli(self.make_rng("dropout"), keep, x.shape)
+            x = jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
         h = jax.lax.dot_general(x, a.astype(self.dtype), (contract, ((), ())),
                                 preferred_element_type=jnp.float32).astype(self.dtype)
         y = jax.lax.dot_general(h, b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())),

@@ -240,7 +240,8 @@ class Jais2ForCausalLM(nn.Module):
                                  prevent_cse=not opts.scan_layers)
         if opts.scan_layers:
             self.layers = nn.scan(
-                layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                layer_cls, variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},  # dropout: LoRA adapters
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), out_axes=0,
                 length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, st, name="layers")

@@ -7,6 +7,11 @@ outputs of `jax.vjp`'s closure (traced with `jax.make_jaxpr`, nothing runs) of t
 under the chosen remat policy, traced for ONE device's share (batch / (data*fsdp); heads, kv
 heads, mlp and vocab / tensor), which is how the model's activation constraints shard them.
 
+LoRA / QLoRA (`lora=` a LoraConfig): `params` is the frozen base (compute dtype; int8 projections +
+scales for QLoRA), `adapters` the trained adapters (param dtype), gradients and optimizer state
+are the adapters', and the residuals are those of the gradient with respect to the adapters only
+(the base is a constant of the step: no weight gradients, and no lm_head gradient held).
+
 Estimates, not promises: XLA's temporaries, collective buffers and fragmentation come on top.
 The residual trace uses flash-style attention (splash on TPU, cuDNN on GPU: q, k, v, the output
 and the softmax statistics are kept, never the [T, T] scores) unless `attention="xla"`.
@@ -25,8 +30,9 @@ from jais2_jax.model.config import Jais2Config
 from jais2_jax.model.modules import Jais2ForCausalLM
 from jais2_jax.model.options import REMAT_POLICIES, ModelOptions, as_dtype
 from jais2_jax.parallel import sharding
-from jais2_jax.training.run_config import RunConfig
-from jais2_jax.training.step import compute_copies, make_optimizer, train_loss_sums
+from jais2_jax.training import lora as lora_lib
+from jais2_jax.training.run_config import LoraConfig, RunConfig
+from jais2_jax.training.step import compute_copies, make_optimizer, merge_params, train_loss_sums
 
 # name pattern -> (devices from the number in the name, bytes of HBM per device, devices per host,
 # the numbers a slice or host group can have). TPU v4/v5p names count TensorCores (2 per chip), in
@@ -92,11 +98,13 @@ class Plan:
     activations_saved: int  # residuals kept from forward to backward (all layers + loss)
     activations_layer: int  # what one layer holds while its backward runs (or its forward, decode)
     kv_cache: int
+    adapters: int = 0  # LoRA: the trained adapters (params is then the frozen base)
+    base_kind: str = ""  # LoRA: "bfloat16" or "int8" (the frozen base's projections)
 
     @property
     def total(self) -> int:
-        return (self.params + self.grads + self.opt_state + self.activations_saved
-                + self.activations_layer + self.kv_cache)
+        return (self.params + self.adapters + self.grads + self.opt_state
+                + self.activations_saved + self.activations_layer + self.kv_cache)
 
 
 def _residual_bytes(fn, *args) -> int:
@@ -123,12 +131,48 @@ def _local_config(config: Jais2Config, tensor: int) -> Jais2Config:
                           pad_token_id=None, bos_token_id=None, eos_token_id=None)
 
 
+def _lora_run(lora: LoraConfig, param_dtype, dtype) -> RunConfig:
+    return RunConfig(model="-", data="-", output_dir="-", lora=lora,
+                     dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(param_dtype).name)
+
+
+def lora_state_bytes(config: Jais2Config, mesh, lora: LoraConfig, *, param_dtype="float32",
+                     dtype="bfloat16", optimizer=None) -> dict[str, int]:
+    """Bytes per device of a LoRA step's state: {"base", "adapters", "grads", "opt_state"}, from
+    the trees the program builds (`training.lora.abstract_base` / `abstract_adapters`) and their
+    shardings; no tracing of the model."""
+    run = _lora_run(lora, as_dtype(param_dtype), as_dtype(dtype))
+    base, base_sh = lora_lib.abstract_base(config, run, mesh)
+    adapters, adapter_sh = lora_lib.abstract_adapters(config, run, mesh)
+    optimizer = optimizer or make_optimizer(run)
+    opt_sh = sharding.opt_state_shardings(optimizer, adapter_sh, adapters)
+    a = sharding.bytes_per_device(adapters, adapter_sh)
+    return {"base": sharding.bytes_per_device(base, base_sh), "adapters": a, "grads": a,
+            "opt_state": sharding.bytes_per_device(jax.eval_shape(optimizer.init, adapters),
+                                                   opt_sh)}
+
+
 def _activation_bytes(config, *, batch, seq, remat, dtype, param_dtype, attention, mode,
-                      loss_chunk) -> tuple[int, int]:
+                      loss_chunk, lora=None) -> tuple[int, int]:
     """(saved residuals of the whole loss, one layer's working set) for one device's share."""
     impl = "splash_interpret" if attention == "flash" and seq % 128 == 0 else "xla"
 
+    def traced_lora(cfg, policy):
+        run = _lora_run(lora, param_dtype, dtype)
+        model = lora_lib.lora_model(cfg, run, ModelOptions(remat_policy=policy,
+                                                           attention_impl=impl))
+        base, _ = lora_lib.abstract_base(cfg, run)
+        adapters, _ = lora_lib.abstract_adapters(cfg, run)
+        ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+        data = {"input_ids": ids, "targets": ids,
+                "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.int32)}
+        return _residual_bytes(
+            lambda a, b, d: train_loss_sums(model, merge_params(b, a), d, chunk=loss_chunk,
+                                            z_loss=0.0, head_grad=False)[0], adapters, base, data)
+
     def traced(cfg, policy, loss):
+        if loss and lora is not None:
+            return traced_lora(cfg, policy)
         model = Jais2ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype,
                                  options=ModelOptions(remat_policy=policy, attention_impl=impl))
         params = sharding.unboxed_shapes(sharding.abstract_params(cfg, param_dtype=param_dtype))
@@ -157,12 +201,13 @@ def make_plan(config: Jais2Config, mesh, *, batch: int, seq: int, mode: str = "t
               remat: str = "dots", param_dtype="float32", dtype="bfloat16",
               cache_dtype="bfloat16", attention: str = "flash", optimizer=None,
               loss_chunk: int = 512, prefill: int | None = None,
-              quantize: str | None = None) -> Plan:
+              quantize: str | None = None, lora: LoraConfig | None = None) -> Plan:
     """Bytes per device for training (`mode="train"`: params, grads, optimizer state, activations)
     or decoding (`mode="decode"`: params, KV cache of `batch` rows x `seq` slots, one layer's
     activations while prefilling `prefill` (default `seq`) prompt tokens of every row at once).
     `mesh`: a Mesh or an AbstractMesh (`sharding.abstract_mesh`). `quantize` ("int8", "fp8"):
-    decoding with weight-only quantized projections (values + per-channel scales)."""
+    decoding with weight-only quantized projections (values + per-channel scales). `lora` (train):
+    a LoRA / QLoRA step (see the module doc)."""
     if mode not in ("train", "decode"):
         raise ValueError(f"mode {mode!r}: choose 'train' or 'decode'")
     if remat not in REMAT_POLICIES:
@@ -174,6 +219,10 @@ def make_plan(config: Jais2Config, mesh, *, batch: int, seq: int, mode: str = "t
     if seq > config.max_position_embeddings:
         raise ValueError(f"seq {seq} exceeds the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")
+    if lora is not None and mode != "train":
+        raise ValueError("lora is for training (mode='train')")
+    if lora is not None:
+        lora_lib.check_lora(config, lora)
     if quantize is not None and mode != "decode":
         raise ValueError(f"quantize {quantize!r} is for decoding (mode='decode'); training keeps "
                          "its weights in param_dtype")
@@ -194,6 +243,14 @@ def make_plan(config: Jais2Config, mesh, *, batch: int, seq: int, mode: str = "t
     acts = dict(batch=local_batch, seq=act_seq, remat=remat, dtype=dtype, param_dtype=param_dtype,
                 attention=attention, mode=mode, loss_chunk=loss_chunk if act_seq % loss_chunk == 0 else act_seq)
     grads = opt = cache = 0
+    if lora is not None:
+        st = lora_state_bytes(config, mesh, lora, param_dtype=param_dtype, dtype=dtype,
+                              optimizer=optimizer)
+        saved, layer = _activation_bytes(local, lora=lora, **acts)
+        return Plan(mesh=dict(mesh.shape), mode=mode, batch=batch, seq=seq, prefill=act_seq,
+                    remat=remat, params=st["base"], grads=st["grads"], opt_state=st["opt_state"],
+                    activations_saved=saved, activations_layer=layer, kv_cache=0,
+                    adapters=st["adapters"], base_kind=lora.base_quantization or dtype.name)
     if mode == "train":
         if optimizer is None:  # the trainer's: clipping + AdamW (two float32 moments)
             optimizer = make_optimizer(RunConfig(model="-", data="-", output_dir="-"))
@@ -242,6 +299,8 @@ def format_plan(plan: Plan, hbm: float | None = None, title: str = "") -> str:
     gb = lambda b: f"{b / 1e9:9.2f} GB"  # noqa: E731
     mesh = " ".join(f"{k}={v}" for k, v in plan.mesh.items())
     rows = [("parameters", plan.params)]
+    if plan.adapters:
+        rows = [(f"frozen base ({plan.base_kind})", plan.params), ("LoRA adapters", plan.adapters)]
     if plan.mode == "train":
         rows += [("gradients", plan.grads), ("optimizer state", plan.opt_state),
                  (f"activations saved (remat {plan.remat})", plan.activations_saved),

@@ -35,6 +35,7 @@ from jais2_jax.model.config import Jais2Config
 from jais2_jax.model.options import REMAT_POLICIES, ModelOptions, as_dtype
 from jais2_jax.parallel import sharding
 from jais2_jax.planning import memory as analytic
+from jais2_jax.training.lora import lora_flops_per_token
 from jais2_jax.training.program import build_train_program
 from jais2_jax.training.run_config import RunConfig
 from jais2_jax.training.step import flops_per_token, make_optimizer
@@ -257,12 +258,19 @@ class _Estimator:
         self.config, self.mode, self.run = config, mode, run
         self.kw = dict(param_dtype=param_dtype, dtype=dtype, cache_dtype=cache_dtype,
                        quantize=quantize)
+        self.lora = run.lora if run is not None and mode == "train" else None
         self._cache = {}
 
     def state(self, s: Setting, chips: int) -> int:
         """Exact bytes per chip of what lives through the step: params + grads + optimizer state
         (train), params + KV cache (decode); no tracing of the model."""
         key = ("state", s.mesh, s.batch, s.seq, chips)
+        if key not in self._cache and self.lora is not None:  # frozen base + adapters' state
+            st = analytic.lora_state_bytes(
+                self.config, sharding.abstract_mesh(s.mesh, chips), self.lora,
+                param_dtype=self.kw["param_dtype"], dtype=self.kw["dtype"],
+                optimizer=make_optimizer(_run_config(self.run, s)))
+            self._cache[key] = sum(st.values())
         if key not in self._cache:
             mesh = sharding.abstract_mesh(s.mesh, chips)
             params_sh = sharding.param_shardings(self.config, mesh)
@@ -293,10 +301,10 @@ class _Estimator:
             p = analytic.make_plan(self.config, mesh, batch=micro, seq=s.seq, mode=self.mode,
                                    remat=s.remat, prefill=s.prefill,
                                    loss_chunk=min(self.run.loss_chunk if self.run else 512, s.seq),
-                                   **self.kw)
+                                   lora=self.lora, **self.kw)
             # Accumulating keeps a float32 gradient sum beside each micro-batch's gradient.
             extra = p.grads if s.grad_accum > 1 else 0
-            state = p.params + p.grads + p.opt_state + p.kv_cache + extra
+            state = p.params + p.adapters + p.grads + p.opt_state + p.kv_cache + extra
             self._cache[key] = (p.total + extra, state)
         return self._cache[key]
 
@@ -358,8 +366,10 @@ def plan_topology(config: Jais2Config, topology: Topology, setting: Setting, *, 
     state = estimator.state(_global(setting, dcn), topology.chips)
     result = Result(topology, mode, setting, [], state=state)
     if mode == "train":
-        result.model_flops = (flops_per_token(config, setting.seq) * setting.batch * setting.seq
-                              / topology.chips)
+        per_token = (lora_flops_per_token(config, setting.seq, run.lora)
+                     if run is not None and run.lora is not None
+                     else flops_per_token(config, setting.seq))
+        result.model_flops = per_token * setting.batch * setting.seq / topology.chips
     if state > topology.hbm:
         result.estimate = state
         what = "parameters, gradients and optimizer state" if mode == "train" else \
@@ -485,7 +495,7 @@ def format_result(result: Result, title: str = "") -> str:
                          f"the layer scan, counts once)")
     if result.model_flops:
         lines.append(f"  model FLOPs per step per chip: {result.model_flops:.3e} (6 x params x tokens "
-                     f"+ attention, as MFU counts them)")
+                     f"+ attention, as MFU counts them; LoRA: 4 x base params + 6 x adapters)")
     verdict = "fits" if result.fits else "does NOT fit"
     lines.append(f"  verdict: {verdict} ({result.total / GiB:.2f} GiB of {topo.hbm / GiB:.0f} GiB "
                  f"per chip)")

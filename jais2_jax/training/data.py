@@ -4,7 +4,7 @@ Token store (written by `jais2 prepare-data`, read with memory maps, never unpic
     index.json                    format, shards, splits, tokenizer ids
     tokens-00000.bin ...          uint32 token ids, documents back to back (bos + text + eos)
     mask-00000.bin ...            uint8 per token, 1 = a training target (only for prompt/completion
-                                  data; absent means every token is a target)
+                                  or chat data; absent means every token is a target)
     {train,eval}_documents.npy    int64 [documents, 3]: (shard, first token, length)
     tokenizer/                    copy of the tokenizer used, so a store says how to decode it
 
@@ -17,6 +17,12 @@ rows are a random-access source: shuffling, sharding and resuming need no hand-w
 A row carries `segment_ids` (1, 2, ... per document piece) and `positions` (restarting at every
 document start), so packed documents do not attend to each other, and a `loss_mask` that drops the
 one target that would cross from a document into the next.
+
+Chat SFT data: a jsonl record `{"messages": [{"role": ..., "content": ...}, ...]}` is rendered
+with the tokenizer's chat template (no bos/eos added: the template writes its own) and only the
+assistant turns are targets: the tokens of the template's `{% generation %}` blocks where it has
+them, else each assistant message's content located in the rendered text (plus the special tokens
+that follow it there, e.g. `<|im_end|>` or eos: the end of the turn is learnt too).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import errno
 import io
 import json
 import os
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -39,6 +45,7 @@ MAX_DATA_THREADS = 256
 FORMAT = "jais2-token-store"
 VERSION = 1
 INPUT_SUFFIXES = (".txt", ".jsonl")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 # ------------------------------------------------------------------------------------- reading text
@@ -89,6 +96,10 @@ def _documents(path: str, text_key: str, progress) -> Iterator[tuple[str, str | 
                 if not line.strip():
                     continue
                 record = parse_json_object(line, f"{path}:{n}")
+                if "messages" in record:
+                    yield Chat(_check_messages(record["messages"], f"{path}:{n}"),
+                               f"{path}:{n}"), None
+                    continue
                 keys = (("completion", "prompt") if "prompt" in record and "completion" in record
                         else (text_key,) if text_key in record else None)
                 if keys is None:
@@ -108,6 +119,90 @@ def _documents(path: str, text_key: str, progress) -> Iterator[tuple[str, str | 
     except UnicodeDecodeError:
         line, offset, reason = _utf8_error(path)
         raise ValueError(f"{path}:{line}: not UTF-8 text ({reason} at byte {offset})") from None
+
+
+class Chat(NamedTuple):
+    """A conversation of a jsonl `messages` record, and where it was read (file:line)."""
+    messages: list
+    where: str
+
+
+def _check_messages(messages, where: str) -> list:
+    """The `messages` of a chat record, checked: a non-empty list of {"role", "content"} objects
+    with known roles and string contents, at least one of them the assistant's."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role': ..., "
+                         f"'content': ...}} objects, got {json.dumps(messages)[:60]}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"{where}: message {i} is {type(m).__name__} {json.dumps(m)[:40]}, "
+                             "not an object with 'role' and 'content'")
+        for key in ("role", "content"):
+            if key not in m:
+                raise ValueError(f"{where}: message {i} has no {key!r}")
+            if not isinstance(m[key], str):
+                raise ValueError(f"{where}: message {i}: {key!r} must be a string, got "
+                                 f"{json.dumps(m[key])[:40]}")
+            try:
+                m[key].encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{where}: message {i}: {key!r} holds a lone surrogate at "
+                                 f"character {e.start}, which is not valid Unicode text") from None
+        if m["role"] not in CHAT_ROLES:
+            raise ValueError(f"{where}: message {i} has the unknown role {m['role']!r} (roles: "
+                             f"{', '.join(CHAT_ROLES)})")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: the conversation has no assistant turn: nothing to train on")
+    return messages
+
+
+def chat_tokens(tok: Tokenizer, messages: list, where: str = "chat") -> tuple[list[int], list[int]]:
+    """(ids, mask) of a conversation rendered with the tokenizer's chat template; mask 1 on the
+    assistant's tokens (see the module docstring)."""
+    if tok.chat_template is None:
+        raise ValueError(f"{where}: a chat record, but the tokenizer has no chat template to "
+                         "render it with")
+    try:
+        text, spans = tok.render_chat(messages)
+        if spans is None:
+            spans = _assistant_spans(text, messages, tok.special_strings(), where)
+        ids, mask = tok.encode_spans(text, spans)
+    except ValueError as e:
+        message = str(e)
+        raise ValueError(message if message.startswith(where) else f"{where}: {message}") from None
+    if not any(mask):
+        raise ValueError(f"{where}: the chat template marks no assistant tokens in this "
+                         "conversation (empty assistant turns?)")
+    return ids, mask
+
+
+def _assistant_spans(text: str, messages: list, specials: list[str], where: str):
+    """Character spans of the assistant contents in the rendered `text`, found in message order
+    (each search starts after the previous message's content), each extended over the special
+    tokens right after it."""
+    spans, at = [], 0
+    for i, m in enumerate(messages):
+        content = m["content"]
+        for c in (content, content.strip()):
+            start = text.find(c, at) if c else -1
+            if start >= 0:
+                break
+        else:
+            if m["role"] == "assistant" and content.strip():
+                raise ValueError(f"{where}: message {i} (assistant): its content is not in the "
+                                 "text the chat template renders, so its tokens cannot be found; "
+                                 "mark the assistant text with {% generation %} in the template")
+            continue
+        end = start + len(c)
+        if m["role"] == "assistant":
+            while True:
+                nxt = next((t for t in specials if text.startswith(t, end)), None)
+                if nxt is None:
+                    break
+                end += len(nxt)
+            spans.append((start, end))
+        at = end
+    return spans
 
 
 def _utf8_error(path: str) -> tuple[int, int, str]:
@@ -226,6 +321,9 @@ def _write_store(tmp, output, files, tok, tokenizer, bos, eos, *, text_key, eval
 
 
 def _encode_into(writer, tok, text, prompt, bos, eos):
+    if isinstance(text, Chat):  # the template writes the special tokens
+        writer.add(*chat_tokens(tok, text.messages, text.where))
+        return
     head = [] if bos is None else [bos]
     if prompt is not None:
         head = head + tok.encode(prompt, add_special_tokens=False)

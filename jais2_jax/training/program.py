@@ -5,6 +5,11 @@
     state, metrics = program.train_step(state, batch)       # batch: program.batch_sharding
     sums = program.eval_step(state.params, batch)
 
+A LoRA run (`run.lora`, `training/lora.py`) builds the same program around the adapters: the
+state's params are the adapters alone, and the steps take the frozen base as a last argument,
+`program.train_step(state, batch, base)` and `program.eval_step(state.params, batch, base)`
+(`program.lora` is True; `program.abstract_base` / `base_shardings` describe the base).
+
 The one way the trainer, the TPU plans (`lower_train_step()` from abstract inputs) and the
 benchmarks build a train step; cached, so a process running several runs of one shape (a notebook,
 a resumed run, the tests) compiles the steps once.
@@ -24,6 +29,7 @@ from jais2_jax.model.config import Jais2Config
 from jais2_jax.model.modules import Jais2ForCausalLM
 from jais2_jax.model.options import ModelOptions, as_dtype
 from jais2_jax.parallel import sharding
+from jais2_jax.training import lora as lora_lib
 from jais2_jax.training.run_config import RunConfig
 from jais2_jax.training.step import (
     TrainState,
@@ -53,11 +59,19 @@ class TrainProgram:
     batch_sharding: Any
     train_step: Callable  # jitted (state, batch) -> (state, metrics); the state is donated
     eval_step: Callable  # jitted (params, batch) -> {"ce_sum", "targets"}
+    lora: bool = False  # the steps take the frozen base as a last argument
+    abstract_base: Any = None  # LoRA: ShapeDtypeStructs of the frozen base
+    base_shardings: Any = None  # LoRA: its NamedShardings
 
     def init_state(self, key) -> TrainState:
-        """Random parameters and a fresh optimizer state, created directly in their shards."""
+        """Random parameters (LoRA: fresh adapters, A as PEFT initialises it, B zero) and a
+        fresh optimizer state, created directly in their shards."""
         def fresh(key):
-            params = nn.meta.unbox(self.model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+            if self.lora:
+                params = lora_lib.init_adapters(self.model, key)
+            else:
+                params = nn.meta.unbox(
+                    self.model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
             return init_state(params, self.optimizer, self.run.seed)
         with sharding.use_mesh(self.mesh):
             return jax.jit(fresh, out_shardings=self.state_shardings)(key)
@@ -80,11 +94,18 @@ class TrainProgram:
         return {k: jax.ShapeDtypeStruct(shape, dt, sharding=self.batch_sharding)
                 for k, dt in BATCH_DTYPES.items()}
 
+    def abstract_base_sharded(self):
+        """LoRA: the frozen base's ShapeDtypeStructs with their shardings."""
+        return jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_base,
+            self.base_shardings)
+
     def lower_train_step(self):
         """The train step lowered from abstract inputs (no memory used): `.compile()` it."""
         state, batch = self.abstract_state(), self.abstract_batch()  # outside the mesh
+        extra = (self.abstract_base_sharded(),) if self.lora else ()
         with sharding.use_mesh(self.mesh):
-            return self.train_step.lower(state, batch)
+            return self.train_step.lower(state, batch, *extra)
 
 
 def build_train_program(config: Jais2Config, run: RunConfig, mesh) -> TrainProgram:
@@ -97,11 +118,12 @@ def build_train_program(config: Jais2Config, run: RunConfig, mesh) -> TrainProgr
 
 @functools.lru_cache(maxsize=4)
 def _build(config: Jais2Config, run: RunConfig, mesh) -> TrainProgram:
+    options = ModelOptions(remat_policy=run.remat_policy, attention_impl=run.attention_impl,
+                           kernels=run.kernels)
+    if run.lora is not None:
+        return _build_lora(config, run, mesh, options)
     model = Jais2ForCausalLM(config, dtype=as_dtype(run.dtype),
-                             param_dtype=as_dtype(run.param_dtype),
-                             options=ModelOptions(remat_policy=run.remat_policy,
-                                                  attention_impl=run.attention_impl,
-                                                  kernels=run.kernels))
+                             param_dtype=as_dtype(run.param_dtype), options=options)
     optimizer = make_optimizer(run)
     params_sh = sharding.param_shardings(config, mesh)
     abstract_params = nn.meta.unbox(
@@ -112,6 +134,23 @@ def _build(config: Jais2Config, run: RunConfig, mesh) -> TrainProgram:
     evaluate = jax.jit(make_eval_step(model, run), in_shardings=(params_sh, batch_sh))
     return TrainProgram(config, run, mesh, model, optimizer, abstract_params, params_sh, state_sh,
                         batch_sh, step, evaluate)
+
+
+def _build_lora(config: Jais2Config, run: RunConfig, mesh, options) -> TrainProgram:
+    """The LoRA program: state over the adapters, the frozen base a (sharded) step argument."""
+    lora_lib.check_lora(config, run.lora)
+    model = lora_lib.lora_model(config, run, options)
+    optimizer = make_optimizer(run)
+    abstract_adapters, adapter_sh = lora_lib.abstract_adapters(config, run, mesh)
+    abstract_base, base_sh = lora_lib.abstract_base(config, run, mesh)
+    state_sh = state_shardings(optimizer, adapter_sh, abstract_adapters)
+    batch_sh = sharding.batch_sharding(mesh, (run.batch_size, run.seq_len))
+    step = jit_train_step(make_train_step(model, optimizer, run, frozen=True), state_sh, batch_sh,
+                          base_sh)
+    evaluate = jax.jit(make_eval_step(model, run), in_shardings=(adapter_sh, batch_sh, base_sh))
+    return TrainProgram(config, run, mesh, model, optimizer, abstract_adapters, adapter_sh,
+                        state_sh, batch_sh, step, evaluate, lora=True,
+                        abstract_base=abstract_base, base_shardings=base_sh)
 
 
 def clear_cache() -> None:

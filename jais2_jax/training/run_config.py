@@ -17,11 +17,83 @@ from typing import Any
 import yaml
 
 from jais2_jax.kernels import pallas_gpu
+from jais2_jax.model.modules import LORA_TARGETS
 from jais2_jax.model.options import ATTENTION_IMPLS, REMAT_POLICIES, as_dtype
 from jais2_jax.parallel.sharding import parse_mesh
 from jais2_jax.training.data import MAX_DATA_THREADS
 
 SCHEDULES = ("cosine", "linear", "constant")
+LORA_BASE_QUANTIZATIONS = (None, "int8")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """The run config's `lora:` block: low-rank adapters on a frozen base (`training/lora.py`).
+
+    Same math as PEFT's LoRA: `y = W x + b + (alpha / rank) * B(A(dropout(x)))` on each projection
+    named in `target_modules` (HF names). `base_quantization: int8` holds the frozen base's
+    projections as int8 + per-channel scales (QLoRA). `weight_decay` is the adapters' AdamW decay
+    (the run's `weight_decay` is for full fine-tunes; a LoRA run has no other trained weights)."""
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    base_quantization: str | None = None
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", (self.target_modules,))
+        for name, kind in (("rank", int), ("alpha", float), ("dropout", float),
+                           ("weight_decay", float)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    kind is int and not isinstance(value, int)):
+                wanted = "an integer" if kind is int else "a number"
+                raise ValueError(f"lora.{name} must be {wanted}, got {value!r}")
+            if kind is float:
+                object.__setattr__(self, name, float(value))
+                if not math.isfinite(float(value)):
+                    raise ValueError(f"lora.{name} must be a finite number, got {value!r}")
+        if self.rank <= 0:
+            raise ValueError(f"lora.rank must be positive, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.weight_decay < 0:
+            raise ValueError(f"lora.weight_decay must be >= 0, got {self.weight_decay}")
+        targets = self.target_modules
+        if not isinstance(targets, (list, tuple)) or not targets or not all(
+                isinstance(t, str) for t in targets):
+            raise ValueError(f"lora.target_modules must be a non-empty list of module names "
+                             f"(from {list(LORA_TARGETS)}), got {targets!r}")
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"lora.target_modules: unknown module(s) {unknown}; Jais2's "
+                             f"projections are {list(LORA_TARGETS)}")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"lora.target_modules names a module twice: {list(targets)}")
+        # canonical order, so that equal sets compare equal (resume checks)
+        object.__setattr__(self, "target_modules", tuple(t for t in LORA_TARGETS if t in targets))
+        if self.base_quantization not in LORA_BASE_QUANTIZATIONS:
+            raise ValueError(f"lora.base_quantization {self.base_quantization!r}: choose null (the "
+                             "base in the compute dtype) or int8 (QLoRA)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"the lora block must be a mapping, got {d!r}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown keys in the lora block: {unknown} (known: {names})")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(d["target_modules"])
+        return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +153,8 @@ class RunConfig:
     max_nonfinite_in_a_row: int = 5
     peak_tflops_per_device: float | None = None  # for MFU; None: looked up from the device kind
     data_threads: int = 2  # loader threads, 1..MAX_DATA_THREADS (256; each prefetches 2 batches)
+    # --- LoRA / QLoRA: train adapters on the frozen base `init_from` (None: full fine-tune)
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -154,10 +228,16 @@ class RunConfig:
             if not sep or not key:
                 raise ValueError(f"--set wants key=value, got {item!r}")
             try:
-                d[key.strip()] = yaml.safe_load(value)
+                parsed = yaml.safe_load(value)
             except yaml.YAMLError as e:  # one line: the override, then YAML's first complaint
                 why = " ".join(str(getattr(e, "problem", None) or e).split())
                 raise ValueError(f"--set {item!r}: the value is not valid YAML ({why})") from None
+            key = key.strip()
+            if key.startswith("lora."):  # --set lora.rank=16: one key of the lora block
+                block = d.get("lora")
+                d["lora"] = {**(block if isinstance(block, dict) else {}), key[5:]: parsed}
+            else:
+                d[key] = parsed
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -185,6 +265,8 @@ class RunConfig:
         for name in ("mesh", "dcn_mesh"):
             if isinstance(d[name], tuple):
                 d[name] = list(d[name])
+        if self.lora is not None:
+            d["lora"] = self.lora.to_dict()
         return d
 
     def replace(self, **changes) -> "RunConfig":
@@ -200,6 +282,12 @@ def _coerce(name: str, value: Any) -> Any:
             return None
         raise ValueError(f"{name} must not be null")
     for option in options:
+        if option is LoraConfig:
+            if isinstance(value, LoraConfig):
+                return value
+            if isinstance(value, dict):
+                return LoraConfig.from_dict(value)
+            raise ValueError(f"{name} must be a mapping (rank, alpha, ...) or null, got {value!r}")
         if option is bool and isinstance(value, bool):
             return value
         if option is int and isinstance(value, int) and not isinstance(value, bool):

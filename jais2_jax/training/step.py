@@ -78,10 +78,15 @@ def decay_mask(params) -> Any:
 
 def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW. Gradient accumulation happens in the train step (a scan
-    over micro-batches), so the optimizer sees one update per global batch."""
+    over micro-batches), so the optimizer sees one update per global batch. A LoRA run's optimizer
+    sees only the adapters (all decayed by `lora.weight_decay`)."""
     parts = [] if run.clip_grad_norm is None else [optax.clip_by_global_norm(run.clip_grad_norm)]
+    if run.lora is not None:
+        decay, mask = run.lora.weight_decay, None
+    else:
+        decay, mask = run.weight_decay, decay_mask
     parts.append(optax.adamw(make_schedule(run), b1=run.beta1, b2=run.beta2, eps=run.eps,
-                             weight_decay=run.weight_decay, mask=decay_mask))
+                             weight_decay=decay, mask=mask))
     return optax.chain(*parts)
 
 
@@ -99,38 +104,42 @@ def loss_sums(model: nn.Module, params, batch: Batch, *, chunk: int,
 
 
 def train_loss_sums(model: nn.Module, params, batch: Batch, *, chunk: int, z_loss: float,
-                    logits_f32: bool = True,
-                    lse_impl: str | None = None) -> tuple[Array, tuple[Array, Array]]:
+                    logits_f32: bool = True, lse_impl: str | None = None,
+                    head_grad: bool = True, rngs=None) -> tuple[Array, tuple[Array, Array]]:
     """(sum CE + z_loss * sum lse^2, (sum CE, sum lse^2)): `loss_sums` for training.
 
     Same values; the gradient with respect to the logits is made in the forward pass, chunk by
     chunk, while each chunk's logits are at hand (`_fused_lm_head_ce`), so the backward pass
     neither recomputes the lm_head GEMM nor re-reads the float32 logits. Only the first output
     is differentiable; the pair is for reporting (its gradient is stopped).
+
+    `head_grad=False` (a frozen lm_head: LoRA) skips the lm_head's weight gradient (one GEMM per
+    chunk). `rngs`: the model's rngs (a LoRA adapter's dropout).
     """
-    h, w = _hidden_and_head(model, params, batch)
+    h, w = _hidden_and_head(model, params, batch, rngs)
     total, sums = _fused_lm_head_ce(h, w, batch["targets"], batch["loss_mask"].astype(jnp.float32),
                                     min(chunk, h.shape[1]), float(z_loss), bool(logits_f32),
-                                    lse_impl)
+                                    lse_impl, bool(head_grad))
     sums = jax.lax.stop_gradient(sums)
     return total, (sums[0], sums[1])
 
 
-def _hidden_and_head(model: nn.Module, params, batch: Batch) -> tuple[Array, Array]:
+def _hidden_and_head(model: nn.Module, params, batch: Batch, rngs=None) -> tuple[Array, Array]:
     """Final-norm hidden states [B, T, D] in the compute dtype, and the lm_head [D, V] in the
     parameter dtype (the tied embedding transposed)."""
     hidden, _ = model.apply({"params": params}, batch["input_ids"],
                             positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-                            method="hidden_states")
+                            method="hidden_states", rngs=rngs)
     return hidden.astype(model.dtype), model.apply({"params": params}, method="lm_head_weight")
 
 
-def _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads, lse_impl=None):
+def _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads, lse_impl=None,
+               head_grad=True):
     """Scan over sequence chunks: sums of CE and lse^2 and, `with_grads`, d(total)/dh [B, T, D]
     and d(total)/dw [D, V] (float32). Logits [B, chunk, V], one chunk alive at a time: the GEMM
     returns them in float32, or with `logits_f32=False` in h's dtype (each pass below reads half
     the bytes); the softmax and the loss are float32 either way. `lse_impl`: the logsumexp of the
-    fused gradient's pass (`logsumexp.py`; None: by backend)."""
+    fused gradient's pass (`logsumexp.py`; None: by backend). `head_grad=False`: no dw (zero)."""
     B, T, D = h.shape
     n = T // chunk
     w_c = w.astype(h.dtype)  # cast once, not per chunk
@@ -162,13 +171,14 @@ def _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads, lse_i
         g = g.astype(h.dtype)
         dh_c = jax.lax.dot_general(g, w_c, (((2,), (1,)), ((), ())),
                                    preferred_element_type=h.dtype)  # [B, c, D]
-        dw = dw + jax.lax.dot_general(h_c, g, (((0, 1), (0, 1)), ((), ())),
-                                      preferred_element_type=jnp.float32)  # [D, V]
-        dw = nn.with_logical_constraint(dw, ("embed", "vocab"))  # sharded like the lm_head
+        if head_grad:
+            dw = dw + jax.lax.dot_general(h_c, g, (((0, 1), (0, 1)), ((), ())),
+                                          preferred_element_type=jnp.float32)  # [D, V]
+            dw = nn.with_logical_constraint(dw, ("embed", "vocab"))  # sharded like the lm_head
         return (ce, z, dw), dh_c
 
     zero = jnp.zeros((), jnp.float32)
-    dw0 = jnp.zeros(w.shape, jnp.float32) if with_grads else zero
+    dw0 = jnp.zeros(w.shape, jnp.float32) if with_grads and head_grad else zero
     # Without the fused gradient the chunk is checkpointed: differentiated by JAX (loss_sums), the
     # backward pass recomputes each chunk's logits instead of keeping them all.
     step = body if with_grads else jax.checkpoint(body)
@@ -179,25 +189,27 @@ def _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads, lse_i
     return ce, z, dh, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _fused_lm_head_ce(h, w, targets, mask, chunk, z_loss, logits_f32, lse_impl):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _fused_lm_head_ce(h, w, targets, mask, chunk, z_loss, logits_f32, lse_impl, head_grad):
     """h [B, T, D] (compute dtype), w [D, V] (any float dtype; cast once to h's) ->
     (sum CE + z_loss * sum lse^2, [sum CE, sum lse^2])."""
     ce, z = _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads=False)
     return ce + z_loss * z, jnp.stack([ce, z])
 
 
-def _fused_lm_head_ce_fwd(h, w, targets, mask, chunk, z_loss, logits_f32, lse_impl):
+def _fused_lm_head_ce_fwd(h, w, targets, mask, chunk, z_loss, logits_f32, lse_impl, head_grad):
     ce, z, dh, dw = _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads=True,
-                               lse_impl=lse_impl)
-    return (ce + z_loss * z, jnp.stack([ce, z])), (dh, dw.astype(w.dtype))
+                               lse_impl=lse_impl, head_grad=head_grad)
+    dw = dw.astype(w.dtype) if head_grad else None
+    return (ce + z_loss * z, jnp.stack([ce, z])), (dh, dw)
 
 
-def _fused_lm_head_ce_bwd(chunk, z_loss, logits_f32, lse_impl, res, cotangents):
+def _fused_lm_head_ce_bwd(chunk, z_loss, logits_f32, lse_impl, head_grad, res, cotangents):
     dh, dw = res
     g = cotangents[0]  # the second output is stop_gradient-ed by the only caller
     # Scale in float32: g is 1 / targets, which bf16 would round (a 0.4% bias on every gradient).
-    return ((dh.astype(jnp.float32) * g).astype(dh.dtype), (dw * g).astype(dw.dtype), None, None)
+    dw = None if dw is None else (dw * g).astype(dw.dtype)  # None: zero (a frozen lm_head)
+    return ((dh.astype(jnp.float32) * g).astype(dh.dtype), dw, None, None)
 
 
 _fused_lm_head_ce.defvjp(_fused_lm_head_ce_fwd, _fused_lm_head_ce_bwd)
@@ -209,46 +221,59 @@ def target_count(batch: Batch) -> Array:
 
 # ---------------------------------------------------------------------------------------- the steps
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
-                    run: RunConfig) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    run: RunConfig, *, frozen: bool = False) -> Callable:
     """`train_step(state, batch) -> (state, metrics)`, not yet jitted (see `jit_train_step`).
 
     Loss = (sum CE + z_loss * sum lse^2) / targets in the whole batch, so accumulating over
     micro-batches gives the gradient of the full batch. A step whose loss or gradient norm is not
     finite leaves params and optimizer state unchanged and is counted.
+
+    `frozen=True` (LoRA, `training/lora.py`): `train_step(state, batch, base)`, where
+    `state.params` are the adapters only and `base` (the rest of the model's tree) is an argument
+    that is not differentiated: the gradient flows to the adapters alone, and no weight gradient
+    of the base (nor of the lm_head) is computed. The adapters' dropout draws from
+    fold_in(fold_in(state.rng, step), micro-batch).
     """
     accum, schedule = run.grad_accum_steps, make_schedule(run)
     model, view = layer_view(model, run)
+    dropout = frozen and run.lora is not None and run.lora.dropout > 0
 
-    def loss_fn(params, batch, count):
-        total, (ce, z) = train_loss_sums(model, view(params), batch, chunk=run.loss_chunk,
+    def loss_fn(params, batch, count, base, key):
+        full = params if base is None else merge_params(base, params)
+        rngs = {"dropout": key} if dropout else None
+        total, (ce, z) = train_loss_sums(model, view(full), batch, chunk=run.loss_chunk,
                                          z_loss=run.z_loss, logits_f32=run.logits_dot_in_fp32,
-                                         lse_impl=run.kernels)
+                                         lse_impl=run.kernels, head_grad=not frozen, rngs=rngs)
         return total / count, (ce, z)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch: Batch):
+    def train_step(state: TrainState, batch: Batch, base=None):
         count = target_count(batch)
+        key = jax.random.fold_in(state.rng, state.step)
         # On one device, differentiate with respect to the projections' compute-dtype copies: the
-        # same gradient (see compute_copies), half the bytes to write and to read back.
-        params = compute_copies(state.params, model.dtype)
+        # same gradient (see compute_copies), half the bytes to write and to read back. (Adapters
+        # are small: kept as they are.)
+        params = state.params if frozen else compute_copies(state.params, model.dtype)
         if accum == 1:
-            (_, (ce, z)), grads = grad_fn(params, batch, count)
+            (_, (ce, z)), grads = grad_fn(params, batch, count, base, jax.random.fold_in(key, 0))
         else:
             # [B, T] -> [accum, B / accum, T]: micro-batch a takes rows a, a + accum, ..., so each
             # device keeps its own rows (no resharding under a batch-sharded mesh).
             micro = jax.tree_util.tree_map(
                 lambda x: x.reshape((-1, accum) + x.shape[1:]).swapaxes(0, 1), batch)
 
-            def body(carry, mb):
+            def body(carry, xs):
                 g_sum, ce_sum, z_sum = carry
-                (_, (ce, z)), g = grad_fn(params, mb, count)
+                mb, a = xs
+                (_, (ce, z)), g = grad_fn(params, mb, count, base, jax.random.fold_in(key, a))
                 g_sum = jax.tree_util.tree_map(lambda s, g: s + g.astype(s.dtype), g_sum, g)
                 return (g_sum, ce_sum + ce, z_sum + z), None
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
             zero = jnp.zeros((), jnp.float32)
-            (grads, ce, z), _ = jax.lax.scan(body, (zeros, zero, zero), micro)
+            (grads, ce, z), _ = jax.lax.scan(body, (zeros, zero, zero),
+                                             (micro, jnp.arange(accum)))
         # float32 again for the norm and the optimizer (XLA converts as it reads; exact)
         grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
         loss = ce / count
@@ -272,6 +297,14 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
         return new_state, metrics
 
     return train_step
+
+
+def merge_params(base, adapters):
+    """The model's parameter tree: `base` with the (nested) `adapters` entries added."""
+    out = dict(base)
+    for key, value in adapters.items():
+        out[key] = merge_params(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
 
 
 def compute_copies(params, dtype) -> Any:
@@ -307,9 +340,12 @@ def layer_view(model: nn.Module, run: RunConfig):
 
 
 def make_eval_step(model: nn.Module, run: RunConfig) -> Callable[[Any, Batch], dict]:
+    """`eval_step(params, batch)`, or `eval_step(adapters, batch, base)` (LoRA; no dropout)."""
     model, view = layer_view(model, run)
 
-    def eval_step(params, batch):
+    def eval_step(params, batch, base=None):
+        if base is not None:
+            params = merge_params(base, params)
         ce, _ = loss_sums(model, view(params), batch, chunk=run.loss_chunk,
                           logits_f32=run.logits_dot_in_fp32)
         return {"ce_sum": ce, "targets": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
@@ -335,11 +371,15 @@ def state_shardings(optimizer, params_shardings, abstract_params_) -> TrainState
                       rng=rep, nonfinite_in_a_row=rep, nonfinite_total=rep)
 
 
-def jit_train_step(train_step, state_sharding: TrainState, batch_sharding):
-    """jit with explicit shardings; the state is donated (updated in place)."""
+def jit_train_step(train_step, state_sharding: TrainState, batch_sharding, base_sharding=None):
+    """jit with explicit shardings; the state is donated (updated in place). With
+    `base_sharding` (LoRA), the step takes the frozen base as a third argument (not donated)."""
     from jax.sharding import NamedSharding, PartitionSpec
     rep = NamedSharding(batch_sharding.mesh, PartitionSpec())
-    return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+    shardings = (state_sharding, batch_sharding)
+    if base_sharding is not None:
+        shardings += (base_sharding,)
+    return jax.jit(train_step, in_shardings=shardings,
                    out_shardings=(state_sharding, rep), donate_argnums=0)
 
 

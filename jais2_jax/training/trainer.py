@@ -12,6 +12,10 @@ first write to its end (`jais2_jax.utils.lock`); a second run on the same direct
 Resuming: when `checkpoints/` holds a step, the run restores params, optimizer state, step, RNG
 and the data position from the latest one and continues; the model config must be the one it was
 made with. Every bad input is reported before the first step runs.
+
+LoRA runs (`run.lora`): the base is loaded from `init_from` at every start (fresh or resumed) and
+stays frozen; the state and its checkpoints hold the adapters, their optimizer state, step and
+RNG only (`training/lora.py`). Resuming with a changed `lora:` block is refused.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from jais2_jax.model.options import as_dtype
 from jais2_jax.parallel import distributed, sharding
 from jais2_jax.parallel.distributed import global_batch
 from jais2_jax.training import data
+from jais2_jax.training import lora as lora_lib
 from jais2_jax.training.program import build_train_program
-from jais2_jax.training.run_config import RunConfig
+from jais2_jax.training.run_config import LoraConfig, RunConfig
 from jais2_jax.training.step import flops_per_token, init_state, make_optimizer, peak_tflops
 from jais2_jax.utils import lock
 
@@ -144,6 +149,9 @@ def train(run: RunConfig, *, until_step: int | None = None, show_progress: bool 
 def _train_locked(run, until_step, show_progress, config, mesh, train_iter, eval_data) -> dict:
     """`train` once the checks passed and the output directory is locked."""
     program = build_train_program(config, run, mesh)
+    base = None
+    if program.lora:  # before any write: a missing or mismatched base loses nothing
+        base = lora_lib.load_base(run, config, mesh, program.base_shardings)
     os.makedirs(run.output_dir, exist_ok=True)
     manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(run.output_dir, "checkpoints")),
@@ -157,15 +165,22 @@ def _train_locked(run, until_step, show_progress, config, mesh, train_iter, eval
         latest = manager.latest_step()
         if latest is not None:
             state = _restore(manager, latest, config, run, meta, program, train_iter)
+        elif program.lora:
+            state = program.init_state(jax.random.PRNGKey(run.seed))
         else:
             state = _new_state(run, config, program)
-    loop = _Loop(run, program, manager, meta, train_iter, eval_data, show_progress)
+    loop = _Loop(run, program, manager, meta, train_iter, eval_data, show_progress, base)
     return loop.run_until(state, until_step)
 
 
 def _check_run(run: RunConfig):
     """The model config, token store and mesh of `run`, each checked against the others."""
     config = load_model_config(run.model)
+    if run.lora is not None:
+        if run.init_from is None:
+            raise ValueError("a lora run trains adapters on a frozen base: set init_from to the "
+                             "base checkpoint (an HF or Orbax folder)")
+        lora_lib.check_lora(config, run.lora)
     if config.attention_dropout:
         raise ValueError(f"attention_dropout {config.attention_dropout} is not implemented; training "
                          "would silently run without it (set it to 0.0, as the released configs do)")
@@ -215,10 +230,12 @@ def _open_data(run: RunConfig, store: data.TokenStore):
 class _Loop:
     """The step loop: steps, logging, evaluation, checkpoints, SIGTERM and non-finite stops."""
 
-    def __init__(self, run, program, manager, meta, train_iter, eval_data, show_progress):
+    def __init__(self, run, program, manager, meta, train_iter, eval_data, show_progress,
+                 base=None):
         self.run, self.program, self.manager, self.meta = run, program, manager, meta
         self.train_iter, self.eval_data, self.show_progress = train_iter, eval_data, show_progress
         self.state = None
+        self.frozen = () if base is None else (base,)  # LoRA: the base, a last step argument
 
     def save(self, step: int):
         if step in self.manager.all_steps():  # e.g. SIGTERM right after a periodic save
@@ -232,7 +249,8 @@ class _Loop:
         if not self.eval_data:
             return None
         run, p = self.run, self.program
-        sums = [p.eval_step(self.state.params, global_batch(b, p.batch_sharding, run.batch_size))
+        sums = [p.eval_step(self.state.params, global_batch(b, p.batch_sharding, run.batch_size),
+                            *self.frozen)
                 for b in self.eval_data]
         sums = jax.device_get(sums)
         return float(sum(s["ce_sum"] for s in sums) / max(sum(s["targets"] for s in sums), 1.0))
@@ -245,8 +263,10 @@ class _Loop:
         timer = (time.perf_counter(), step)
         if steps > 0:
             values["tokens_per_s"] = run.batch_size * run.seq_len * steps / elapsed
-            values["tflops_per_device"] = (flops_per_token(self.program.config, run.seq_len)
-                                           * values["tokens_per_s"] / jax.device_count() / 1e12)
+            flops = (lora_lib.lora_flops_per_token(self.program.config, run.seq_len, run.lora)
+                     if run.lora is not None else flops_per_token(self.program.config, run.seq_len))
+            values["tflops_per_device"] = (flops * values["tokens_per_s"] / jax.device_count()
+                                           / 1e12)
             peak = run.peak_tflops_per_device or peak_tflops(jax.devices()[0])
             if peak:
                 values["mfu"] = values["tflops_per_device"] / peak
@@ -272,7 +292,8 @@ class _Loop:
                 while step < end:
                     local = next(self.train_iter)
                     self.state, metrics = program.train_step(
-                        self.state, global_batch(local, program.batch_sharding, run.batch_size))
+                        self.state, global_batch(local, program.batch_sharding, run.batch_size),
+                        *self.frozen)
                     step += 1
                     bar.update(1)
                     # The previous step's counter: reading it does not wait for the step just
@@ -348,6 +369,7 @@ def _restore(manager, step, config, run, meta, program, train_iter):
     """The state of checkpoint `step` (and the data position), checked against this run."""
     saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     saved_config = Jais2Config.from_dict(saved["model_config"])
+    _check_same_lora(saved["run"].get("lora"), run, step)
     if saved_config != config:
         raise ValueError(f"{run.output_dir} holds a checkpoint (step {step}) of a different model: "
                          f"{_config_diff(saved_config.to_dict(), config.to_dict())}; use another "
@@ -367,6 +389,25 @@ def _restore(manager, step, config, run, meta, program, train_iter):
     train_iter.set_state(restored["data"])
     print(f"resumed from {run.output_dir} at step {step}")
     return restored["state"]
+
+
+def _check_same_lora(saved: dict | None, run: RunConfig, step: int) -> None:
+    """A resumed run keeps its lora block (the adapters' shapes, scale and base depend on it)."""
+    now = None if run.lora is None else run.lora.to_dict()
+    if saved is None and now is None:
+        return
+    if saved is None or now is None:
+        kind = "a LoRA run" if saved is not None else "a full fine-tune"
+        raise ValueError(f"{run.output_dir} holds a checkpoint (step {step}) of {kind}; this run "
+                         f"{'has no' if now is None else 'has a'} lora block: use another "
+                         "output_dir, or the run config the checkpoint was made with")
+    saved = LoraConfig.from_dict(saved).to_dict()
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        detail = ", ".join(f"lora.{k}: {saved.get(k)!r} (checkpoint) vs {now.get(k)!r} (run)"
+                           for k in changed)
+        raise ValueError(f"cannot resume step {step} of {run.output_dir} with a changed lora "
+                         f"block: {detail}; use another output_dir or the checkpoint's lora block")
 
 
 def _config_diff(a: dict, b: dict) -> str:
@@ -404,6 +445,10 @@ def load_trained(output_dir: str, step: int | None = None) -> tuple[Jais2Config,
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         config = Jais2Config.from_dict(meta["model_config"])
         run = RunConfig.from_dict(meta["run"])
+        if run.lora is not None:
+            raise ValueError(f"{output_dir} is a LoRA run: its checkpoints hold adapters, not "
+                             "weights (training.lora.read_run_adapter reads them; `jais2 export` "
+                             "writes them as a PEFT folder or merged)")
         abstract_params = nn.meta.unbox(
             sharding.abstract_params(config, param_dtype=as_dtype(run.param_dtype)))
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's

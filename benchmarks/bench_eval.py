@@ -1,0 +1,241 @@
+"""Evaluation speed: our lm-eval model (`jais2`) vs lm-eval's own `hf` model, in one command.
+
+Random weights of the Jais2 8B shape (configs/jais2-8b.json) in bf16, the bundled tokenizer
+(data/tokenizer; its ids are a subset of the 8B vocabulary), and two local workloads built the way
+lm-eval builds its requests:
+  multiple choice: 512 questions x 4 answers = 2,048 `loglikelihood` requests (context 40-160
+    words of the bundled corpus, answers 2-12 words, as " " + answer);
+  generate-until: 128 prompts of 20-80 words, greedy, `max_gen_toks` 64, until "\\n\\n" (random
+    weights rarely stop early, so both sides generate about 64 tokens a prompt).
+Each side calls its LM's `loglikelihood` / `generate_until` on the same requests. Ours: a full pass
+to compile (warm-up), then a timed full pass, at batch 64 (`--ours-batches`); `hf`: a short
+warm-up, then a timed full pass at each of batch 8, 16, 32, 64 (`--hf-batches`). Each side's best batch size is reported, requests/s, and the
+ratio. Each side runs in its own child process (JAX and torch would fight over GPU memory).
+
+  python benchmarks/bench_eval.py                  # GPU (H100), both sides
+  python benchmarks/bench_eval.py --skip-hf        # ours only
+  python benchmarks/bench_eval.py --tiny           # CPU check of the script, tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a checkout without installing
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+PREFIX = "RESULT "
+TOKENIZER = os.path.join(ROOT, "data", "tokenizer")
+CORPUS = [os.path.join(ROOT, "data", "corpus", f) for f in ("english.txt", "arabic.txt")]
+SHAPE_TINY = {"vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+              "max_position_embeddings": 512}
+
+
+def plan(tiny: bool) -> dict:
+    if tiny:
+        return {"shape": SHAPE_TINY, "dtype": "float32", "questions": 32, "prompts": 8,
+                "max_gen": 8, "ours_batches": (8, 16), "hf_batches": (8, 16),
+                "gen_batches": (8,)}
+    with open(os.path.join(ROOT, "configs", "jais2-8b.json"), encoding="utf-8") as f:
+        shape = {k: v for k, v in json.load(f).items() if k not in (
+            "architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id")}
+    return {"shape": shape, "dtype": "bfloat16", "questions": 512, "prompts": 128,
+            "max_gen": 64, "ours_batches": (64,), "hf_batches": (8, 16, 32, 64),
+            "gen_batches": (64,)}
+
+
+def emit(**kw) -> None:
+    print(PREFIX + json.dumps(kw), flush=True)
+
+
+def requests(p: dict):
+    """The two workloads as lm-eval Instances (the same on both sides: seeded)."""
+    import numpy as np
+    from lm_eval.api.instance import Instance
+    words = []
+    for path in CORPUS:
+        with open(path, encoding="utf-8") as f:
+            words += f.read().split()
+    rng = np.random.default_rng(0)
+    text = lambda n: " ".join(rng.choice(words, n))
+    mc = []
+    for q in range(p["questions"]):
+        context = text(int(rng.integers(40, 161))) + "\nAnswer:"
+        for a in range(4):
+            mc.append(Instance("loglikelihood", {}, (context, " " + text(int(rng.integers(2, 13)))),
+                               a, metadata=("mc", q, None)))
+    gen = [Instance("generate_until", {}, (text(int(rng.integers(20, 81))),
+                                           {"until": ["\n\n"], "max_gen_toks": p["max_gen"],
+                                            "do_sample": False}), 0, metadata=("gen", i, None))
+           for i in range(p["prompts"])]
+    return mc, gen
+
+
+def timed(fn, sync=lambda: None) -> float:
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+
+def guard(name, fn, *a):
+    try:
+        fn(*a)
+    except Exception as e:  # noqa: BLE001  (one failed figure is reported, the rest go on)
+        emit(what=name, side="error", error=f"{type(e).__name__}: {e}"[:300])
+
+
+# ---------------------------------------------------------------------------------------- ours
+def run_ours(args) -> None:
+    import jax
+    from bench_generate import random_params
+
+    from jais2_jax import Jais2Config, Tokenizer
+    from jais2_jax.evaluation.lm import Jais2LM
+    from jais2_jax.model.options import as_dtype
+
+    p = plan(args.tiny)
+    if args.ours_batches:
+        p["ours_batches"] = p["gen_batches"] = tuple(map(int, args.ours_batches.split(",")))
+    config = Jais2Config(**p["shape"], bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    emit(what="device", side="jax", name=str(jax.devices()[0].device_kind), jax=jax.__version__)
+    _, params = random_params(config, as_dtype(p["dtype"]), fuse_qkv=True)  # per layer, fused
+    lm = Jais2LM.from_params(config, params, Tokenizer.from_pretrained(TOKENIZER),
+                             dtype=p["dtype"])
+    mc, gen = requests(p)
+
+    def case(what, batches, call, reqs):
+        for b in batches:
+            lm.batch_size_per_device = b
+            warm = timed(lambda: call(reqs, disable_tqdm=True))  # compiles every shape
+            s = timed(lambda: call(reqs, disable_tqdm=True))
+            emit(what=what, side="jax", batch=b, requests=len(reqs), seconds=s,
+                 req_s=len(reqs) / s, warmup_s=warm)
+
+    guard("mc", case, "mc", p["ours_batches"], lm.loglikelihood, mc)
+    guard("gen", case, "gen", p["gen_batches"], lm.generate_until, gen)
+
+
+# ------------------------------------------------------------------------------------------ hf
+def run_hf(args) -> None:
+    import torch
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+    from transformers import Jais2Config, Jais2ForCausalLM, PreTrainedTokenizerFast
+
+    p = plan(args.tiny)
+    if args.hf_batches:
+        p["hf_batches"] = tuple(map(int, args.hf_batches.split(",")))
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if p["dtype"] == "bfloat16" else torch.float32
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    emit(what="device", side="hf", name=torch.cuda.get_device_name(0) if dev.type == "cuda"
+         else "cpu", torch=torch.__version__, transformers=transformers.__version__)
+    cfg = Jais2Config(**p["shape"], bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    with torch.device(dev):
+        model = Jais2ForCausalLM(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    lm = HFLM(pretrained=model, tokenizer=PreTrainedTokenizerFast.from_pretrained(TOKENIZER),
+              batch_size=8)
+    mc, gen = requests(p)
+
+    def case(what, batches, call, reqs):
+        lm.batch_size_per_gpu = batches[0]
+        timed(lambda: call(reqs[:2 * batches[0]], disable_tqdm=True), sync)  # warm-up
+        for b in batches:
+            lm.batch_size_per_gpu = b
+            try:
+                s = timed(lambda: call(reqs, disable_tqdm=True), sync)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                emit(what=what, side="hf_oom", batch=b)
+                continue
+            emit(what=what, side="hf", batch=b, requests=len(reqs), seconds=s,
+                 req_s=len(reqs) / s)
+
+    with torch.no_grad():
+        guard("mc", case, "mc", p["hf_batches"], lm.loglikelihood, mc)
+        guard("gen", case, "gen", p["hf_batches"], lm.generate_until, gen)
+
+
+# ------------------------------------------------------------------------------------------ table
+def table(results: list[dict], tiny: bool) -> str:
+    lines = [f"{r['side']}: {r['name']} " + " ".join(f"{k}={v}" for k, v in r.items()
+                                                      if k not in ("what", "side", "name"))
+             for r in results if r["what"] == "device"]
+    lines += [f"ERROR {r['what']}: {r['error']}" for r in results if r["side"] == "error"]
+    lines += [f"hf out of memory: {r['what']} batch {r['batch']}" for r in results
+              if r["side"] == "hf_oom"]
+    head = f"{'workload':<10}{'side':<6}{'batch':>6}{'requests':>10}{'seconds':>10}{'req/s':>10}"
+    lines += ["", head, "-" * len(head)]
+    best = {}
+    for r in results:
+        if "req_s" in r:
+            lines.append(f"{r['what']:<10}{r['side']:<6}{r['batch']:>6}{r['requests']:>10}"
+                         f"{r['seconds']:>10.2f}{r['req_s']:>10.1f}")
+            key = (r["what"], r["side"])
+            if key not in best or r["req_s"] > best[key]["req_s"]:
+                best[key] = r
+    lines.append("")
+    for what, label in (("mc", "multiple choice (loglikelihood)"), ("gen", "generate-until")):
+        o, h = best.get((what, "jax")), best.get((what, "hf"))
+        if o and h:
+            lines.append(f"{label}: ours {o['req_s']:.1f} req/s (batch {o['batch']}) vs hf "
+                         f"{h['req_s']:.1f} req/s (best batch {h['batch']}): "
+                         f"{o['req_s'] / h['req_s']:.2f}x (goal >= 3x)")
+    if tiny:
+        lines.append("(--tiny: CPU, tiny model: checks the script, not the speed)")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks the script")
+    parser.add_argument("--skip-hf", action="store_true", help="only measure jais2_jax")
+    parser.add_argument("--skip-ours", action="store_true", help="only measure lm-eval's hf")
+    parser.add_argument("--ours-batches", default=None,
+                        help="our batch sizes, comma-separated (default 64; each compiles its "
+                             "shapes: about a dozen programs)")
+    parser.add_argument("--hf-batches", default=None,
+                        help="hf's batch sizes to try (default 8,16,32,64; its best is compared)")
+    parser.add_argument("--json", default=None, help="also write all results to this file")
+    parser.add_argument("--side", choices=("jax", "hf"), default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side == "jax":
+        run_ours(args)
+        return 0
+    if args.side == "hf":
+        run_hf(args)
+        return 0
+    results = []
+    for side, skip in (("jax", args.skip_ours), ("hf", args.skip_hf)):
+        if skip:
+            continue
+        env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+        if args.tiny:
+            env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+        cmd = [sys.executable, os.path.abspath(__file__), "--side", side] + sys.argv[1:]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        results += [json.loads(line[len(PREFIX):]) for line in proc.stdout.splitlines()
+                    if line.startswith(PREFIX)]
+        if proc.returncode:
+            results.append({"what": f"{side} process", "side": "error",
+                                "error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    print(table(results, args.tiny))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

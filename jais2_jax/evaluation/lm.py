@@ -1,0 +1,367 @@
+"""`Jais2LM`: an lm-evaluation-harness model over our jitted steps, registered as "jais2".
+
+It follows lm-eval's own `hf` model (`lm_eval.models.huggingface.HFLM`) request by request, so
+that a number from it means what the same number means from `hf`:
+- tokenization: `TemplateLM`'s context/continuation split; no special tokens added to a string
+  that already starts with the BOS (prefix) token; an empty context is the prefix token (BOS,
+  else EOS);
+- `loglikelihood`: the input is `(context + continuation)[-(max_length + 1):][:-1]`, truncated
+  from the left when too long (with a warning); float32 log-softmax; the greedy flag compares each
+  continuation token with the argmax;
+- `loglikelihood_rolling`: lm-eval's disjoint rolling windows of the model's context, the
+  prefix token before the first;
+- `generate_until`: prompts truncated from the left to `max_length - max_gen_toks`, greedy
+  unless the task samples, stopped at the config's (and generation_config.json's) EOS ids and cut
+  at the task's stop strings.
+
+Faster than `hf` by batching: requests are sorted by length and batched into a few padded
+shapes (so a handful of programs are compiled), and requests with the same input (one-token
+answers of a multiple-choice question) share one row of the forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import (
+    Collator,
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from jais2_jax.checkpoint.load import load_checkpoint
+from jais2_jax.evaluation.scoring import (
+    bucket_length,
+    generate_with_stops,
+    logits_chunk,
+    mesh_context,
+    score,
+)
+from jais2_jax.inference.sampling import Sampler
+from jais2_jax.inference.tokenizer import Tokenizer
+from jais2_jax.model.config import read_json_object
+from jais2_jax.model.layout import unstack_layers
+from jais2_jax.model.modules import Jais2ForCausalLM
+from jais2_jax.model.options import ModelOptions, as_dtype
+from jais2_jax.parallel.sharding import make_mesh
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_MAX_GEN_TOKS = 256  # as lm-eval's hf model
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _as_batch_size(value) -> int:
+    """lm-eval passes batch_size as given on its command line: an int, "8" or "auto"."""
+    if value is None or value == "auto" or (isinstance(value, str) and value.startswith("auto")):
+        return DEFAULT_BATCH_SIZE
+    size = int(value)
+    if size <= 0:
+        raise ValueError(f"batch_size must be positive, got {value!r}")
+    return size
+
+
+def generation_eos_ids(folder: str) -> list[int]:
+    """eos_token_id of a checkpoint's generation_config.json (what transformers' generate stops
+    at besides config.json's)."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return []
+    eos = read_json_object(path).get("eos_token_id")
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ValueError(f"{path}: eos_token_id must be an int or a list of ints, got {eos!r}")
+    return ids
+
+
+@register_model("jais2")
+class Jais2LM(TemplateLM):
+    """`Jais2LM(checkpoint=DIR)` (HF or Orbax folder with its tokenizer), or
+    `Jais2LM.from_params(config, params, tokenizer)` for parameters already in memory.
+
+    Options: `dtype` ("float32" / "bfloat16"; default float32 on CPU, else bfloat16), `mesh`
+    (a jax Mesh), `quantize` ("int8" / "fp8"), `adapter` (a PEFT folder, merged on load),
+    `batch_size`, `max_length` (default: max_position_embeddings), `max_gen_toks`,
+    `add_bos_token` (as `hf`'s: None lets the tokenizer decide)."""
+
+    def __init__(self, checkpoint: str | None = None, *, dtype: str | None = None, mesh=None,
+                 quantize: str | None = None, adapter: str | None = None,
+                 batch_size: int | str | None = DEFAULT_BATCH_SIZE,
+                 max_length: int | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+                 add_bos_token: bool | None = None, _loaded: tuple | None = None,
+                 **ignored: Any):
+        super().__init__()
+        # lm-eval's simple_evaluate adds device / max_batch_size for every model: not ours.
+        unknown = sorted(set(ignored) - {"device", "max_batch_size"})
+        if unknown:
+            raise ValueError(f"jais2 model: unknown model_args {unknown}")
+        if _loaded is not None:
+            config, params, tokenizer, eos, mesh = _loaded
+        else:
+            if checkpoint is None:
+                raise ValueError("jais2 model: give checkpoint=DIR (an HF or Orbax folder)")
+            if isinstance(mesh, str):
+                mesh = make_mesh(mesh)
+            # The tokenizer first: a checkpoint without one fails before the weights load.
+            tokenizer = Tokenizer.from_pretrained(checkpoint)
+            dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+            config, params = load_checkpoint(checkpoint, dtype=dtype, mesh=mesh,
+                                             quantize=quantize, adapter=adapter)
+            eos = generation_eos_ids(checkpoint)
+        if dtype is None:
+            leaf = params["embed_tokens"]["embedding"]
+            dtype = str(leaf.dtype)
+        self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
+        self.dtype = as_dtype(dtype)
+        # Per-layer weights with q/k/v as one GEMM on one accelerator (what `jais2 generate`
+        # does: slicing a stacked weight inside jit copies it); scanned layers on a mesh / CPU.
+        # Parameters given per layer (`unstack_layers`) are used as they are.
+        stacked = "layers" in params
+        unstack = stacked and jax.default_backend() != "cpu" and mesh is None
+        self.params = unstack_layers(params, fuse_qkv=True) if unstack else params
+        fused = not stacked and "qkv_proj" in self.params.get("layers_0", {}).get("self_attn", {})
+        self.model = Jais2ForCausalLM(
+            config, dtype=self.dtype, param_dtype=self.dtype, quantization=quantize,
+            options=ModelOptions(scan_layers=stacked and not unstack, fuse_qkv=unstack or fused))
+        self.batch_size_per_device = _as_batch_size(batch_size)
+        if mesh is not None:  # rows split over the data and fsdp axes: a multiple of both
+            split = mesh.shape["data"] * mesh.shape["fsdp"]
+            self.batch_size_per_device = -(-self.batch_size_per_device // split) * split
+        self._max_length = int(max_length) if max_length else config.max_position_embeddings
+        if self._max_length > config.max_position_embeddings:
+            raise ValueError(f"max_length {self._max_length} exceeds the model's "
+                             f"max_position_embeddings {config.max_position_embeddings}")
+        self._max_gen_toks = int(max_gen_toks)
+        self.add_bos_token = add_bos_token
+        self.eos_ids = tuple(dict.fromkeys(list(config.eos_token_ids) + list(eos)))
+        if tokenizer.vocab_size > config.vocab_size:
+            raise ValueError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) exceeds the "
+                             f"model's vocab_size ({config.vocab_size})")
+        self.truncated = 0  # requests cut from the left to fit the context, so far
+
+    @classmethod
+    def from_params(cls, config, params, tokenizer: Tokenizer, *, mesh=None,
+                    dtype: str | None = None, quantize: str | None = None,
+                    batch_size: int = DEFAULT_BATCH_SIZE, **kwargs) -> Jais2LM:
+        """The model over parameters already in memory (the trainer's; no checkpoint)."""
+        return cls(dtype=dtype, quantize=quantize, batch_size=batch_size,
+                   _loaded=(config, params, tokenizer, (), mesh), **kwargs)
+
+    # ------------------------------------------------------------------ what lm-eval asks
+    @property
+    def eot_token_id(self) -> int:
+        eos = self.tokenizer.eos_token_id
+        return eos if eos is not None else self.config.eos_token_ids[0]
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return (self.tokenizer.name_or_path or "jais2").replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        if chat_template is False or chat_template is None:
+            return None
+        if isinstance(chat_template, str) and chat_template in self.tokenizer.chat_templates:
+            return self.tokenizer.chat_templates[chat_template]
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"{self.tokenizer.name_or_path or 'the tokenizer'} has no chat "
+                             "template: drop --apply-chat-template")
+        return self.tokenizer.chat_template
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        """As `hf`: the rendered conversation; without a generation prompt the last (assistant)
+        message is continued, the text cut after its content (transformers'
+        `continue_final_message`)."""
+        text = self.tokenizer.apply_chat_template(chat_history,
+                                                  add_generation_prompt=add_generation_prompt)
+        if not add_generation_prompt:
+            final = chat_history[-1]["content"]
+            if final.strip() and final.strip() in text:
+                final = final.strip() if final not in text else final
+                text = text[: text.rindex(final) + len(final)]
+        return text
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                   left_truncate_len: int | None = None, **kwargs) -> list[int]:
+        add = add_special_tokens if add_special_tokens is not None else self.add_bos_token
+        if add_special_tokens is None and has_bos_prefix(
+                string, self.tokenizer.decode([self.prefix_token_id])):
+            add = False
+        ids = self.tokenizer.encode(string, add_special_tokens=True if add is None else add)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------------ scoring
+    def _fit(self, context: list[int], continuation: list[int]) -> list[int]:
+        """The model's input for a request: the last max_length tokens before the final one."""
+        whole = context + continuation
+        if len(whole) > self.max_length + 1:
+            self.truncated += 1
+            logger.warning("a request of %d tokens (context %d + continuation %d) exceeds the "
+                           "model's context of %d: truncated from the left, as lm-eval's hf "
+                           "model does", len(whole), len(context), len(continuation),
+                           self.max_length)
+        return whole[-(self.max_length + 1):][:-1]
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
+                              **kwargs) -> list[tuple[float, bool]]:
+        if not requests:
+            return []
+        for _, _, continuation in requests:
+            if not continuation:
+                raise ValueError("a loglikelihood request has an empty continuation")
+        # One row per distinct input; longest first (the first batch is the largest shape).
+        inputs: dict[tuple, list[int]] = {}
+        for i, (_, context, continuation) in enumerate(requests):
+            inputs.setdefault(tuple(self._fit(context, continuation)), []).append(i)
+        order = sorted(inputs, key=lambda t: (-len(t), t))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        rows_per_batch = self.batch_size
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood (jais2)")
+        for at in range(0, len(order), rows_per_batch):
+            batch = order[at: at + rows_per_batch]
+            members = [(b, i) for b, inp in enumerate(batch) for i in inputs[inp]]
+            out = self._score_batch(batch, [(b, requests[i][2]) for b, i in members])
+            for (_, i), answer in zip(members, out):
+                results[i] = answer
+            bar.update(len(members))
+        bar.close()
+        return results
+
+    def _score_batch(self, inputs: list[tuple], targets: list[tuple[int, list[int]]]):
+        """inputs: token tuples (one row each); targets: (row, continuation) per request."""
+        rows = self.batch_size
+        longest = max(len(t) for t in inputs)
+        width = min(bucket_length(longest), self.max_length)
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        ids = np.full((rows, width), pad, np.int32)
+        mask = np.zeros((rows, width), np.int32)
+        for b, t in enumerate(inputs):
+            ids[b, :len(t)], mask[b, :len(t)] = t, 1
+        # Requests padded to a power-of-two multiple of the rows; targets to a power of two (at
+        # least 16: fewer compiled shapes, and a 16-wide gather costs nothing next to the forward).
+        num = len(targets)
+        slots = rows * _pow2(-(-num // rows))
+        cont = max(16, _pow2(max(min(len(c), len(inputs[b])) for b, c in targets)))
+        row_of = np.zeros(slots, np.int32)
+        starts = np.zeros(slots, np.int32)
+        tgt = np.zeros((slots, cont), np.int32)
+        tmask = np.zeros((slots, cont), np.int32)
+        for r, (b, c) in enumerate(targets):
+            c = c[-len(inputs[b]):]  # a continuation longer than the context window: its tail
+            row_of[r], starts[r] = b, len(inputs[b]) - len(c)
+            tgt[r, :len(c)], tmask[r, :len(c)] = c, 1
+        chunk = logits_chunk(slots, cont, self.config.vocab_size)
+        with mesh_context(self.mesh):
+            logp, greedy = score(self.model, self.params, ids, mask, row_of, starts, tgt, tmask,
+                                 chunk=chunk)
+        logp, greedy = np.asarray(logp), np.asarray(greedy)
+        return [(float(logp[r]), bool(greedy[r])) for r in range(num)]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        return self.rolling_logprobs([self.tok_encode(req.args[0]) for req in requests],
+                                     disable_tqdm=disable_tqdm)
+
+    def rolling_logprobs(self, documents: list[list[int]], *, prefix: int | None = None,
+                         disable_tqdm: bool = False) -> list[float]:
+        """The summed log-probability of every token of each document, each predicted from
+        up to max_length tokens before it (lm-eval's disjoint rolling windows), the first from
+        `prefix` (default: the prefix token, BOS else EOS)."""
+        prefix = self.prefix_token_id if prefix is None else prefix
+        windows, owner = [], []
+        for n, ids in enumerate(documents):
+            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=list(ids), prefix_token=prefix, max_seq_len=self.max_length,
+                    context_len=1)):
+                windows.append((None, context, continuation))
+                owner.append(n)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(documents)
+        for n, (logp, _) in zip(owner, scores):
+            totals[n] += logp
+        return totals
+
+    # ---------------------------------------------------------------------- generation
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        if not requests:
+            return []
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        order = Collator([r.args for r in requests],
+                         sort_fn=lambda r: (-len(self.tok_encode(r[0])), r[0]),
+                         group_by="gen_kwargs", group_fn=lambda r: r[1])
+        results = []
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until (jais2)")
+        for chunk in order.get_batched(n=self.batch_size):
+            contexts, all_kwargs = zip(*chunk)
+            kwargs = normalize_gen_kwargs(all_kwargs[0], self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+            max_gen = int(kwargs.pop("max_gen_toks"))
+            room = self.max_length - max_gen
+            if room <= 0:
+                raise ValueError(f"max_gen_toks {max_gen} leaves no room for a prompt in the "
+                                 f"model's context of {self.max_length} tokens")
+            prompts = []
+            for text in contexts:
+                ids = self.tok_encode(text)
+                if len(ids) > room:
+                    self.truncated += 1
+                    logger.warning("a prompt of %d tokens exceeds the model's context of %d less "
+                                   "max_gen_toks %d: truncated from the left, as lm-eval's hf "
+                                   "model does", len(ids), self.max_length, max_gen)
+                    ids = ids[-room:]
+                prompts.append(ids)
+            sampler = Sampler()
+            if kwargs.get("do_sample") and float(kwargs.get("temperature", 0.0)) > 0:
+                sampler = Sampler(float(kwargs["temperature"]), kwargs.get("top_k"),
+                                  kwargs.get("top_p"))
+            stops, real = [s for s in until if s], len(prompts)
+
+            def stop_when(b, tokens, stops=stops, real=real):
+                # padding rows (a short last batch) stop at once
+                return b >= real or any(s in self.tok_decode(tokens) for s in stops)
+
+            pad = self.config.pad_token_id if self.config.pad_token_id is not None else \
+                self.eos_ids[0] if self.eos_ids else 0
+            padded = prompts + [prompts[-1]] * (self.batch_size - len(prompts))
+            new = generate_with_stops(self.model, self.params, padded, max_new_tokens=max_gen,
+                                      eos_ids=self.eos_ids, pad_id=int(pad),
+                                      stop_when=stop_when,
+                                      sampler=sampler, rng=jax.random.key(1234), mesh=self.mesh)
+            for tokens in new[:len(prompts)]:
+                results.append(postprocess_generated_text(self.tok_decode(tokens), until, None))
+            bar.update(len(prompts))
+        bar.close()
+        return order.get_original(results)

@@ -1,0 +1,139 @@
+"""Log-likelihoods of continuations in one jitted forward per batch, and generation with stop
+strings: the device side of the lm-evaluation-harness model (`evaluation/lm.py`).
+
+`score` runs the decoder once over a batch of right-padded rows (context + continuation, the last
+token dropped, as lm-eval's `hf` model feeds them) and, for each request, gathers the hidden states
+at its continuation's positions, makes their float32 logits a chunk of positions at a time (so a
+4k-token rolling window never holds [rows, 4k, 150k] float32 at once) and returns the summed
+log-probability of the continuation and whether greedy decoding would have produced it. Several
+requests may share one row (multiple choice with one-token answers: the same input, different
+last targets), so the forward runs once per distinct input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jais2_jax.inference.generate import decode_loop, decode_step, prefill, right_align
+from jais2_jax.inference.sampling import Sampler
+from jais2_jax.model.cache import init_cache
+from jais2_jax.parallel.sharding import use_mesh
+
+Array = jax.Array
+# The most float32 logits one chunk of `score` may hold, in bytes (rows x positions x vocab x 4).
+LOGITS_BYTES = 1 << 30
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def bucket_length(n: int, shortest: int = 64) -> int:
+    """Padded input length: `shortest`, then two sizes per octave (a handful of compiled shapes,
+    at most a third of a row padding)."""
+    if n <= shortest:
+        return shortest
+    step = max(shortest, _pow2(n) // 4)
+    return -(-n // step) * step
+
+
+def logits_chunk(rows: int, positions: int, vocab: int) -> int:
+    """Positions per logits chunk: a power of two dividing `positions` (a power of two)."""
+    k = positions
+    while k > 1 and rows * k * vocab * 4 > LOGITS_BYTES:
+        k //= 2
+    return k
+
+
+@functools.partial(jax.jit, static_argnames=("model", "chunk"))
+def score(model, params, input_ids: Array, attention_mask: Array, rows: Array, starts: Array,
+          targets: Array, target_mask: Array, *, chunk: int) -> tuple[Array, Array]:
+    """input_ids, attention_mask: [B, T] right-padded; per request r (R of them): rows [R] (its
+    row of the batch), starts [R] (the position whose logits predict its first target), targets
+    [R, C] and target_mask [R, C] (1 for real targets, a prefix of each row).
+
+    Returns (sum of float32 log-probs of the targets [R], all targets greedy [R])."""
+    hidden, _ = model.apply({"params": params}, input_ids, attention_mask,
+                            method="hidden_states")  # [B, T, D]
+    length = input_ids.shape[1]
+    num, width = targets.shape
+    pos = jnp.clip(starts[:, None] + jnp.arange(width)[None, :], 0, length - 1)  # [R, C]
+    picked = hidden[rows[:, None], pos]  # [R, C, D]
+
+    def one(args):
+        h, t = args  # [R, K, D], [R, K]
+        logits = model.apply({"params": params}, h, method="logits")  # [R, K, V] float32
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        token_logp = jnp.take_along_axis(logp, t[..., None], axis=-1)[..., 0]  # [R, K]
+        return token_logp, jnp.argmax(logits, axis=-1) == t
+
+    n = width // chunk
+    split = lambda x: jnp.moveaxis(x.reshape(num, n, chunk, *x.shape[2:]), 1, 0)
+    token_logp, greedy = jax.lax.map(one, (split(picked), split(targets)))  # [n, R, K]
+    token_logp = jnp.moveaxis(token_logp, 0, 1).reshape(num, width)
+    greedy = jnp.moveaxis(greedy, 0, 1).reshape(num, width)
+    real = target_mask.astype(bool)
+    return (jnp.where(real, token_logp, 0.0).sum(axis=1),
+            jnp.all(greedy | ~real, axis=1))
+
+
+def mesh_context(mesh):
+    return use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def generate_with_stops(model, params, prompts: list[list[int]], *, max_new_tokens: int,
+                        eos_ids: tuple[int, ...], pad_id: int, stop_when, chunk: int = 32,
+                        sampler: Sampler | None = None, rng=None,
+                        mesh=None) -> list[list[int]]:
+    """Greedy (or sampled) continuations of token-id prompts, decoded `chunk` tokens at a time so
+    that the batch stops once `stop_when(row, tokens)` holds for every row (a stop string in its
+    text) or every row met an EOS, rather than always running `max_new_tokens` steps.
+
+    Returns each row's new tokens, cut before its first EOS (at most `max_new_tokens`)."""
+    config = model.config
+    sampler = Sampler() if sampler is None else sampler
+    batch = len(prompts)
+    longest = max(len(p) for p in prompts)
+    needed = longest + max_new_tokens - 1  # the last new token is never written to the cache
+    if needed > config.max_position_embeddings:
+        raise ValueError(f"prompt ({longest} tokens) + {max_new_tokens} new tokens exceed the "
+                         f"model's {config.max_position_embeddings} positions")
+    cache_length = min(-(-max(needed, 1) // 128) * 128, config.max_position_embeddings)
+    width = min(bucket_length(longest), cache_length)
+    ids = np.full((batch, width), pad_id, np.int32)
+    mask = np.zeros((batch, width), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)], mask[i, :len(p)] = p, 1
+    ids, mask = right_align(ids, mask)
+    if rng is None:
+        rng = jax.random.key(0)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    finished = np.zeros(batch, bool)
+    eos = set(eos_ids)
+    with mesh_context(mesh):
+        cache = init_cache(config, batch, cache_length, dtype=model.dtype,
+                           per_layer=not model.scan_layers)
+        logits, cache = prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), cache)
+        produced = 0
+        while True:
+            steps = min(chunk, max_new_tokens - produced)
+            tokens, cache = decode_loop(model, params, logits, cache,
+                                        jax.random.fold_in(rng, produced), max_new_tokens=steps,
+                                        sampler=sampler, eos_ids=tuple(eos_ids), pad_id=pad_id,
+                                        callback=None, ordered=True)
+            host = np.asarray(tokens)  # [B, steps]
+            produced += steps
+            for b in np.flatnonzero(~finished):
+                row = host[b].tolist()
+                hit = next((i for i, t in enumerate(row) if t in eos), None)
+                out[b].extend(row if hit is None else row[:hit])
+                if hit is not None or stop_when(b, out[b]):
+                    finished[b] = True
+            if finished.all() or produced >= max_new_tokens:
+                return out
+            logits, cache = decode_step(model, params, tokens[:, -1], cache)
