@@ -53,7 +53,10 @@ def run_ours(args) -> None:
     import socket
     import threading
 
-    import httpx2 as httpx
+    try:
+        import httpx2 as httpx  # what the openai client installs here
+    except ImportError:
+        import httpx
     import jax
     import numpy as np
     import uvicorn
