@@ -11,6 +11,7 @@ import jax
 from jais2_jax.checkpoint import export_orbax_to_hf, load_checkpoint, save_model
 from jais2_jax.checkpoint.common import TOKENIZER_FILES
 from jais2_jax.checkpoint.convert import HF_FOLDER
+from jais2_jax.checkpoint.hub import resolve_checkpoint
 from jais2_jax.checkpoint.peft import ADAPTER_FOLDER, AdapterConfig, save_adapter
 from jais2_jax.training.lora import is_lora_run, read_run_adapter
 from jais2_jax.training.trainer import load_trained, run_tokenizer_dir
@@ -84,7 +85,7 @@ def export_run_merged(run_dir, hf_dir, *, step=None, max_shard_size="5GB", dtype
     with temporary_beside(target) as t:
         adapter_dir = os.path.join(t, "adapter")
         save_adapter(adapter_dir, _adapter_config(ra), ra.adapters, ra.model_config)
-        config, params = load_checkpoint(ra.base, adapter=adapter_dir)
+        config, params = load_checkpoint(resolve_checkpoint(ra.base), adapter=adapter_dir)
         if config != ra.model_config:
             raise ValueError(f"the run's base {ra.base} has another model config than the run")
         model_dir = os.path.join(t, "model")

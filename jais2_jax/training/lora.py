@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jais2_jax.checkpoint import load_checkpoint
+from jais2_jax.checkpoint.hub import resolve_checkpoint
 from jais2_jax.model.config import Jais2Config
 from jais2_jax.model.layout import unstack_layers
 from jais2_jax.model.linear import LoraSpec
@@ -160,7 +161,7 @@ def load_base(run: RunConfig, config: Jais2Config, mesh, shardings=None) -> dict
     """The frozen base from `run.init_from`: compute dtype, int8 projections for QLoRA, on `mesh`
     (each process reads its part). An untied lm_head is dequantized back to the compute dtype."""
     q = run.lora.base_quantization
-    loaded_config, params = load_checkpoint(run.init_from, dtype=as_dtype(run.dtype), mesh=mesh,
+    loaded_config, params = load_checkpoint(resolve_checkpoint(run.init_from), dtype=as_dtype(run.dtype), mesh=mesh,
                                             quantize=q)
     if loaded_config != config:
         raise ValueError(f"init_from {run.init_from}: its model config differs from {run.model}")

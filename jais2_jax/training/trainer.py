@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from jais2_jax.checkpoint import load_checkpoint
+from jais2_jax.checkpoint.hub import resolve_checkpoint
 from jais2_jax.model.config import Jais2Config, load_model_config
 from jais2_jax.model.options import as_dtype
 from jais2_jax.parallel import distributed, sharding
@@ -356,7 +357,7 @@ def _new_state(run, config, program):
     """Random init or `init_from` (continued training), created directly in the state's shards."""
     if run.init_from is None:
         return program.init_state(jax.random.PRNGKey(run.seed))
-    loaded_config, params = load_checkpoint(run.init_from, dtype=as_dtype(run.param_dtype),
+    loaded_config, params = load_checkpoint(resolve_checkpoint(run.init_from), dtype=as_dtype(run.param_dtype),
                                             mesh=program.mesh)
     if loaded_config != config:
         raise ValueError(f"init_from {run.init_from}: its model config differs from {run.model} "
