@@ -2,7 +2,7 @@
 
 1. `prepare-data` on the bundled Arabic + English corpus (data/corpus, data/tokenizer);
 2. train a tiny Jais2 (configs/jais2-tiny.json) with configs/tiny-cpu.yaml;
-3. sample a few lines from the trained checkpoint (jais2_jax.inference.generate);
+3. sample a few lines from the run's best checkpoint (`keep_best: eval_loss`; jais2_jax.inference.generate);
 4. write loss_curve.png (train and eval loss) and samples.txt under the output directory.
 """
 
@@ -74,7 +74,10 @@ def run(args) -> int:
     if note:
         print(note)
 
-    print("[3/4] sample from the trained checkpoint")
+    from jais2_jax.training.trainer import best_step
+    best = best_step(run_config.output_dir)
+    print("[3/4] sample from " + ("the last checkpoint" if best is None else
+                                 f"the best checkpoint (step {best}, lowest held-out loss)"))
     samples = _sample(run_config.output_dir, os.path.join(store, "tokenizer"), args.max_new_tokens)
     for prompt, text in samples:
         print(f"  {prompt} -> {text!r}")
@@ -118,8 +121,8 @@ def _sample(train_dir: str, tokenizer_dir: str, max_new_tokens: int) -> list[tup
     from jais2_jax import Jais2ForCausalLM
     from jais2_jax.inference.generate import generate
     from jais2_jax.inference.tokenizer import Tokenizer
-    from jais2_jax.training.trainer import load_trained
-    config, params, _ = load_trained(train_dir)
+    from jais2_jax.training.trainer import best_step, load_trained
+    config, params, _ = load_trained(train_dir, best_step(train_dir))
     tok = Tokenizer.from_pretrained(tokenizer_dir)
     model = Jais2ForCausalLM(config)
     rows = _prompt_rows(tok)

@@ -151,6 +151,16 @@ class RunConfig:
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
     max_nonfinite_in_a_row: int = 5
+    # lm-eval tasks on the current params (comma-separated, as `jais2 eval --tasks`), every
+    # eval_tasks_every steps (0: with eval_every), each metric logged as "eval/TASK/METRIC"
+    eval_tasks: str | None = None
+    eval_tasks_every: int = 0
+    eval_tasks_limit: int | None = None  # requests per task (None: all)
+    eval_tasks_include_path: str | None = None  # folder of task YAMLs (besides configs/eval)
+    # keep the checkpoint with the best "eval_loss" (lowest) or task metric "TASK/METRIC" (highest;
+    # lowest for perplexities, losses and bits per byte) beside the latest `keep_checkpoints`; a
+    # checkpoint is saved at every step that measures it
+    keep_best: str | None = None
     peak_tflops_per_device: float | None = None  # for MFU; None: looked up from the device kind
     data_threads: int = 2  # loader threads, 1..MAX_DATA_THREADS (256; each prefetches 2 batches)
     # --- LoRA / QLoRA: train adapters on the frozen base `init_from` (None: full fine-tune)
@@ -212,10 +222,37 @@ class RunConfig:
         if self.attention_impl not in ATTENTION_IMPLS:  # as ModelOptions checks it, but up front
             raise ValueError(f"attention_impl {self.attention_impl!r}: choose one of "
                              f"{ATTENTION_IMPLS} (null: by backend)")
+        if self.eval_tasks_every < 0:
+            raise ValueError(f"eval_tasks_every must be >= 0, got {self.eval_tasks_every}")
+        if self.eval_tasks_limit is not None and self.eval_tasks_limit <= 0:
+            raise ValueError(f"eval_tasks_limit must be positive or null, got "
+                             f"{self.eval_tasks_limit}")
+        if self.eval_tasks is not None and not self.task_names:
+            raise ValueError(f"eval_tasks names no task: {self.eval_tasks!r}")
+        if self.keep_best is not None and self.keep_best != "eval_loss":
+            task = self.keep_best.split("/")[0]
+            if "/" not in self.keep_best or task not in self.task_names:
+                raise ValueError(f"keep_best {self.keep_best!r}: choose 'eval_loss' or a metric "
+                                 f"'TASK/METRIC' of a task in eval_tasks ({list(self.task_names)})")
+        if self.keep_best == "eval_loss" and not self.eval_every:
+            raise ValueError("keep_best: eval_loss needs eval_every > 0")
         if not 0 <= self.seed < 2 ** 63:  # a jax.random key's signed 64-bit seed
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         as_dtype(self.dtype), as_dtype(self.param_dtype)
         pallas_gpu.check(self.kernels, "kernels")
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in (self.eval_tasks or "").split(",") if t.strip())
+
+    @property
+    def tasks_every(self) -> int:
+        return self.eval_tasks_every or self.eval_every
+
+    @property
+    def best_lower_is_better(self) -> bool:
+        key = (self.keep_best or "").lower()
+        return key == "eval_loss" or any(w in key for w in ("perplexity", "loss", "bits_per_byte"))
 
     # ------------------------------------------------------------------------------------------ i/o
     @classmethod

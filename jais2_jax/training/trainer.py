@@ -30,10 +30,12 @@ import uuid
 import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 from tqdm import tqdm
 
 from jais2_jax.checkpoint import load_checkpoint
 from jais2_jax.checkpoint.hub import resolve_checkpoint
+from jais2_jax.evaluation import harness
 from jais2_jax.model.config import Jais2Config, load_model_config
 from jais2_jax.model.options import as_dtype
 from jais2_jax.parallel import distributed, sharding
@@ -44,6 +46,7 @@ from jais2_jax.training.program import build_train_program
 from jais2_jax.training.run_config import LoraConfig, RunConfig
 from jais2_jax.training.step import flops_per_token, init_state, make_optimizer, peak_tflops
 from jais2_jax.utils import lock
+from jais2_jax.utils.fsutil import write_text_atomic
 
 # `meta` entries that fix the order of the data: a resumed run must keep them.
 DATA_ORDER_KEYS = ("seq_len", "batch_size", "seed")
@@ -156,7 +159,7 @@ def _train_locked(run, until_step, show_progress, config, mesh, train_iter, eval
     os.makedirs(run.output_dir, exist_ok=True)
     manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(run.output_dir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints,
+        options=ocp.CheckpointManagerOptions(**_keep_options(run),
                                              enable_async_checkpointing=run.async_checkpointing),
         item_names=("state", "data", "meta"))
     meta = {"model_config": config.to_dict(), "run": run.to_dict(),
@@ -205,7 +208,20 @@ def _check_run(run: RunConfig):
                          f"{mesh.shape['fsdp']})")
     distributed.check_batch_split(sharding.batch_sharding(mesh, (run.batch_size, run.seq_len)),
                                   (run.batch_size, run.seq_len))
+    if run.task_names:
+        if run.lora is not None:
+            raise ValueError("eval_tasks on a lora run is not supported yet (the tasks need the "
+                             "merged weights): export the run and use `jais2 eval --adapter`")
+        if _tokenizer_of(run) is None:
+            raise ValueError(f"eval_tasks needs a tokenizer: the token store {run.data} has no "
+                             "tokenizer/ folder")
+        harness.task_manager(run.eval_tasks_include_path).load(list(run.task_names))
     return config, store, mesh
+
+
+def _tokenizer_of(run: RunConfig) -> str | None:
+    folder = os.path.join(run.data, "tokenizer")
+    return folder if os.path.isdir(folder) else None
 
 
 def _open_data(run: RunConfig, store: data.TokenStore):
@@ -228,6 +244,37 @@ def _open_data(run: RunConfig, store: data.TokenStore):
     return train_iter, eval_data
 
 
+def _keep_options(run: RunConfig) -> dict:
+    """The latest `keep_checkpoints`, and with `keep_best` the best one too (Orbax's
+    preservation policies: a checkpoint saved with metrics is ranked by `keep_best`)."""
+    if run.keep_best is None:
+        return {"max_to_keep": run.keep_checkpoints}
+    key = run.keep_best
+    best = preservation.BestN(get_metric_fn=lambda metrics: metrics[key],
+                              reverse=run.best_lower_is_better, n=1,
+                              keep_checkpoints_without_metrics=False)
+    return {"preservation_policy": preservation.AnyPreservationPolicy(
+        [preservation.LatestN(n=run.keep_checkpoints), best])}
+
+
+def _best_value(run: RunConfig) -> float | None:
+    path = os.path.join(run.output_dir, "best.json")
+    if run.keep_best is None or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    return float(record["value"]) if record.get("metric") == run.keep_best else None
+
+
+def best_step(output_dir: str) -> int | None:
+    """The step of the run's best checkpoint by its `keep_best` (None: not set or not measured)."""
+    path = os.path.join(output_dir, "best.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return int(json.load(f)["step"])
+
+
 class _Loop:
     """The step loop: steps, logging, evaluation, checkpoints, SIGTERM and non-finite stops."""
 
@@ -236,15 +283,44 @@ class _Loop:
         self.run, self.program, self.manager, self.meta = run, program, manager, meta
         self.train_iter, self.eval_data, self.show_progress = train_iter, eval_data, show_progress
         self.state = None
+        self.best = _best_value(run)
         self.frozen = () if base is None else (base,)  # LoRA: the base, a last step argument
 
-    def save(self, step: int):
+    def save(self, step: int, metrics: dict | None = None):
         if step in self.manager.all_steps():  # e.g. SIGTERM right after a periodic save
             return
-        self.manager.save(step, force=True, args=ocp.args.Composite(
+        self.manager.save(step, force=True, metrics=metrics, args=ocp.args.Composite(
             state=ocp.args.StandardSave(self.state),
             data=ocp.args.JsonSave(self.train_iter.get_state()),
             meta=ocp.args.JsonSave(self.meta)))
+
+    def evaluate_tasks(self) -> dict[str, float]:
+        run, p = self.run, self.program
+        scores = harness.evaluate_tasks(
+            p.config, self.state.params, _tokenizer_of(run), run.task_names,
+            limit=run.eval_tasks_limit, mesh=p.mesh, include_path=run.eval_tasks_include_path,
+            dtype=run.dtype)
+        return {f"eval/{k}": v for k, v in scores.items()}
+
+    def note_best(self, step: int, measured: dict) -> None:
+        """Saves the step's checkpoint with its `keep_best` metric, and best.json if it is the
+        best so far (process 0)."""
+        run = self.run
+        key = run.keep_best if run.keep_best == "eval_loss" else f"eval/{run.keep_best}"
+        if key not in measured:
+            if run.keep_best != "eval_loss":
+                raise ValueError(f"keep_best {run.keep_best!r}: the tasks measured no such "
+                                 f"metric (they gave {sorted(measured)})")
+            return
+        value = float(measured[key])
+        self.save(step, {run.keep_best: value})
+        better = (self.best is None or (value < self.best if run.best_lower_is_better
+                                        else value > self.best))
+        if better:
+            self.best = value
+            if jax.process_index() == 0:
+                write_text_atomic(os.path.join(run.output_dir, "best.json"), json.dumps(
+                    {"step": step, "metric": run.keep_best, "value": value}))
 
     def evaluate(self) -> float | None:
         if not self.eval_data:
@@ -310,11 +386,22 @@ class _Loop:
                     if step % run.log_every == 0 or step == end:
                         values, timer = self._log(step, metrics, timer, metrics_log, bar)
                         loss = values["loss"]
+                    measured = {}
                     if run.eval_every and (step % run.eval_every == 0 or step == end) and \
                             self.eval_data:
                         eval_loss = self.evaluate()
-                        metrics_log.write(step, {"eval_loss": eval_loss})
+                        measured["eval_loss"] = eval_loss
                         bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
+                    if run.task_names and run.tasks_every and (
+                            step % run.tasks_every == 0 or step == end):
+                        scores = self.evaluate_tasks()
+                        measured.update(scores)
+                        bar.write(f"step {step}: " + ", ".join(
+                            f"{k[5:]} {v:.4f}" for k, v in sorted(scores.items())))
+                    if measured:
+                        metrics_log.write(step, measured)
+                        if run.keep_best is not None:
+                            self.note_best(step, measured)
                     if step % run.checkpoint_every == 0 or step == end:
                         self.save(step)
                     preempted = stop.set if processes == 1 else \
