@@ -369,3 +369,43 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(server):
     assert server.proc.wait(timeout=60) == 0
     with pytest.raises(httpx.TransportError):  # no longer accepting
         httpx.get(server.url + "/health")
+
+
+def test_a_failing_decode_step_fails_every_request_instead_of_hanging(folder, monkeypatch):
+    """A decode chunk that raises (e.g. out of device memory: its donated cache is gone): the
+    requests in slots and in the queue get an error at once, and later ones are refused."""
+    import jax
+
+    from jais2_jax import Tokenizer, load_checkpoint
+    from jais2_jax.inference.program import build_inference_program
+    from jais2_jax.serving import engine as engine_lib
+    path, _, tok = folder
+    config, params = load_checkpoint(str(path), dtype="float32")
+    program = build_inference_program(config, batch_size=2, max_length=64, dtype="float32")
+    engine = engine_lib.Engine(program, program.place(params), Tokenizer.from_pretrained(str(path)),
+                               chunk=2)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory (simulated)")
+    monkeypatch.setattr(engine_lib, "decode_chunk", broken)
+    done = threading.Semaphore(0)
+    events: list = []
+
+    def emit(ev):
+        events.append(ev)
+        if ev[0] in ("done", "error"):
+            done.release()
+    for n in range(5):  # 2 slots: 2 requests in slots, 3 waiting
+        engine.submit(engine_lib.Request(prompt_ids=tok.encode("the sea " * (n + 1)),
+                                         max_tokens=8, emit=emit))
+    worker = threading.Thread(target=engine.run)
+    worker.start()
+    for _ in range(5):
+        assert done.acquire(timeout=120), events
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    errors = [ev for ev in events if ev[0] == "error"]
+    assert len(errors) == 5 and all("RESOURCE_EXHAUSTED" in ev[1] for ev in errors), events
+    with pytest.raises(engine_lib.QueueFull, match="engine failed"):
+        engine.submit(engine_lib.Request(prompt_ids=tok.encode("the sea"), max_tokens=4,
+                                         emit=emit))

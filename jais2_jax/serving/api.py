@@ -334,6 +334,9 @@ def create_app(server: Server, *, max_body: int = MAX_BODY):
 
     @app.get("/health")
     async def health():
+        if server.engine.failed is not None:
+            return JSONResponse({"status": "failed", "error": server.engine.failed},
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -95,6 +95,7 @@ class Engine:
         self.owner: list[Request | None] = [None] * self.slots
         self.lock = threading.Condition()
         self.stopping = False
+        self.failed: str | None = None  # why the decode loop broke (the engine serves no more)
         n = self.slots
         self.tokens = np.zeros(n, np.int32)
         self.counts = np.zeros(n, np.int32)
@@ -138,6 +139,8 @@ class Engine:
         """Queues a checked request; QueueFull when `max_queue` wait already."""
         self.check(request)
         with self.lock:
+            if self.failed is not None:
+                raise QueueFull(f"the engine failed ({self.failed}) and serves no more requests")
             if self.stopping:
                 raise QueueFull("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
@@ -228,7 +231,28 @@ class Engine:
                 return
             self._admit()
             if self.live_slots():
-                self._decode()
+                try:
+                    self._decode()
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory: the cache is gone
+                    self._fail(f"{type(e).__name__}: {e}")
+                    return
+
+    def _fail(self, why: str) -> None:
+        """The decode step broke (its donated cache is lost): every request in a slot or in the
+        queue gets an error at once, and later ones are refused (`failed`), instead of waiting
+        on a loop that has ended."""
+        with self.lock:
+            self.failed = why
+            waiting, self.waiting = list(self.waiting), collections.deque()
+        for s, r in enumerate(self.owner):
+            if r is not None:
+                if not r.finished:
+                    r.finished = True
+                    r.emit(("error", f"the engine failed: {why}"))
+                self._free(s)
+        for r in waiting:
+            r.finished = True
+            r.emit(("error", f"the engine failed: {why}"))
 
     def drain(self) -> None:
         """Cancels every request in a slot (SIGTERM past its deadline)."""
