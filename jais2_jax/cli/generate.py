@@ -124,7 +124,8 @@ def run(args) -> int:
     # stops at; instruct checkpoints often list more there) and the tokenizer's eos (a chat
     # template may end turns with it).
     stop_ids = list(config.eos_token_ids)
-    for extra in _generation_eos_ids(args.checkpoint) + [tokenizer.eos_token_id]:
+    from jais2_jax.model.config import generation_eos_ids
+    for extra in generation_eos_ids(args.checkpoint) + [tokenizer.eos_token_id]:
         if extra is not None and extra not in stop_ids:
             stop_ids.append(extra)
     rng = jax.random.key(args.seed)
@@ -153,21 +154,6 @@ def run(args) -> int:
         rng = jax.random.fold_in(jax.random.key(args.seed), turn)
         messages.append({"role": "assistant", "content": reply(ids)})
     return 0
-
-
-def _generation_eos_ids(checkpoint: str) -> list[int]:
-    """eos_token_id (an int or a list) of the checkpoint's generation_config.json, if any."""
-    import os
-
-    from jais2_jax.model.config import read_json_object
-    path = os.path.join(checkpoint, "generation_config.json")
-    if not os.path.exists(path):
-        return []
-    eos = read_json_object(path).get("eos_token_id")
-    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-        raise ValueError(f"{path}: eos_token_id must be an int or a list of ints, got {eos!r}")
-    return ids
 
 
 def _user_lines():

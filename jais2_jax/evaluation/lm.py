@@ -22,7 +22,6 @@ answers of a multiple-choice question) share one row of the forward.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
@@ -49,7 +48,7 @@ from jais2_jax.evaluation.scoring import (
 )
 from jais2_jax.inference.sampling import Sampler
 from jais2_jax.inference.tokenizer import Tokenizer
-from jais2_jax.model.config import read_json_object
+from jais2_jax.model.config import generation_eos_ids
 from jais2_jax.model.layout import unstack_layers
 from jais2_jax.model.modules import Jais2ForCausalLM
 from jais2_jax.model.options import ModelOptions, as_dtype
@@ -73,19 +72,6 @@ def _as_batch_size(value) -> int:
     if size <= 0:
         raise ValueError(f"batch_size must be positive, got {value!r}")
     return size
-
-
-def generation_eos_ids(folder: str) -> list[int]:
-    """eos_token_id of a checkpoint's generation_config.json (what transformers' generate stops
-    at besides config.json's)."""
-    path = os.path.join(folder, "generation_config.json")
-    if not os.path.isfile(path):
-        return []
-    eos = read_json_object(path).get("eos_token_id")
-    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-        raise ValueError(f"{path}: eos_token_id must be an int or a list of ints, got {eos!r}")
-    return ids
 
 
 @register_model("jais2")

@@ -390,3 +390,15 @@ def preset(name: str) -> Jais2Config:
     path = name if name.endswith(".json") else os.path.join(here, f"{name}.json")
     return Jais2Config.from_json_file(path)
 
+
+def generation_eos_ids(folder) -> list[int]:
+    """eos_token_id (an int or a list) of a checkpoint's generation_config.json, if any: what
+    transformers' generate stops at besides config.json's."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return []
+    eos = read_json_object(path).get("eos_token_id")
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ValueError(f"{path}: eos_token_id must be an int or a list of ints, got {eos!r}")
+    return ids
