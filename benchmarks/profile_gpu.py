@@ -3,6 +3,7 @@ kernel time by kernel and by kind (GEMM, attention, fusion, copy, ...), print a 
 
     python benchmarks/profile_gpu.py --out $OUT            # GPU: train step and prefill
     python benchmarks/profile_gpu.py --what train --batch 16 --remat dots_no_batch
+    python benchmarks/profile_gpu.py --what lora --batch 8 --remat dots   # the 8B LoRA step
     python benchmarks/profile_gpu.py --tiny                # CPU: checks the script
 
 The trace is jax.profiler's Perfetto JSON (`perfetto_trace.json.gz`, plain Chrome trace events);
@@ -150,6 +151,42 @@ def profile_train(args):
             f"tok/s {batch * seq * args.calls / wall:,.0f}\n" + summarize(d, args.calls, wall, args.top))
 
 
+def profile_lora(args):
+    """The 8B LoRA train step of bench_lora.py (rank 16 on q/k/v/o/up/down, seq 2048)."""
+    import jax
+    import bench_lora
+    from jais2_jax.parallel.sharding import make_mesh, use_mesh
+    from jais2_jax.training.program import build_train_program
+
+    shape = "tiny" if args.tiny else "8b"
+    config = bench_lora.model_config(shape)
+    seq = bench_lora.SHAPES[shape]["seq"]
+    batch = 2 if args.tiny else args.batch
+    mesh = make_mesh("fsdp", devices=jax.devices()[:1])
+    run = bench_lora.run_config(shape, batch, args.remat, None, loss_chunk=args.loss_chunk)
+    if args.set:
+        import dataclasses
+        run = dataclasses.replace(run, **{k: type(getattr(run, k))(v) for k, v in
+                                          (kv.split("=", 1) for kv in args.set)})
+    program = build_train_program(config, run, mesh)
+    data = bench_lora.random_batch(config, batch, seq)
+    box = {}
+    with use_mesh(mesh):
+        base = bench_lora.synthetic_base(program)
+        box["state"] = program.init_state(jax.random.PRNGKey(0))
+        write_hlo(args.out, "lora_step", program.train_step.lower(box["state"], data, base))
+
+        def step():
+            box["state"], metrics = program.train_step(box["state"], data, base)
+            return metrics
+        for _ in range(2):
+            jax.block_until_ready(step())
+        d, wall = trace(step, args.calls, args.out, "lora")
+    return (f"== LoRA step: 8B shape, batch {batch}, seq {seq}, remat {args.remat}, "
+            f"tok/s {batch * seq * args.calls / wall:,.0f}\n"
+            + summarize(d, args.calls, wall, args.top))
+
+
 def profile_prefill(args):
     import jax
     import jax.numpy as jnp
@@ -247,7 +284,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     reports = []
     for what in args.what.split(","):
-        reports.append({"train": profile_train, "prefill": profile_prefill,
+        reports.append({"train": profile_train, "lora": profile_lora, "prefill": profile_prefill,
                         "decode": profile_decode}[what](args))
         print(reports[-1], flush=True)
     with open(os.path.join(args.out, "profile.txt"), "w") as f:

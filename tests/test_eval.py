@@ -433,3 +433,61 @@ def test_adapter_scores_as_the_merged_model(setup, tmp_path):
                                       merged.loglikelihood(requests),
                                       plain.loglikelihood(requests)):
         assert abs(a - m) < 1e-4 and abs(a - p) > 1e-4
+
+
+@pytest.fixture(scope="module")
+def roomy(tmp_path_factory):
+    """A tiny checkpoint with room for long contexts (256 positions) and a multiple-choice task
+    whose questions are far longer than their answers: the shared-context path's case."""
+    from transformers import PreTrainedTokenizerFast
+    tok = PreTrainedTokenizerFast.from_pretrained(TOKENIZER)
+    hf = hf_model(5, vocab_size=len(tok), initializer_range=0.2, max_position_embeddings=256,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    ckpt = tmp_path_factory.mktemp("roomy")
+    hf.save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    folder = tmp_path_factory.mktemp("roomy_tasks")
+    rng = np.random.default_rng(1)
+    rows = [{"question": _text(rng, 20 + 7 * i) + "?", "choices": [
+        " " + _text(rng, 1 + (i + j) % 6) for j in range(2 + i % 3)], "answer": i % 2}
+        for i in range(9)]
+    with open(folder / "mc_long.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    (folder / "local_mc_long.yaml").write_text(
+        "task: local_mc_long\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {folder / 'mc_long.jsonl'}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    return ckpt, folder
+
+
+def test_answers_sharing_a_context_equal_lm_eval_hf_and_run_it_once(roomy):
+    """The answers of a question score their shared context once (a cache prefill, then only
+    each answer's own tokens): the same log-likelihoods as lm-eval's hf model, from far fewer
+    positions of forward than whole rows."""
+    from lm_eval.models.huggingface import HFLM
+
+    from jais2_jax.evaluation.lm import Jais2LM
+    ckpt, tasks = roomy
+    ref = _evaluate(HFLM(pretrained=str(ckpt), device="cpu", dtype="float32", batch_size=4),
+                    tasks, ["local_mc_long"])
+    lm = Jais2LM(str(ckpt), dtype="float32", batch_size=4)
+    ours = _evaluate(lm, tasks, ["local_mc_long"])
+    assert ours["results"]["local_mc_long"] == ref["results"]["local_mc_long"]
+    want, got = _loglikelihoods(ref, "local_mc_long"), _loglikelihoods(ours, "local_mc_long")
+    assert len(got) == sum(2 + i % 3 for i in range(9))
+    for w, g in zip(want, got):
+        assert abs(float(w[0]) - float(g[0])) < 1e-4 and bool(w[1]) == bool(g[1]), (w, g)
+    # Whole rows would forward every request's padded input; the shared path far less.
+    shared = lm.tokens_forwarded
+    lm.tokens_forwarded = 0
+    lm.SHARED_SUFFIX_MAX = -1  # nothing shared: every request a whole row
+    try:
+        alone = _evaluate(lm, tasks, ["local_mc_long"])
+    finally:
+        del lm.SHARED_SUFFIX_MAX
+    assert shared < 0.6 * lm.tokens_forwarded, (shared, lm.tokens_forwarded)
+    for a, g in zip(_loglikelihoods(alone, "local_mc_long"), got):
+        assert abs(float(a[0]) - float(g[0])) < 1e-5 and bool(a[1]) == bool(g[1])

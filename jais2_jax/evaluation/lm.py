@@ -44,7 +44,9 @@ from jais2_jax.evaluation.scoring import (
     generate_with_stops,
     logits_chunk,
     mesh_context,
+    prefill_contexts,
     score,
+    score_suffixes,
 )
 from jais2_jax.inference.sampling import Sampler
 from jais2_jax.inference.tokenizer import Tokenizer
@@ -62,6 +64,18 @@ DEFAULT_MAX_GEN_TOKS = 256  # as lm-eval's hf model
 
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _suffix_width(n: int) -> int:
+    """Padded width of a batch of continuation tails: a multiple of 8 (sorted by length, the
+    tails of a call differ little; a few more compiled shapes than powers of two, less padding)."""
+    return max(8, -(-n // 8) * 8)
+
+
+def _context_width(n: int) -> int:
+    """Padded width of a batch of shared contexts: a multiple of 64 (the contexts of a batch are
+    sorted by length; `bucket_length`'s coarser sizes would pad a 260-token batch to 384)."""
+    return max(64, -(-n // 64) * 64)
 
 
 def _as_batch_size(value) -> int:
@@ -138,6 +152,7 @@ class Jais2LM(TemplateLM):
             raise ValueError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) exceeds the "
                              f"model's vocab_size ({config.vocab_size})")
         self.truncated = 0  # requests cut from the left to fit the context, so far
+        self.tokens_forwarded = 0  # padded positions the loglikelihood forwards ran, so far
 
     @classmethod
     def from_params(cls, config, params, tokenizer: Tokenizer, *, mesh=None,
@@ -229,14 +244,21 @@ class Jais2LM(TemplateLM):
         for _, _, continuation in requests:
             if not continuation:
                 raise ValueError("a loglikelihood request has an empty continuation")
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood (jais2)")
+        # Requests that share a context (the answers of a question) score it once; the rest get
+        # one row of the forward per distinct input.
+        shared, alone = self._split_by_context(requests)
+        for batch in self._context_batches(shared):
+            for i, answer in self._score_shared(batch):
+                results[i] = answer
+            bar.update(sum(len(members) for _, members in batch))
         # One row per distinct input; longest first (the first batch is the largest shape).
         inputs: dict[tuple, list[int]] = {}
-        for i, (_, context, continuation) in enumerate(requests):
-            inputs.setdefault(tuple(self._fit(context, continuation)), []).append(i)
+        for i, inp in alone:
+            inputs.setdefault(inp, []).append(i)
         order = sorted(inputs, key=lambda t: (-len(t), t))
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
         rows_per_batch = self.batch_size
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood (jais2)")
         for at in range(0, len(order), rows_per_batch):
             batch = order[at: at + rows_per_batch]
             members = [(b, i) for b, inp in enumerate(batch) for i in inputs[inp]]
@@ -246,6 +268,108 @@ class Jais2LM(TemplateLM):
             bar.update(len(members))
         bar.close()
         return results
+
+    # The longest continuation tail (tokens after a shared context) the shared path runs: longer
+    # ones (rolling windows) are cheaper as whole rows through the fused attention kernel.
+    SHARED_SUFFIX_MAX = 256
+
+    def _split_by_context(self, requests):
+        """({context tokens: [(request, suffix tokens, targets)]} for contexts shared by two or
+        more requests, [(request, its input tokens)] for the others)."""
+        groups: dict[tuple, list] = {}
+        for i, (_, context, continuation) in enumerate(requests):
+            inp = self._fit(context, continuation)
+            c = min(len(continuation), len(inp))  # targets inside the window
+            cut = len(inp) - c + 1  # the prefix's last position predicts the first target
+            groups.setdefault(tuple(inp[:cut]), []).append(
+                (i, inp[cut:], list(continuation[-c:]), inp))
+        shared, alone = {}, []
+        for prefix, members in groups.items():
+            longest = max(len(m[1]) for m in members)
+            if len(members) > 1 and longest <= min(len(prefix), self.SHARED_SUFFIX_MAX) and \
+                    self._cache_width([(prefix, members)]) <= self.config.max_position_embeddings:
+                shared[prefix] = members
+            else:
+                alone.extend((m[0], tuple(m[3])) for m in members)
+        return shared, alone
+
+    def _context_batches(self, shared):
+        """Batches of up to `batch_size` contexts, longest first, whose cache (context width +
+        suffix width) fits the model's positions."""
+        order = sorted(shared, key=lambda t: (-len(t), t))
+        limit = self.config.max_position_embeddings
+        batch: list = []
+        for prefix in order:
+            trial = batch + [(prefix, shared[prefix])]
+            if len(trial) > self.batch_size or self._cache_width(trial) > limit:
+                if batch:
+                    yield batch
+                trial = [(prefix, shared[prefix])]
+            batch = trial
+        if batch:
+            yield batch
+
+    def _cache_width(self, batch) -> int:
+        """Cache slots for a batch of shared contexts: the contexts' padded width, then room for
+        the longest suffix's padded width."""
+        width = min(_context_width(max(len(p) for p, _ in batch)), self.max_length)
+        longest = max(len(m[1]) for _, group in batch for m in group)
+        return width + (_suffix_width(longest) if longest else 0)
+
+    def _score_shared(self, batch):
+        """A batch of (context, [(request, suffix, targets)]): each context prefilled once, the
+        first targets scored from its last position, then the suffixes (`batch_size` rows a call)
+        against its cache rows. Returns [(request, (log-prob, greedy))]."""
+        rows = self.batch_size
+        width = min(_context_width(max(len(p) for p, _ in batch)), self.max_length)
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        ids = np.full((rows, width), pad, np.int32)
+        mask = np.zeros((rows, width), np.int32)
+        mask[len(batch):, 0] = 1  # filler rows: one token
+        members = []
+        for b, (prefix, group) in enumerate(batch):
+            ids[b, :len(prefix)], mask[b, :len(prefix)] = prefix, 1
+            members += [(b, *m[:3]) for m in group]
+        num = len(members)
+        slots = rows * _pow2(-(-num // rows))
+        row_of = np.zeros(slots, np.int32)
+        first = np.zeros(slots, np.int32)
+        for r, (b, _, _, targets) in enumerate(members):
+            row_of[r], first[r] = b, targets[0]
+        with mesh_context(self.mesh):
+            logp, greedy, cache = prefill_contexts(
+                self.model, self.params, ids, mask, row_of, first,
+                cache_length=self._cache_width(batch))
+            # The rest of each continuation, grouped by length (little padding), a call per rows.
+            rest = sorted((r for r in range(num) if members[r][2]),
+                          key=lambda r: len(members[r][2]))
+            parts = []
+            for at in range(0, len(rest), rows):
+                part = rest[at: at + rows]
+                w = _suffix_width(len(members[part[-1]][2]))
+                s_rows = np.zeros(rows, np.int32)
+                s_ids = np.full((rows, w), pad, np.int32)
+                s_mask = np.zeros((rows, w), np.int32)
+                s_mask[len(part):, 0] = 1
+                tgt = np.zeros((rows, w), np.int32)
+                tmask = np.zeros((rows, w), np.int32)
+                for n, r in enumerate(part):
+                    b, _, suffix, targets = members[r]
+                    s_rows[n] = b
+                    s_ids[n, :len(suffix)], s_mask[n, :len(suffix)] = suffix, 1
+                    tgt[n, :len(suffix)], tmask[n, :len(suffix)] = targets[1:], 1
+                parts.append((part, score_suffixes(
+                    self.model, self.params, cache, s_rows, s_ids, s_mask, tgt, tmask,
+                    chunk=logits_chunk(rows, w, self.config.vocab_size))))
+        logp, greedy = np.array(logp, np.float64), np.array(greedy)
+        for part, (lp, g) in parts:
+            lp, g = np.asarray(lp), np.asarray(g)
+            for n, r in enumerate(part):
+                logp[r] += lp[n]
+                greedy[r] &= g[n]
+        self.tokens_forwarded += ids.size + sum(rows * _suffix_width(len(members[p[-1]][2]))
+                                                for p, _ in parts)
+        return [(members[r][1], (float(logp[r]), bool(greedy[r]))) for r in range(num)]
 
     def _score_batch(self, inputs: list[tuple], targets: list[tuple[int, list[int]]]):
         """inputs: token tuples (one row each); targets: (row, continuation) per request."""
@@ -257,6 +381,7 @@ class Jais2LM(TemplateLM):
         mask = np.zeros((rows, width), np.int32)
         for b, t in enumerate(inputs):
             ids[b, :len(t)], mask[b, :len(t)] = t, 1
+        self.tokens_forwarded += ids.size
         # Requests padded to a power-of-two multiple of the rows; targets to a power of two (at
         # least 16: fewer compiled shapes, and a 16-wide gather costs nothing next to the forward).
         num = len(targets)

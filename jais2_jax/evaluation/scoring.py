@@ -1,13 +1,21 @@
-"""Log-likelihoods of continuations in one jitted forward per batch, and generation with stop
-strings: the device side of the lm-evaluation-harness model (`evaluation/lm.py`).
+"""Log-likelihoods of continuations, and generation with stop strings: the device side of the
+lm-evaluation-harness model (`evaluation/lm.py`).
 
-`score` runs the decoder once over a batch of right-padded rows (context + continuation, the last
-token dropped, as lm-eval's `hf` model feeds them) and, for each request, gathers the hidden states
-at its continuation's positions, makes their float32 logits a chunk of positions at a time (so a
-4k-token rolling window never holds [rows, 4k, 150k] float32 at once) and returns the summed
-log-probability of the continuation and whether greedy decoding would have produced it. Several
-requests may share one row (multiple choice with one-token answers: the same input, different
-last targets), so the forward runs once per distinct input.
+Two ways to score a request (context, continuation):
+- `score` runs the decoder once over a batch of right-padded rows (context + continuation, the
+  last token dropped, as lm-eval's `hf` model feeds them) and, for each request, gathers the hidden
+  states at its continuation's positions. Requests with the same input (multiple choice with
+  one-token answers: the same input, different last targets) share one row.
+- Requests that share a context (the answers of a multiple-choice question) score it once:
+  `prefill_contexts` runs each distinct context into a KV cache and scores every request's first
+  continuation token from its last position; `score_suffixes` then runs only the rest of each
+  continuation against its context's cache rows. The attention is causal either way, so this is
+  the same function of the same tokens as the one-row forward: an answer still sees only its
+  context and its own earlier tokens, never another answer's.
+Either way the float32 logits are made only at target positions, a chunk of positions at a time
+(so a 4k-token rolling window never holds [rows, 4k, 150k] float32 at once); the result per
+request is the summed log-probability of its targets and whether greedy decoding would have
+produced them.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import numpy as np
 
 from jais2_jax.inference.generate import decode_loop, decode_step, prefill, right_align
 from jais2_jax.inference.sampling import Sampler
-from jais2_jax.model.cache import init_cache
+from jais2_jax.model.cache import KVCache, init_cache
 from jais2_jax.parallel.sharding import use_mesh
 
 Array = jax.Array
@@ -50,20 +58,11 @@ def logits_chunk(rows: int, positions: int, vocab: int) -> int:
     return k
 
 
-@functools.partial(jax.jit, static_argnames=("model", "chunk"))
-def score(model, params, input_ids: Array, attention_mask: Array, rows: Array, starts: Array,
-          targets: Array, target_mask: Array, *, chunk: int) -> tuple[Array, Array]:
-    """input_ids, attention_mask: [B, T] right-padded; per request r (R of them): rows [R] (its
-    row of the batch), starts [R] (the position whose logits predict its first target), targets
-    [R, C] and target_mask [R, C] (1 for real targets, a prefix of each row).
-
-    Returns (sum of float32 log-probs of the targets [R], all targets greedy [R])."""
-    hidden, _ = model.apply({"params": params}, input_ids, attention_mask,
-                            method="hidden_states")  # [B, T, D]
-    length = input_ids.shape[1]
+def _target_logprobs(model, params, picked: Array, targets: Array, target_mask: Array,
+                     chunk: int) -> tuple[Array, Array]:
+    """picked [R, C, D] hidden states predicting targets [R, C] (target_mask: 1 for real ones):
+    (summed float32 log-probs [R], all greedy [R]), the logits made `chunk` positions at a time."""
     num, width = targets.shape
-    pos = jnp.clip(starts[:, None] + jnp.arange(width)[None, :], 0, length - 1)  # [R, C]
-    picked = hidden[rows[:, None], pos]  # [R, C, D]
 
     def one(args):
         h, t = args  # [R, K, D], [R, K]
@@ -80,6 +79,70 @@ def score(model, params, input_ids: Array, attention_mask: Array, rows: Array, s
     real = target_mask.astype(bool)
     return (jnp.where(real, token_logp, 0.0).sum(axis=1),
             jnp.all(greedy | ~real, axis=1))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "chunk"))
+def score(model, params, input_ids: Array, attention_mask: Array, rows: Array, starts: Array,
+          targets: Array, target_mask: Array, *, chunk: int) -> tuple[Array, Array]:
+    """input_ids, attention_mask: [B, T] right-padded; per request r (R of them): rows [R] (its
+    row of the batch), starts [R] (the position whose logits predict its first target), targets
+    [R, C] and target_mask [R, C] (1 for real targets, a prefix of each row).
+
+    Returns (sum of float32 log-probs of the targets [R], all targets greedy [R])."""
+    del attention_mask  # right padding: causal attention keeps it out of every real position
+    # No key mask: then the GPU's fused (cuDNN) causal kernel runs, not a dense masked softmax.
+    hidden, _ = model.apply({"params": params}, input_ids, method="hidden_states")  # [B, T, D]
+    length = input_ids.shape[1]
+    width = targets.shape[1]
+    pos = jnp.clip(starts[:, None] + jnp.arange(width)[None, :], 0, length - 1)  # [R, C]
+    return _target_logprobs(model, params, hidden[rows[:, None], pos], targets, target_mask,
+                            chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cache_length"))
+def prefill_contexts(model, params, input_ids: Array, attention_mask: Array, rows: Array,
+                     targets: Array, *, cache_length: int) -> tuple[Array, Array, KVCache]:
+    """Contexts input_ids / attention_mask [B, T] (right-padded) into a new cache of
+    `cache_length` slots; per request r: rows [R] (its context's row) and targets [R] (its first
+    continuation token, predicted from the context's last position).
+
+    Returns (float32 log-prob of each first target [R], greedy [R], the cache)."""
+    cache = init_cache(model.config, input_ids.shape[0], cache_length, dtype=model.dtype,
+                       per_layer=not model.scan_layers)
+    hidden, cache = model.apply({"params": params}, input_ids, attention_mask, cache=cache,
+                                prefill=True, method="hidden_states")  # [B, T, D]
+    last = attention_mask.astype(jnp.int32).sum(axis=1) - 1  # [B]
+    picked = hidden[rows, last[rows]][:, None]  # [R, 1, D]
+    ones = jnp.ones(targets.shape + (1,), jnp.int32)
+    logp, greedy = _target_logprobs(model, params, picked, targets[:, None], ones, 1)
+    return logp, greedy, cache
+
+
+def take_rows(cache: KVCache, rows: Array) -> KVCache:
+    """The cache rows `rows` (a row may be taken several times)."""
+    axis = 0 if cache.per_layer else 1  # [B, S, ...] per layer, or [layers, B, S, ...]
+    take = lambda a: jnp.take(a, rows, axis=axis)
+    scales = {"k_scale": jax.tree.map(take, cache.k_scale),
+              "v_scale": jax.tree.map(take, cache.v_scale)} if cache.quantized else {}
+    return KVCache(k=jax.tree.map(take, cache.k), v=jax.tree.map(take, cache.v),
+                   lengths=cache.lengths[rows], **scales)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "chunk"))
+def score_suffixes(model, params, cache: KVCache, rows: Array, input_ids: Array,
+                   attention_mask: Array, targets: Array, target_mask: Array, *,
+                   chunk: int) -> tuple[Array, Array]:
+    """The rest of each continuation after its context (in `cache`, from `prefill_contexts`):
+    per row n (N of them): rows [N] (its context's cache row), input_ids / attention_mask [N, W]
+    (the continuation without its last token, right-padded: continuation[:-1]) and targets /
+    target_mask [N, W] (what each of those positions predicts: continuation[1:]). The context's
+    cache is read, never changed.
+
+    Returns (sum of float32 log-probs of the targets [N], all targets greedy [N])."""
+    sub = take_rows(cache, rows)
+    hidden, _ = model.apply({"params": params}, input_ids, attention_mask, cache=sub,
+                            method="hidden_states")  # [N, W, D]
+    return _target_logprobs(model, params, hidden, targets, target_mask, chunk)
 
 
 def mesh_context(mesh):
