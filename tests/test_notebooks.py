@@ -19,7 +19,7 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
-NAMES = ("inference.ipynb", "convert.ipynb", "finetune.ipynb")
+NAMES = ("inference.ipynb", "convert.ipynb", "finetune.ipynb", "lora_sft.ipynb")
 MARK = "__notebook_values__"
 
 
@@ -127,6 +127,7 @@ def test_convert_notebook_shows_parity_and_bitwise_export(tmp_path):
 
 def test_finetune_notebook_loss_falls(tmp_path):
     import jax
+
     from jais2_jax import Jais2ForCausalLM, Tokenizer, generate
     from jais2_jax.training.trainer import load_trained
     corpus = os.path.join(os.path.dirname(NOTEBOOKS), "data", "corpus")
@@ -150,3 +151,55 @@ def test_finetune_notebook_loss_falls(tmp_path):
                    temperature=0.7, top_k=40, rng=jax.random.key(0))
     assert step == 40
     assert v["samples_after"] == [tok.decode(r, skip_special_tokens=True) for r in np.asarray(new)]
+
+
+def test_lora_sft_notebook_mask_loss_and_reply_match_transformers_peft(tmp_path):
+    """The chat example's tokens and assistant mask are transformers'; the held-out loss fell and
+    is the run's own evaluation; the exported adapter, loaded by PEFT here (outside the notebook),
+    gives the notebook's greedy reply token for token, and the CLI prints that reply."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    v = run_notebook("lora_sft.ipynb", {"WORK_DIR": str(tmp_path)},
+                     ["BASE", "ADAPTER", "STEPS", "example", "example_ids", "example_mask",
+                      "loss_before", "loss_after", "QUESTION", "MAX_NEW_TOKENS", "ours",
+                      "ours_base", "cli_text", "n_adapter"])
+    tok = AutoTokenizer.from_pretrained(v["BASE"])
+
+    # (1) The rendered example and its mask: what the loss counts is the assistant's replies,
+    # each with the eos that ends it, and nothing else.
+    want = tok.apply_chat_template(v["example"], tokenize=True, return_dict=True,
+                                   return_assistant_tokens_mask=True)
+    assert v["example_ids"] == list(want["input_ids"])
+    assert v["example_mask"] == list(want["assistant_masks"])
+    trained = [i for i, m in zip(v["example_ids"], v["example_mask"]) if m]
+    assert tok.decode(trained) == "".join(m["content"] + tok.eos_token for m in v["example"]
+                                          if m["role"] == "assistant")
+
+    # (2, 3) The held-out loss fell, and the notebook's "after" (the base with the exported
+    # adapter merged) is the run's own evaluation at its last step (adapter kept apart).
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in metrics]
+    final = [r["eval_loss"] for r in records if r.get("step") == v["STEPS"] and "eval_loss" in r]
+    assert len(final) == 1 and abs(v["loss_after"] - final[0]) <= 1e-5 * final[0]
+    assert v["loss_after"] < v["loss_before"] - 0.5
+
+    # (4) The export is a PEFT folder: two files, an adapter of the notebook's size.
+    assert sorted(os.listdir(v["ADAPTER"])) == ["adapter_config.json", "adapter_model.safetensors"]
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(v["BASE"]),
+                                           v["ADAPTER"]).eval()
+    assert sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n) == \
+        v["n_adapter"]
+
+    # (5) transformers + PEFT's greedy reply is the notebook's, and differs from the base's.
+    ids = tok.apply_chat_template([{"role": "user", "content": v["QUESTION"]}],
+                                  add_generation_prompt=True, return_dict=False)
+    with torch.no_grad():
+        out = peft_model.generate(torch.tensor([ids]), max_new_tokens=v["MAX_NEW_TOKENS"],
+                                  do_sample=False)
+    reply = out[0, len(ids):].tolist()
+    if reply[-1] == tok.eos_token_id:
+        reply = reply[:-1]
+    assert len(reply) > 0 and v["ours"] == reply and v["ours_base"] != reply
+    assert v["cli_text"] == tok.decode(reply, skip_special_tokens=True) + "\n"
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "base", "chat-data", "lora-run.yaml", "run"]
