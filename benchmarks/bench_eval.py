@@ -115,9 +115,10 @@ def run_ours(args) -> None:
         for b in batches:
             lm.batch_size_per_device = b
             warm = timed(lambda: call(reqs, disable_tqdm=True))  # compiles every shape
+            lm.tokens_forwarded = 0
             s = timed(lambda: call(reqs, disable_tqdm=True))
             emit(what=what, side="jax", batch=b, requests=len(reqs), seconds=s,
-                 req_s=len(reqs) / s, warmup_s=warm)
+                 req_s=len(reqs) / s, warmup_s=warm, positions=lm.tokens_forwarded)
 
     guard("mc", case, "mc", p["ours_batches"], lm.loglikelihood, mc)
     guard("gen", case, "gen", p["gen_batches"], lm.generate_until, gen)

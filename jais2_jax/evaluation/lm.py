@@ -67,9 +67,10 @@ def _pow2(n: int) -> int:
 
 
 def _suffix_width(n: int) -> int:
-    """Padded width of a batch of continuation tails: a multiple of 8 (sorted by length, the
-    tails of a call differ little; a few more compiled shapes than powers of two, less padding)."""
-    return max(8, -(-n // 8) * 8)
+    """Padded width of a batch of continuation tails: a power of two, at least 8. (Multiples of 8
+    pad less, but every (cache length, width) pair is a compiled program of the whole model: on
+    an H100 the 8B benchmark then spent minutes compiling.)"""
+    return max(8, _pow2(n))
 
 
 def _context_width(n: int) -> int:
@@ -311,10 +312,12 @@ class Jais2LM(TemplateLM):
 
     def _cache_width(self, batch) -> int:
         """Cache slots for a batch of shared contexts: the contexts' padded width, then room for
-        the longest suffix's padded width."""
+        the longest suffix's padded width, rounded up to `bucket_length`'s few sizes (the suffix
+        programs are one per cache length and suffix width; a longer cache costs only memory)."""
         width = min(_context_width(max(len(p) for p, _ in batch)), self.max_length)
         longest = max(len(m[1]) for _, group in batch for m in group)
-        return width + (_suffix_width(longest) if longest else 0)
+        needed = width + (_suffix_width(longest) if longest else 0)
+        return max(needed, min(bucket_length(needed), self.config.max_position_embeddings))
 
     def _score_shared(self, batch):
         """A batch of (context, [(request, suffix, targets)]): each context prefilled once, the
