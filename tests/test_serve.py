@@ -374,7 +374,6 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(server):
 def test_a_failing_decode_step_fails_every_request_instead_of_hanging(folder, monkeypatch):
     """A decode chunk that raises (e.g. out of device memory: its donated cache is gone): the
     requests in slots and in the queue get an error at once, and later ones are refused."""
-    import jax
 
     from jais2_jax import Tokenizer, load_checkpoint
     from jais2_jax.inference.program import build_inference_program

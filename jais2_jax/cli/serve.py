@@ -35,7 +35,8 @@ def add_arguments(parser) -> None:
                         help="context per slot: prompt + output tokens (default: the model's "
                              "max_position_embeddings, at most 4096)")
     parser.add_argument("--decode-chunk", type=int, default=8,
-                        help="decode steps per host sync while no request waits")
+                        help="decode steps per dispatch (the engine keeps one chunk in flight ahead of the "
+                             "host; a quarter of it right after slots change)")
     parser.add_argument("--model-name", default=None,
                         help="the name clients pass as `model` (default: --checkpoint)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")

@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 import time
 import uuid
+import weakref
 
 from starlette.requests import Request as HttpRequest  # module level: FastAPI resolves the name
 
@@ -251,10 +253,47 @@ class Server:
         return self.tokenizer.decode([t])
 
 
+class _Inbox:
+    """Events from the engine thread into one event loop's queues, many per wake-up: the engine
+    emits an event for each of its slots per decode chunk, and one `call_soon_threadsafe` (a
+    write to the loop's wake-up pipe, a switch of threads) for each would cost more than the
+    events themselves."""
+
+    def __init__(self, loop):
+        self.loop = weakref.ref(loop)  # the table below must not keep a finished loop alive
+        self.lock = threading.Lock()
+        self.items: list = []
+
+    def put(self, queue: asyncio.Queue, event) -> None:
+        with self.lock:
+            self.items.append((queue, event))
+            if len(self.items) > 1:
+                return  # a flush is already scheduled and has not run yet
+        loop = self.loop()
+        if loop is not None:
+            loop.call_soon_threadsafe(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
+_inboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> _Inbox
+
+
+def _inbox(loop) -> _Inbox:
+    inbox = _inboxes.get(loop)
+    if inbox is None:
+        inbox = _inboxes.setdefault(loop, _Inbox(loop))
+    return inbox
+
+
 async def _events(server: Server, r: Request, request) -> asyncio.Queue:
-    loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    r.emit = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
+    inbox = _inbox(asyncio.get_running_loop())
+    r.emit = lambda event: inbox.put(queue, event)
     try:
         server.engine.submit(r)
     except QueueFull as e:
@@ -265,6 +304,8 @@ async def _events(server: Server, r: Request, request) -> asyncio.Queue:
 
 async def _next(queue: asyncio.Queue, r: Request, request):
     """The next event; cancels the request when the client has gone."""
+    if not queue.empty():  # the usual case while streaming: no timer, no task
+        return queue.get_nowait()
     while True:
         try:
             return await asyncio.wait_for(queue.get(), timeout=0.5)

@@ -1,23 +1,43 @@
 """Continuous batching: requests join and leave a running batch of fixed-shape slots.
 
-One thread (`Engine.run`) owns the device: between decode chunks it frees the slots of finished or
-cancelled requests, prefills waiting requests (in batches, prompt widths bucketed as `generate`
-does) and inserts their cache rows into free slots; then it runs a chunk of decode steps of every
-slot on the device (`steps.decode_chunk`: up to `chunk` steps per host sync, ending early when a
-slot frees while requests wait) and reads back only the new tokens. Text, stop strings and
-finish reasons are worked out on the host, and each request's `emit` gets its events:
+One thread (`Engine.run`) owns the device and keeps it busy with a pipeline one chunk deep: it
+dispatches decode chunk k+1 (`steps.decode_chunk`: up to `chunk` decode steps of every slot in one
+on-device loop) before it reads chunk k's tokens, so the host work (detokenizing, stop strings,
+emitting events) runs while the device computes. The decode inputs (each slot's last token and
+count) never leave the device: a chunk hands them to the next, and `steps.insert_rows` writes an
+admitted request's first token there. Each pass of the loop:
+
+  1. frees the slots of cancelled requests and admits waiting ones into free slots (prefills in
+     batches, prompt widths bucketed as `generate` does, batch sizes split into a few powers of
+     two so that padding rows stay under 1/8; prefill and insert are dispatched, not waited on);
+  2. dispatches the next chunk: `chunk` steps, or `short_chunk` steps when slots were taken or
+     freed since the last dispatch and some are free (requests are arriving, or clients whose
+     replies just ended may send their next: they get in within a few steps, not a whole
+     chunk), ending early on the device when a slot finishes while requests wait;
+  3. reads the previous chunk's tokens and the new requests' first tokens, and hands each
+     request its events.
+
+A slot that finished on the device (its budget or a stop id) idles through the chunk already in
+flight; one whose stop string is found on the host is freed one chunk late, and what it made in
+that chunk is discarded, never emitted (each chunk remembers the request of every slot when it was
+dispatched, and only that request, unfinished, takes its tokens).
+
+Events, in order, to the request's `emit`:
 
     ("prompt", token_logprobs, top)           echo + logprobs: the prompt's own log-probs
-    ("delta", text, token_ids, logprobs, top) new text (held back while it may start a stop string)
+    ("delta", text, token_ids, logprobs, top) new text (held back while it may start a stop string);
+                                              logprobs and top are empty unless asked for
     ("done", finish_reason, prompt_tokens, completion_tokens)
     ("error", message)
 
 `emit` is called on the engine thread; the HTTP layer hands the events to its event loop.
+`Engine.stats` counts where the engine thread's time goes (see `EngineStats`).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import threading
@@ -42,6 +62,7 @@ from jais2_jax.serving.steps import (
 
 MAX_STOP_IDS = 8
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for (OpenAI's completions limit)
+_U32 = 0xFFFFFFFF
 
 
 class QueueFull(Exception):
@@ -64,28 +85,90 @@ class Request:
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     cancelled: bool = False
     # host state while in a slot
-    ids: list[int] = dataclasses.field(default_factory=list)
-    sent: str = ""
+    ids: list[int] = dataclasses.field(default_factory=list)  # generated tokens kept
+    text: str = ""  # their text, up to `read` (sent or held back)
+    sent: int = 0  # characters of `text` emitted
+    prefix: int = 0  # incremental detokenizing: ids[prefix:read] decode to text's last piece
+    read: int = 0
     finished: bool = False
 
     def cancel(self) -> None:
         self.cancelled = True
 
 
+@dataclasses.dataclass
+class EngineStats:
+    """Counters of the engine thread (cheap: a few clock reads per pass).
+
+    host_s + wait_s + idle_s is the thread's time: host_s its own work (admission, dispatch,
+    detokenizing, events), wait_s blocked on the device's results (with the pipeline, the device
+    runs ahead while the host works: wait_s ~ device time not overlapped), idle_s with nothing
+    to do."""
+    chunks: int = 0  # decode chunks dispatched
+    steps: int = 0  # decode steps those chunks ran (read back)
+    host_s: float = 0.0
+    wait_s: float = 0.0
+    idle_s: float = 0.0
+    prefill_calls: int = 0
+    prefill_requests: int = 0
+    prefill_rows: int = 0  # rows computed, padding included
+    prefill_shapes: dict = dataclasses.field(default_factory=dict)  # "rows x width" -> calls
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class _Chunk:
+    """A dispatched decode chunk, unread: its outputs (device arrays) and each slot's request at
+    dispatch (only that request may take the slot's tokens)."""
+    out: jax.Array  # [N, n] int32, -1 where a slot made no token
+    lp: jax.Array | None  # [N, n]; None when nobody asked for log-probs
+    top_lp: jax.Array | None
+    top_ids: jax.Array | None
+    owners: list
+
+
+@dataclasses.dataclass
+class _Admitted:
+    """Requests prefilled into slots, their first tokens not read yet."""
+    requests: list
+    slots: list
+    first: tuple  # (tokens [P], log-probs [P], top log-probs / ids [P, top]) on the device
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def key_data(seed: int) -> tuple[int, int]:
+    """`jax.random.key_data(jax.random.key(seed))` worked out on the host for the default
+    threefry key (what every request's sampling key is): no device call, no host sync."""
+    if jax.config.jax_default_prng_impl != "threefry2x32":
+        return tuple(int(x) for x in np.asarray(jax.random.key_data(jax.random.key(seed))))
+    high = (seed >> 32) & _U32 if jax.config.jax_enable_x64 else 0  # 32-bit seeds otherwise
+    return high, seed & _U32
+
+
 class Engine:
     """`slots` rows of up to `max_length` tokens over `program` (an `InferenceProgram` of batch
-    `slots` and cache length `max_length`) and placed `params`."""
+    `slots` and cache length `max_length`) and placed `params`.
+
+    chunk: decode steps per dispatch; short_chunk (default chunk // 4): steps per dispatch when
+    slots were taken or freed since the last one and some are free, so that the rest of a burst
+    joins soon."""
 
     def __init__(self, program, params, tokenizer, *, max_queue: int = 64, chunk: int = 8,
-                 stop_ids: tuple[int, ...] = ()):
+                 stop_ids: tuple[int, ...] = (), short_chunk: int | None = None):
+        if chunk <= 0:
+            raise ValueError(f"chunk must be positive, got {chunk}")
+        short_chunk = max(1, chunk // 4) if short_chunk is None else short_chunk
+        if not 0 < short_chunk <= chunk:
+            raise ValueError(f"short_chunk must be in [1, chunk={chunk}], got {short_chunk}")
         self.program, self.params, self.tokenizer = program, params, tokenizer
         self.model, self.config = program.model, program.config
         self.slots, self.max_length = program.batch_size, program.max_length
-        self.max_queue, self.chunk = max_queue, chunk
+        self.max_queue, self.chunk, self.short_chunk = max_queue, chunk, short_chunk
         self.default_stop_ids = tuple(stop_ids)
         mesh = program.mesh
         # Prefill batches are a multiple of the batch axes' size (data * fsdp) on a mesh.
@@ -96,17 +179,25 @@ class Engine:
         self.lock = threading.Condition()
         self.stopping = False
         self.failed: str | None = None  # why the decode loop broke (the engine serves no more)
+        self.turnover = False  # slots taken or freed since the last dispatch
         n = self.slots
-        self.tokens = np.zeros(n, np.int32)
-        self.counts = np.zeros(n, np.int32)
+        # Per-slot sampling settings: kept here, uploaded when an admission changed them.
         self.temperature = np.zeros(n, np.float32)
         self.top_k = np.zeros(n, np.int32)
         self.top_p = np.ones(n, np.float32)
         self.key = np.zeros((n, 2), np.uint32)
         self.stop_table = np.full((n, MAX_STOP_IDS), -1, np.int32)
         self.budget = np.zeros(n, np.int32)
+        self.device_settings: SlotSettings | None = None  # None: upload before the next chunk
+        self.device_live: tuple = (None, None)  # (the live flags, them on the device)
+        self.device_steps: dict = {}  # steps -> that int32 on the device
         self.cache = program.init_cache()
+        # The decode inputs, on the device: each slot's last token and its count (placed as the
+        # cache's lengths: made otherwise, the first insert would compile a second time).
+        self.tokens = jnp.zeros_like(self.cache.lengths)
+        self.counts = jnp.zeros_like(self.cache.lengths)
         self.cache_makers: dict = {}
+        self.stats = EngineStats()
         # metrics (read by the HTTP layer)
         self.generated_tokens = 0
         self.cancelled = 0
@@ -175,8 +266,8 @@ class Engine:
 
     def compile(self, widths=(PROMPT_BUCKET,)) -> None:
         """Compiles the steps before serving (call before `run`): the prefill of every batch
-        bucket at each prompt width, the insert (rows dropped: the cache is unchanged) and the
-        decode chunk, so that first clients do not wait for compiles."""
+        bucket at each prompt width, the insert (rows dropped: nothing changes) and the decode
+        chunk, so that first clients do not wait for compiles."""
         rows, sizes = 1, []
         while True:
             r = min(_round_up(rows, self.row_multiple), _round_up(self.slots, self.row_multiple))
@@ -192,50 +283,62 @@ class Engine:
                 ids = np.zeros((r, width), np.int32)
                 mask = np.zeros((r, width), np.int32)
                 mask[:, 0] = 1
+                drop = np.full(r, self.slots, np.int32)
                 with self._context():
-                    _, new = prefill_rows(self.model, self.params, jnp.asarray(ids),
-                                          jnp.asarray(mask), self._empty_cache(r, width)(),
-                                          settings, top=0)
-                    self.cache = insert_rows(self.cache, new,
-                                             jnp.full((r,), self.slots, jnp.int32))
+                    (tok, *_), new = prefill_rows(
+                        self.model, self.params, jax.device_put(ids), jax.device_put(mask),
+                        self._empty_cache(r, width)(), settings, top=0)
+                    self.cache, self.tokens, self.counts = insert_rows(
+                        self.cache, new, jax.device_put(drop), self.tokens, self.counts, tok)
         settings = self._settings([dummy] * self.slots)
-        settings.budget[:] = 0
         for stop_on_free in (False, True):
             with self._context():
                 out = decode_chunk(self.model, self.params, self.cache, self.tokens,
                                    np.zeros(self.slots, bool), self.counts, settings,
-                                   n=self.chunk, top=0, stop_on_free=stop_on_free)
-            self.cache = out[-1]
+                                   np.int32(self.chunk), n=self.chunk, top=0,
+                                   stop_on_free=stop_on_free)
+            self.tokens, self.counts, self.cache = out[-3:]
         jax.block_until_ready(self.cache)
 
     # ------------------------------------------------------------------ the engine thread
     def _context(self):
-        import contextlib
         mesh = self.program.mesh
         return sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
     def run(self) -> None:
         """The loop; returns once `stop()` was called and every admitted request has ended."""
+        stats = self.stats
+        pending: _Chunk | None = None  # dispatched, not read
         while True:
+            t0 = time.perf_counter()
             with self.lock:
-                while not self.stopping and not self.waiting and self.live_slots() == 0:
+                while (not self.stopping and not self.waiting and pending is None
+                       and self.live_slots() == 0):
                     self.lock.wait()
                 if self.stopping:
                     waiting, self.waiting = list(self.waiting), collections.deque()
                 else:
                     waiting = []
+            t1 = time.perf_counter()
+            stats.idle_s += t1 - t0
+            wait0 = stats.wait_s
             for r in waiting:
                 r.emit(("error", "the server is shutting down"))
             self._free_cancelled()
-            if self.stopping and self.live_slots() == 0:
+            if self.stopping and self.live_slots() == 0 and pending is None:
                 return
-            self._admit()
-            if self.live_slots():
-                try:
-                    self._decode()
-                except Exception as e:  # noqa: BLE001 - e.g. out of memory: the cache is gone
-                    self._fail(f"{type(e).__name__}: {e}")
-                    return
+            try:
+                admitted = self._admit()  # a failed prefill fails its requests only
+                chunk = self._dispatch() if self.live_slots() else None
+                if pending is not None:
+                    self._read(pending)
+                for group in admitted:
+                    self._read_first(group)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: the cache is gone
+                self._fail(f"{type(e).__name__}: {e}")
+                return
+            pending = chunk
+            stats.host_s += time.perf_counter() - t1 - (stats.wait_s - wait0)
 
     def _fail(self, why: str) -> None:
         """The decode step broke (its donated cache is lost): every request in a slot or in the
@@ -262,14 +365,24 @@ class Engine:
 
     def _free(self, slot: int) -> None:
         self.owner[slot] = None
-        self.budget[slot] = 0
+        self.turnover = True
 
     def _free_cancelled(self) -> None:
         for s, r in enumerate(self.owner):
             if r is not None and r.cancelled:
                 self._finish(s, r, "cancelled")
 
-    def _admit(self) -> None:
+    def _pieces(self, count: int) -> list[int]:
+        """Prefill batch sizes for `count` requests: powers of two (times the row multiple) that
+        add up to `count` rounded up to an eighth of its power-of-two bucket, largest first (at
+        most four calls; padding rows, computed for nothing, under 1/8)."""
+        m = self.row_multiple
+        units = -(-count // m)
+        grain = max(1, (1 << (units - 1).bit_length()) // 8)
+        units = _round_up(units, grain)
+        return [(1 << b) * m for b in range(units.bit_length() - 1, -1, -1) if units >> b & 1]
+
+    def _admit(self) -> list[_Admitted]:
         free = [s for s, r in enumerate(self.owner) if r is None]
         batch = []
         with self.lock:
@@ -278,20 +391,22 @@ class Engine:
                 if not r.cancelled:
                     batch.append(r)
         if not batch:
-            return
+            return []
+        admitted, at = [], 0
         try:
             for r in batch:
                 if r.echo_logprobs:
                     self._score(r)
-            self._prefill(batch, free[:len(batch)])
+            for rows in self._pieces(len(batch)):
+                part = batch[at:at + rows]
+                admitted.append(self._prefill(part, free[at:at + len(part)], rows))
+                at += len(part)
         except Exception as e:  # noqa: BLE001 - fails these requests only; the others go on
-            for r in batch:
+            for r in batch[at:]:
                 if not r.finished:
                     r.finished = True
                     r.emit(("error", f"{type(e).__name__}: {e}"))
-            for s in free[:len(batch)]:
-                if self.owner[s] in batch:
-                    self._free(s)
+        return admitted
 
     def _empty_cache(self, rows: int, width: int):
         """A jitted maker of an empty [rows, width] cache, on the cache's shardings on a mesh."""
@@ -307,6 +422,7 @@ class Engine:
         return make
 
     def _settings(self, reqs: list[Request]) -> SlotSettings:
+        """Host (numpy) settings of `reqs`, one row each."""
         rows = len(reqs)
         stop = np.full((rows, MAX_STOP_IDS), -1, np.int32)
         for i, r in enumerate(reqs):
@@ -317,8 +433,7 @@ class Engine:
             temperature=np.array([s.temperature for s in sampler], np.float32),
             top_k=np.array([s.top_k or 0 for s in sampler], np.int32),
             top_p=np.array([1.0 if s.top_p is None else s.top_p for s in sampler], np.float32),
-            key=np.stack([np.asarray(jax.random.key_data(jax.random.key(r.seed)), np.uint32)
-                          for r in reqs]),
+            key=np.array([key_data(r.seed) for r in reqs], np.uint32).reshape(rows, 2),
             stop_ids=stop, budget=np.array([r.max_tokens for r in reqs], np.int32))
 
     def _top(self, reqs) -> int:
@@ -333,18 +448,17 @@ class Engine:
         mask = np.zeros((rows, width), np.int32)
         ids[:, :n], mask[:, :n] = r.prompt_ids, 1
         with self._context():
-            lp, top_lp, top_ids = score_prompt(self.model, self.params, jnp.asarray(ids),
-                                               jnp.asarray(mask), top=TOP_LOGPROBS)
+            lp, top_lp, top_ids = score_prompt(self.model, self.params, jax.device_put(ids),
+                                               jax.device_put(mask), top=TOP_LOGPROBS)
         lp, top_lp, top_ids = (np.asarray(a)[0, :n - 1] for a in (lp, top_lp, top_ids))
         k = r.logprobs or 0
         r.emit(("prompt", [None] + lp.tolist(),
                 [None] + [list(zip(i[:k].tolist(), v[:k].tolist()))
                           for i, v in zip(top_ids, top_lp)]))
 
-    def _prefill(self, batch: list[Request], slots: list[int]) -> None:
+    def _prefill(self, batch: list[Request], slots: list[int], rows: int) -> _Admitted:
+        """Dispatches the prefill of `batch` (padded to `rows`) and its insert into `slots`."""
         count = len(batch)
-        rows = min(_round_up(1 << (count - 1).bit_length(), self.row_multiple),
-                   _round_up(self.slots, self.row_multiple))
         longest = max(len(r.prompt_ids) for r in batch)
         width = min(_round_up(longest, PROMPT_BUCKET), self.max_length)
         pad = self.config.pad_token_id or 0
@@ -356,49 +470,132 @@ class Engine:
         padded = batch + [batch[0]] * (rows - count)
         settings = self._settings(padded)
         target = np.array(slots + [self.slots] * (rows - count), np.int32)
-        top = self._top(batch)
         with self._context():
             new = self._empty_cache(rows, width)()
-            (tok, lp, top_lp, top_ids), new = prefill_rows(
-                self.model, self.params, jnp.asarray(ids), jnp.asarray(mask), new, settings,
-                top=top)
-            self.cache = insert_rows(self.cache, new, jnp.asarray(target))
-        tok, lp, top_lp, top_ids = (np.asarray(a) for a in (tok, lp, top_lp, top_ids))
-        now = time.perf_counter()
+            first, new = prefill_rows(self.model, self.params, jax.device_put(ids),
+                                      jax.device_put(mask), new, settings, top=self._top(batch))
+            self.cache, self.tokens, self.counts = insert_rows(
+                self.cache, new, jax.device_put(target), self.tokens, self.counts, first[0])
+        for a in first:
+            a.copy_to_host_async()
+        stats = self.stats
+        stats.prefill_calls += 1
+        stats.prefill_requests += count
+        stats.prefill_rows += rows
+        shape = f"{rows}x{width}"
+        stats.prefill_shapes[shape] = stats.prefill_shapes.get(shape, 0) + 1
         for i, (r, s) in enumerate(zip(batch, slots)):
             self.owner[s] = r
             for name in ("temperature", "top_k", "top_p", "key", "budget"):
                 getattr(self, name)[s] = getattr(settings, name)[i]
             self.stop_table[s] = settings.stop_ids[i]
-            self.tokens[s], self.counts[s] = tok[i], 1
+        self.device_settings = None
+        self.turnover = True
+        return _Admitted(batch, slots, first)
+
+    def _read_first(self, group: _Admitted) -> None:
+        """The first tokens of admitted requests (after the chunk behind them was dispatched)."""
+        t = time.perf_counter()
+        try:
+            tok, lp, top_lp, top_ids = (np.asarray(a) for a in group.first)
+        except Exception as e:  # noqa: BLE001 - fails these requests; a broken cache fails the
+            for s, r in zip(group.slots, group.requests):  # next chunk (all of them)
+                if not r.finished:
+                    r.finished = True
+                    r.emit(("error", f"{type(e).__name__}: {e}"))
+                if self.owner[s] is r:
+                    self._free(s)
+            return
+        finally:
+            self.stats.wait_s += time.perf_counter() - t
+        now = time.perf_counter()
+        for i, (r, s) in enumerate(zip(group.requests, group.slots)):
+            if self.owner[s] is not r:
+                continue
             self.ttft.append(now - r.submitted)
-            self._take(s, r, [int(tok[i])], [float(lp[i])], top_lp[i:i + 1], top_ids[i:i + 1])
+            self._take(s, r, [int(tok[i])], lp[i:i + 1].tolist(), top_lp[i:i + 1],
+                       top_ids[i:i + 1])
         self.ttft = self.ttft[-1000:]
 
-    def _decode(self) -> None:
-        live = np.array([r is not None for r in self.owner])
-        settings = SlotSettings(self.temperature, self.top_k, self.top_p, self.key, self.stop_table,
-                                self.budget)
+    def _dispatch(self) -> _Chunk:
+        """Dispatches the next decode chunk (not waited on): `short_chunk` steps when slots
+        changed hands since the last one and some are free, else `chunk`."""
+        live = tuple(r is not None for r in self.owner)
         with self.lock:
             waiting = bool(self.waiting)
+        steps = self.short_chunk if self.turnover and not all(live) else self.chunk
+        self.turnover = False
+        top = self._top(self.owner)
+        # The small inputs go to the device only when they change (each upload is a copy).
+        if self.device_settings is None:
+            self.device_settings = SlotSettings(*(jax.device_put(a.copy()) for a in (
+                self.temperature, self.top_k, self.top_p, self.key, self.stop_table,
+                self.budget)))
+        if self.device_live[0] != live:
+            self.device_live = (live, jax.device_put(np.array(live, bool)))
+        if steps not in self.device_steps:
+            self.device_steps[steps] = jax.device_put(np.int32(steps))
         with self._context():
-            out, lp, top_lp, top_ids, tokens, counts, self.cache = decode_chunk(
-                self.model, self.params, self.cache, self.tokens, live, self.counts, settings,
-                n=self.chunk, top=self._top(self.owner), stop_on_free=waiting)
-        out, lp, top_lp, top_ids = (np.asarray(a) for a in (out, lp, top_lp, top_ids))
-        self.tokens, self.counts = np.array(tokens), np.array(counts)
-        made = int((out >= 0).sum())
-        self.generated_tokens += made
-        self.recent.append((time.perf_counter(), made))
-        for s, r in enumerate(self.owner):
-            if r is None:
-                continue
-            steps = out[s] >= 0
-            if steps.any():
-                self._take(s, r, out[s][steps].tolist(), lp[s][steps].tolist(), top_lp[s][steps],
-                           top_ids[s][steps])
+            out, lp, top_lp, top_ids, self.tokens, self.counts, self.cache = decode_chunk(
+                self.model, self.params, self.cache, self.tokens, self.device_live[1],
+                self.counts, self.device_settings, self.device_steps[steps], n=self.chunk,
+                top=top, stop_on_free=waiting)
+        chunk = _Chunk(out, lp, top_lp, top_ids, list(self.owner)) if top else \
+            _Chunk(out, None, None, None, list(self.owner))
+        for a in (out, lp, top_lp, top_ids) if top else (out,):
+            a.copy_to_host_async()  # the copy starts as soon as the chunk ends
+        self.stats.chunks += 1
+        return chunk
 
-    def _take(self, slot: int, r: Request, new: list[int], lps: list[float], top_lp, top_ids):
+    def _read(self, chunk: _Chunk) -> None:
+        """A chunk's tokens to the requests that were in its slots when it was dispatched."""
+        t = time.perf_counter()
+        out = np.asarray(chunk.out)
+        if chunk.lp is not None:
+            lp, top_lp, top_ids = (np.asarray(a) for a in (chunk.lp, chunk.top_lp,
+                                                           chunk.top_ids))
+        self.stats.wait_s += time.perf_counter() - t
+        made = out >= 0
+        self.stats.steps += int(made.any(axis=0).sum())
+        counts = made.sum(axis=1).tolist()
+        total = sum(counts)
+        self.generated_tokens += total
+        self.recent.append((time.perf_counter(), total))
+        rows = out.tolist()
+        for s, r in enumerate(chunk.owners):
+            k = counts[s]
+            if r is None or not k or r.finished or self.owner[s] is not r:
+                continue  # a slot freed (or refilled) after the chunk was dispatched
+            if chunk.lp is None:
+                self._take(s, r, rows[s][:k], (), (), ())
+            else:
+                self._take(s, r, rows[s][:k], lp[s, :k].tolist(), top_lp[s, :k],
+                           top_ids[s, :k])
+
+    # ------------------------------------------------------------------ text
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _extend_text(self, r: Request, flush: bool) -> None:
+        """Appends the text of r.ids[r.read:] to r.text, decoding only a window of the last
+        tokens (`ids[prefix:read]` gave the last piece; the text of `ids[prefix:]` past it is
+        new): incremental, as text-generation-inference and vLLM do. An incomplete UTF-8
+        character at the end waits for the next tokens, unless `flush` (the reply ends)."""
+        if r.read == len(r.ids):
+            return
+        head = self._decode(r.ids[r.prefix:r.read])
+        whole = self._decode(r.ids[r.prefix:])
+        if len(whole) > len(head) and (flush or not whole.endswith("\ufffd")):
+            r.text += whole[len(head):]
+            r.prefix, r.read = r.read, len(r.ids)
+
+    def _text_until(self, r: Request, prefix: int, read: int, text_len: int, end: int) -> int:
+        """The length of the reply's text over ids[:end], from the window (prefix, read) that
+        held when the text was `text_len` long."""
+        head = self._decode(r.ids[prefix:read])
+        return text_len + max(0, len(self._decode(r.ids[prefix:end])) - len(head))
+
+    def _take(self, slot: int, r: Request, new: list[int], lps, top_lp, top_ids):
         """A slot's new tokens: stop ids, max_tokens, stop strings; emits the new text."""
         if r.finished:
             return
@@ -415,34 +612,48 @@ class Engine:
             if len(r.ids) + i + 1 >= r.max_tokens:
                 reason, keep = "length", i + 1
                 break
+        base, prefix, read, checked = len(r.ids), r.prefix, r.read, len(r.text)
         r.ids.extend(new[:keep])
-        text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
-        for s in r.stop_strings:
-            at = text.find(s)
-            if at >= 0:
-                text, reason = text[:at], "stop"
-        if reason is None:
-            hold = max((len(s) - 1 for s in r.stop_strings), default=0)
-            # Held back: an incomplete UTF-8 character, and a tail that may begin a stop string.
-            end = len(text)
-            while end > len(r.sent) and text[end - 1] == "\ufffd":
-                end -= 1
+        self._extend_text(r, flush=reason is not None)
+        text = r.text
+        match = None
+        for s in r.stop_strings:  # only where a new match can be: ending in the new text
+            at = text.find(s, max(0, checked - len(s) + 1))
+            if at >= 0 and (match is None or at < match[0]):
+                match = (at, s)
+        if match is not None:
+            at, s = match
+            reason = "stop"
+            # Tokens past the one that completed the stop string are dropped (not counted, no
+            # log-probs): the reply is what the text says.
+            for j in range(1, keep + 1):
+                if self._text_until(r, prefix, read, checked, base + j) >= at + len(s):
+                    keep = j
+                    break
+            del r.ids[base + keep:]
+            r.text = text = text[:at]
+            end = at
+        elif reason is None:
+            # Held back: a tail that may begin a stop string.
+            hold = 0
             for s in r.stop_strings:
-                for j in range(min(hold, end), 0, -1):
-                    if text[:end].endswith(s[:j]):
-                        end = min(end, len(text[:end]) - j)
+                for j in range(min(len(s) - 1, len(text) - r.sent), hold, -1):
+                    if text.endswith(s[:j]):
+                        hold = j
                         break
-            text = text[:max(end, len(r.sent))]
-        k = r.logprobs or 0
-        alts = [list(zip(i[:k].tolist(), v[:k].tolist())) for i, v in zip(top_ids[:keep],
-                                                                             top_lp[:keep])]
-        if text.startswith(r.sent):
-            delta = text[len(r.sent):]
-        else:  # a re-segmentation changed earlier text; keep what was sent
-            delta = ""
+            end = len(text) - hold
+        else:
+            end = len(text)
+        delta = text[r.sent:end] if end > r.sent else ""
         if delta or keep:
-            r.sent += delta
-            r.emit(("delta", delta, new[:keep], lps[:keep], alts))
+            r.sent += len(delta)
+            if r.logprobs is None:
+                r.emit(("delta", delta, new[:keep], [], []))
+            else:
+                k = r.logprobs
+                alts = [list(zip(i[:k].tolist(), v[:k].tolist()))
+                        for i, v in zip(top_ids[:keep], top_lp[:keep])]
+                r.emit(("delta", delta, new[:keep], list(lps[:keep]), alts))
         if reason is not None:
             self._finish(slot, r, reason)
 

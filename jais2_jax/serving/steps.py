@@ -2,10 +2,11 @@
 
 - `prefill_rows`: right-padded prompts into a fresh cache of [P, width], and each row's first token
   (chosen with its own sampling settings).
-- `insert_rows`: those P rows copied into given slots of the slot cache (donated: in place).
-- `decode_chunk`: up to `n` decode steps of every slot in one on-device loop; a slot that is not
-  live, or is done (an eos id or its token budget), is left alone (its cache length held at 0, so
-  its writes never run past the cache).
+- `insert_rows`: those P rows copied into given slots of the slot cache (donated: in place), with
+  their first tokens into the device-side decode inputs.
+- `decode_chunk`: up to `steps` (<= `n`) decode steps of every slot in one on-device loop; a slot
+  that is not live, or is done (an eos id or its token budget), is left alone (its cache length
+  held at 0, so its writes never run past the cache).
 - `score_prompt`: log-probabilities of every prompt token given the ones before (the completions
   API's `echo` + `logprobs`).
 
@@ -94,9 +95,12 @@ def _put(buf: Array, rows: Array, slots: Array, batch_axis: int) -> Array:
     return buf.at[index].set(rows.astype(buf.dtype), mode="drop")
 
 
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def insert_rows(cache: KVCache, new: KVCache, slots: Array) -> KVCache:
-    """Rows of `new` [P, W] into slots [P] of `cache` [N, M] (W <= M); a slot index N drops the row."""
+@functools.partial(jax.jit, donate_argnames=("cache", "tokens", "counts"))
+def insert_rows(cache: KVCache, new: KVCache, slots: Array, tokens: Array, counts: Array,
+                first: Array) -> tuple[KVCache, Array, Array]:
+    """Rows of `new` [P, W] into slots [P] of `cache` [N, M] (W <= M), and each row's first token
+    `first` [P] as its slot's last token (count 1) in `tokens` / `counts` [N]; a slot index N
+    drops the row. Nothing goes through the host: the decode inputs stay on the device."""
     axis = 0 if cache.per_layer else 1
 
     def put(buf, rows):
@@ -109,18 +113,22 @@ def insert_rows(cache: KVCache, new: KVCache, slots: Array) -> KVCache:
     if cache.quantized:
         fields.update(k_scale=put(cache.k_scale, new.k_scale),
                       v_scale=put(cache.v_scale, new.v_scale))
-    return dataclasses.replace(cache, **fields)
+    tokens = tokens.at[slots].set(first.astype(tokens.dtype), mode="drop")
+    counts = counts.at[slots].set(1, mode="drop")
+    return dataclasses.replace(cache, **fields), tokens, counts
 
 
 @functools.partial(jax.jit, static_argnames=("model", "n", "top", "stop_on_free"),
-                   donate_argnames=("cache",))
+                   donate_argnames=("cache", "tokens", "counts"))
 def decode_chunk(model, params, cache: KVCache, tokens: Array, live: Array, counts: Array,
-                 settings: SlotSettings, *, n: int, top: int, stop_on_free: bool):
-    """Up to `n` decode steps of every slot.
+                 settings: SlotSettings, steps: Array, *, n: int, top: int, stop_on_free: bool):
+    """Up to `steps` (a traced int32 <= the static `n`: one compile serves every length) decode
+    steps of every slot.
 
     tokens [N]: each slot's last token (not yet in the cache); live [N]; counts [N]: tokens the
     slot has produced. Returns (out tokens [N, n] (-1 where a slot made none), log-probs [N, n],
-    top log-probs / ids [N, n, top], tokens, counts, cache). Stops early when no slot is active,
+    top log-probs / ids [N, n, top], tokens, counts, cache); tokens and counts are the next
+    chunk's inputs, so they never need to visit the host. Stops early when no slot is active,
     or (stop_on_free) when a slot finishes, so that waiting requests get it at once.
     """
     slots = tokens.shape[0]
@@ -136,7 +144,7 @@ def decode_chunk(model, params, cache: KVCache, tokens: Array, live: Array, coun
 
     def cond(carry):
         step, active, freed = carry[0], carry[1], carry[2]
-        return (step < n) & jnp.any(active) & ~(stop_on_free & freed)
+        return (step < jnp.minimum(steps, n)) & jnp.any(active) & ~(stop_on_free & freed)
 
     def body(carry):
         step, active, _, tokens, counts, cache, out, out_lp, out_top, out_ids = carry
