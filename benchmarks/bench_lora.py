@@ -5,10 +5,13 @@ shapes, same run, one FLOPs formula.
                                                            # and transformers + PEFT
     python benchmarks/bench_lora.py --batch 8,12 --remat dots,dots_no_mlp,full
     python benchmarks/bench_lora.py --shape 70b --quantize int8   # QLoRA 70B, ours only
+    python benchmarks/bench_lora.py --shape 70b --quantize int8 --compile-only   # any machine:
+                                                           # the compiled step's memory, no run
     python benchmarks/bench_lora.py --tiny                 # CPU smoke test of the whole script
 
 LoRA rank 16, alpha 32, dropout 0, on q/k/v/o/up/down, seq 2048. Ours: the frozen base in bf16
-(`--quantize int8`: int8 projections + per-channel scales, QLoRA), float32 adapters and AdamW,
+(`--quantize int8`: QLoRA, int8 projections and lm_head + per-channel scales, the embedding table
+int8 + per-row scales), float32 adapters and AdamW,
 bf16 compute, the step of `jais2_jax.training.program` (adapters only differentiated; the base a
 separate argument). The base's values are synthetic (a hash of the index, no random-number
 temporaries: the 70B base fills the card); speed does not depend on them. transformers + PEFT as
@@ -22,7 +25,11 @@ head_dim) + 6 x adapter params.
 
 Each side runs in its own subprocess; each configuration is warmed up (compilation), then timed
 step by step with block_until_ready / CUDA events; the median is reported, with the peak bytes of
-jax's memory stats (`peak_bytes_in_use`) or torch's `max_memory_allocated`. A configuration that
+jax's memory stats (`peak_bytes_in_use`) or torch's `max_memory_allocated`. Our step is compiled
+once ahead of time and its `memory_analysis()` printed (arguments, temporaries, the peak they
+imply) with whether the measured peak fits one H100 (79.5e9 bytes for XLA at the default
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 of 80 GiB; `--compile-only` prints the analysis alone, on
+any backend, the CPU's without allocating anything). A configuration that
 runs out of memory is reported as OOM and the sweep goes on. One JSON line per measurement
 (`--json FILE` also writes them to FILE), then a table. Our side lets XLA take 95% of the GPU's
 memory (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set).
@@ -51,6 +58,7 @@ SHAPES = {
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
+H100_XLA_BYTES = 79.5e9  # what XLA gets of an H100's 80 GiB at XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 
 
 def model_config(shape: str):
@@ -61,7 +69,7 @@ def model_config(shape: str):
 
 
 def run_config(shape: str, batch: int, remat: str, quantize, *, loss_chunk: int,
-               param_dtype: str = "float32"):
+               param_dtype: str = "float32", mu_dtype: str | None = None):
     from jais2_jax.training.run_config import RunConfig
     tiny = shape == "tiny"
     return RunConfig(model="", data="", output_dir="", seq_len=SHAPES[shape]["seq"],
@@ -69,7 +77,8 @@ def run_config(shape: str, batch: int, remat: str, quantize, *, loss_chunk: int,
                      dtype="float32" if tiny else "bfloat16", param_dtype=param_dtype,
                      remat_policy=remat, warmup_steps=10, total_steps=1000, lr=1e-4,
                      lora={"rank": RANK, "alpha": ALPHA, "dropout": 0.0,
-                           "target_modules": TARGETS, "base_quantization": quantize})
+                           "target_modules": TARGETS, "base_quantization": quantize,
+                           "mu_dtype": mu_dtype})
 
 
 def random_batch(config, batch: int, seq: int) -> dict:
@@ -133,7 +142,7 @@ def run_jax(args):
     seq = SHAPES[args.shape]["seq"]
     mesh = make_mesh("fsdp", devices=jax.devices()[:1])
     emit(args.json, side="jax", what="device", name=jax.devices()[0].device_kind,
-         jax=jax.__version__, quantize=args.quantize,
+         jax=jax.__version__, quantize=args.quantize, mu_dtype=args.mu_dtype,
          mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", ""))
     base = None
     start = time.perf_counter()
@@ -142,36 +151,56 @@ def run_jax(args):
             if time.perf_counter() - start > args.budget_s:
                 emit(args.json, side="jax", batch=batch, remat=remat, skipped="time budget")
                 continue
-            run = run_config(args.shape, batch, remat, args.quantize, loss_chunk=args.loss_chunk,
-                             param_dtype=args.param_dtype)
             state = metrics = None
-            try:
+            try:  # a remat policy this checkout lacks is reported like an OOM: the sweep goes on
+                run = run_config(args.shape, batch, remat, args.quantize,
+                                 loss_chunk=args.loss_chunk, param_dtype=args.param_dtype,
+                                 mu_dtype=args.mu_dtype)
                 program = build_train_program(config, run, mesh)
                 data = random_batch(config, batch, seq)
+                compile_start = time.perf_counter()
+                with use_mesh(mesh):  # from abstract inputs: nothing allocated
+                    step = program.train_step.lower(
+                        program.abstract_state(),
+                        {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=program.batch_sharding)
+                         for k, v in data.items()},
+                        program.abstract_base_sharded()).compile()
+                mem = step.memory_analysis()
+                need = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                        - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+                emit(args.json, side="jax", what="compiled", batch=batch, remat=remat,
+                     backend=jax.default_backend(), compile_s=time.perf_counter() - compile_start,
+                     argument_gb=mem.argument_size_in_bytes / 1e9,
+                     temp_gb=mem.temp_size_in_bytes / 1e9,
+                     output_gb=mem.output_size_in_bytes / 1e9,
+                     alias_gb=mem.alias_size_in_bytes / 1e9, compiled_peak_gb=need / 1e9,
+                     host_temp_gb=getattr(mem, "host_temp_size_in_bytes", 0) / 1e9)
+                if args.compile_only:
+                    continue
                 with use_mesh(mesh):
                     if base is None:  # one base for the whole sweep (same tree every setting)
                         base = synthetic_base(program)
                         jax.block_until_ready(base)
                     state = program.init_state(jax.random.PRNGKey(0))
-                    compile_start = time.perf_counter()
                     for _ in range(args.warmup):
-                        state, metrics = program.train_step(state, data, base)
+                        state, metrics = step(state, data, base)
                     jax.block_until_ready(metrics)
                     warm_s = time.perf_counter() - compile_start
                     times = []
                     for _ in range(args.steps):
                         t = time.perf_counter()
-                        state, metrics = program.train_step(state, data, base)
+                        state, metrics = step(state, data, base)
                         jax.block_until_ready(metrics)
                         times.append(time.perf_counter() - t)
                 step_s = _median(times)
                 tok_s = batch * seq / step_s
                 stats = jax.devices()[0].memory_stats() or {}
+                peak = stats.get("peak_bytes_in_use", 0)
                 emit(args.json, side="jax", batch=batch, remat=remat, step_s=step_s, tok_s=tok_s,
                      tflops=lora_flops_per_token(config, seq, run.lora) * tok_s / 1e12,
                      loss=float(metrics["loss"]), warmup_s=warm_s,
-                     adapters=adapter_count(config, run.lora),
-                     peak_gb=stats.get("peak_bytes_in_use", 0) / 1e9)
+                     adapters=adapter_count(config, run.lora), peak_gb=peak / 1e9,
+                     fits_h100=bool(peak) and peak <= H100_XLA_BYTES)
             except Exception as e:  # noqa: BLE001  (OOM is an XlaRuntimeError; keep sweeping)
                 oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
                 emit(args.json, side="jax", batch=batch, remat=remat,
@@ -267,7 +296,8 @@ def main():
     p.add_argument("--batch", default=None,
                    help="our batch sizes, comma-separated (default 8,16; 70b: 1,2)")
     p.add_argument("--remat", default=None,
-                   help="remat policies (default dots,dots_no_mlp,full; 70b: full,dots_no_mlp)")
+                   help="remat policies (default dots,dots_no_mlp,full; 70b: full,dots_no_mlp); "
+                        "the peak is the process's, so list the smaller-memory ones first")
     p.add_argument("--hf-batch", default=None,
                    help="transformers + PEFT batches, ':gc' for gradient checkpointing "
                         "(default 2,8:gc; none for 70b); '' skips")
@@ -275,10 +305,15 @@ def main():
     p.add_argument("--param-dtype", default="float32",
                    help="our adapters' (and their AdamW moments') dtype; bfloat16 saves 1.6 GB "
                         "on the 70B shape")
+    p.add_argument("--mu-dtype", choices=("bfloat16",), default=None,
+                   help="our AdamW first moment in bf16 (lora.mu_dtype; 0.4 GB less on the 70B "
+                        "shape; default: as the adapters, float32, like torch AdamW)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation) first")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="skip our remaining configurations after this many seconds")
+    p.add_argument("--compile-only", action="store_true",
+                   help="ours only: compile each step and print its memory analysis, run nothing")
     p.add_argument("--json", default=None, help="also append the JSON lines to this file")
     p.add_argument("--side", choices=("jax", "hf"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -289,6 +324,8 @@ def main():
                                 else "dots,dots_no_mlp,full")
     if args.hf_batch is None:
         args.hf_batch = "" if big else ("2,2:gc" if args.tiny else "2,8:gc")
+    if args.compile_only:
+        args.hf_batch = ""
     if args.tiny:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.side == "jax":
@@ -325,16 +362,28 @@ def _table(rows, args):
     best_hf = max((r["tok_s"] for r in rows if r.get("side") == "hf" and "tok_s" in r),
                   default=None)
     for r in rows:
-        if "batch" not in r:
+        if "batch" not in r or r.get("what") == "compiled":
             continue
         impl = "transformers+PEFT" if r["side"] == "hf" else "jais2-jax"
         if "tok_s" in r:
             note = f"{r['tok_s'] / best_hf:.2f}x HF best" if best_hf and r["side"] == "jax" else ""
+            if r["side"] == "jax" and args.shape == "70b":
+                note += (" fits" if r["fits_h100"] else " does NOT fit") + \
+                    f" one H100 ({H100_XLA_BYTES / 1e9:.1f} GB)"
             print(f"{impl:<20}{r['batch']:>6}{r['remat']:>14}{r['tok_s']:>10.0f}"
                   f"{r['tflops']:>9.1f}{1e3 * r['step_s']:>9.1f}{r['peak_gb']:>9.1f}  {note}")
         else:
             print(f"{impl:<20}{r['batch']:>6}{r['remat']:>14}{'':>37}  "
                   f"{r.get('error') or r.get('skipped')}")
+    compiled = [r for r in rows if r.get("what") == "compiled"]
+    if compiled:
+        print(f"\nour compiled step ({compiled[0]['backend']}), GB: arguments (base + state) + "
+              f"temporaries + outputs - donated = the peak it implies")
+    for r in compiled:
+        print(f"  batch {r['batch']}, remat {r['remat']}: {r['argument_gb']:.2f} + "
+              f"{r['temp_gb']:.2f} + {r['output_gb']:.2f} - {r['alias_gb']:.2f} = "
+              f"{r['compiled_peak_gb']:.2f}"
+              + (f" (+ {r['host_temp_gb']:.2f} in host memory)" if r["host_temp_gb"] else ""))
 
 
 if __name__ == "__main__":

@@ -53,20 +53,22 @@ def _our_adapters(tensors, config, targets):
     return {"layers": tree}
 
 
-def _peft_model(targets, seed=0, base_weights=None):
+def _peft_model(targets, seed=0, base_weights=None, **overrides):
     """transformers + PEFT with random A and B; `base_weights(params) -> params` replaces the
     base's weights first (in our layout)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from jais2_jax.checkpoint.hf_mapping import state_dict_from_params
-    base = hf_model(seed)
+    base = hf_model(seed, **overrides)
     config = our_config(base)
     params = our_params(base, config)  # before PEFT wraps it (its base weights are the same)
     if base_weights is not None:
         params = base_weights(params)
         sd = state_dict_from_params(config, jax.tree_util.tree_map(np.asarray, params))
-        base.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in sd.items()})
+        # a tied lm_head is the embedding table: the state dict has no lm_head.weight
+        base.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in sd.items()},
+                             strict=not config.tie_word_embeddings)
     peft_model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                                  target_modules=list(targets)))
     torch.manual_seed(seed + 1)
@@ -134,6 +136,137 @@ def test_adapter_gradients_equal_torch_autograd_through_peft(targets, kw):
             r = r[k.key]
         assert np.abs(r).max() > 0
         assert rel_err(g, r) < 1e-5, (jax.tree_util.keystr(path), rel_err(g, r))
+
+
+def _torch_loss_and_adapter_grads(peft_model, config, targets, ids):
+    import torch
+    peft_model.zero_grad()
+    loss = peft_model(input_ids=torch.tensor(ids), labels=torch.tensor(ids)).loss
+    loss.backward()
+    named = dict(peft_model.named_parameters())
+    grads = _our_adapters({k: p.grad.numpy() for k, p in named.items() if "lora_" in k}, config,
+                          targets)
+    adapters = jax.tree_util.tree_map(jnp.asarray, _our_adapters(
+        {k: p.detach().numpy() for k, p in named.items() if "lora_" in k}, config, targets))
+    return loss.item(), grads, adapters
+
+
+@pytest.mark.parametrize("tied,tiles", [(False, 1), (False, 4), (True, 4)])
+def test_qlora_int8_head_and_embedding_equal_torch_autograd_on_dequantized_weights(
+        tied, tiles, monkeypatch):
+    """QLoRA's base holds the lm_head and the embedding table in int8 too (per vocab entry
+    scales): the train step's loss and every adapter gradient, and the eval step's loss, equal
+    torch autograd through transformers + PEFT whose base weights are those int8 values
+    dequantized in float32. The fused loss uses the int8 head in 1 or 4 vocabulary tiles."""
+    from jais2_jax.model.quantize import quantize_embedding
+    from jais2_jax.training import step as step_lib
+    from jais2_jax.training.step import make_eval_step
+    quantized = {}
+
+    def dequantized(params):
+        quantized["q"] = quantize_embedding(
+            quantize(jax.tree_util.tree_map(jnp.asarray, params), "int8"), "int8")
+        return dequantize(quantized["q"])
+
+    peft_model, config, _ = _peft_model(LORA_TARGETS, seed=6, base_weights=dequantized,
+                                        tie_word_embeddings=tied)
+    q = quantized["q"]
+    assert q["embed_tokens"]["embedding"].dtype == jnp.int8
+    assert tied == ("lm_head" not in q) and (tied or q["lm_head"]["kernel"].dtype == jnp.int8)
+    d, v = config.hidden_size, config.vocab_size
+    monkeypatch.setattr(step_lib, "HEAD_TILE_BYTES", d * v * 4 // tiles)
+    assert step_lib.head_tiles(d, v, 4) == tiles
+    ids = np.random.default_rng(6).integers(0, config.vocab_size, (4, 16))
+    loss, ref, adapters = _torch_loss_and_adapter_grads(peft_model, config, LORA_TARGETS, ids)
+
+    run = _step_run(LORA_TARGETS)
+    model = Jais2ForCausalLM(config, lora=LoraSpec(RANK, ALPHA))
+    catcher = _grad_catcher()
+    step = jax.jit(make_train_step(model, catcher, run, frozen=True))
+    batch = _shifted_batch(ids)
+    state, metrics = step(init_state(adapters, catcher, 0), batch, q)
+    assert abs(float(metrics["loss"]) - loss) < 1e-5 * loss
+    for path, g in jax.tree_util.tree_leaves_with_path(state.opt_state):
+        r = ref
+        for k in path:
+            r = r[k.key]
+        assert np.abs(r).max() > 0
+        assert rel_err(g, r) < 1e-5, (jax.tree_util.keystr(path), rel_err(g, r))
+    sums = jax.jit(make_eval_step(model, run))(adapters, batch, q)
+    assert abs(float(sums["ce_sum"] / sums["targets"]) - loss) < 1e-5 * loss
+
+
+def test_qlora_int8_head_tiles_on_a_tensor_parallel_mesh_equal_one_device(monkeypatch):
+    """The real QLoRA program (int8 head in 4 vocabulary tiles, int8 embedding) on meshes with
+    the vocabulary sharded over `tensor` (1x4x2, 2x2x2) gives the loss, gradient norm, updated
+    adapters and eval sums of one device."""
+    from jais2_jax.model.quantize import quantize_embedding
+    from jais2_jax.parallel import sharding
+    from jais2_jax.training import step as step_lib
+    from jais2_jax.training.program import build_train_program, clear_cache
+    peft_model, config, params = _peft_model(LORA_TARGETS, seed=9)
+    named = dict(peft_model.named_parameters())
+    adapters = _our_adapters({k: p.detach().numpy() for k, p in named.items() if "lora_" in k},
+                             config, LORA_TARGETS)
+    q = quantize_embedding(quantize(params, "int8"), "int8")
+    monkeypatch.setattr(step_lib, "HEAD_TILE_BYTES",
+                        config.hidden_size * config.vocab_size * 4 // 4)
+    run = _step_run(LORA_TARGETS, lr=1e-2, clip_grad_norm=1.0).replace(
+        lora={"rank": RANK, "alpha": ALPHA, "base_quantization": "int8"})
+    batch = _shifted_batch(np.random.default_rng(9).integers(0, config.vocab_size, (4, 16)))
+    out = {}
+    for shape in ((1, 1, 1), (1, 4, 2), (2, 2, 2)):
+        clear_cache()
+        mesh = sharding.make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
+        program = build_train_program(config, run, mesh)
+        base = jax.device_put(q, program.base_shardings)
+        state = program.state_from_params(jax.device_put(
+            jax.tree_util.tree_map(jnp.asarray, adapters), program.param_shardings))
+        data = jax.device_put(batch, program.batch_sharding)
+        with sharding.use_mesh(mesh):
+            state, metrics = program.train_step(state, data, base)
+            sums = program.eval_step(state.params, data, base)
+        out[shape] = (float(metrics["loss"]), float(metrics["grad_norm"]),
+                      float(sums["ce_sum"]), _leaves(state.params))
+    clear_cache()
+    ref = out[(1, 1, 1)]
+    for shape in ((1, 4, 2), (2, 2, 2)):
+        got = out[shape]
+        for a, b in zip(got[:3], ref[:3]):
+            assert abs(a - b) < 1e-5 * abs(b), (shape, got[:3], ref[:3])
+        for a, b in zip(got[3], ref[3], strict=True):
+            assert rel_err(a, b) < 1e-5, shape
+
+
+def test_adapter_gradients_are_taken_at_compute_dtype_copies():
+    """On one device a bf16 step differentiates with respect to bf16 copies of the adapters (the
+    projections cast them before their GEMMs anyway): upcast, that gradient is bitwise the
+    float32 adapters' gradient, at half the bytes held through the backward pass."""
+    from jais2_jax.training.step import compute_copies, merge_params, train_loss_sums
+    peft_model, config, params = _peft_model(LORA_TARGETS, seed=7)
+    named = dict(peft_model.named_parameters())
+    adapters = jax.tree_util.tree_map(jnp.asarray, _our_adapters(
+        {k: p.detach().numpy() for k, p in named.items() if "lora_" in k}, config, LORA_TARGETS))
+    model = Jais2ForCausalLM(config, dtype=jnp.bfloat16, lora=LoraSpec(RANK, ALPHA))
+    base = quantize(params, "int8")
+    batch = _shifted_batch(np.random.default_rng(7).integers(0, config.vocab_size, (2, 16)))
+
+    def loss(a):
+        return train_loss_sums(model, merge_params(base, a), batch, chunk=4, z_loss=0.0,
+                               head_grad=False)[0]
+
+    ref = jax.jit(jax.grad(loss))(adapters)
+    copies = compute_copies(adapters, jnp.bfloat16, adapters=True)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(copies)} == {jnp.dtype(jnp.bfloat16)}
+    assert compute_copies(params, jnp.bfloat16, adapters=True) is not params  # a new tree ...
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(
+        compute_copies(params, jnp.bfloat16, adapters=True)))  # ... without any cast kernel
+    got = jax.jit(jax.grad(loss))(copies)
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(got),
+                            jax.tree_util.tree_leaves(ref), strict=True):
+        assert g.dtype == jnp.bfloat16 and np.abs(np.asarray(r)).max() > 0
+        np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(r),
+                                      err_msg=jax.tree_util.keystr(path))
 
 
 # ------------------------------------------------------------------------------- runs and the loop
@@ -333,6 +466,7 @@ def test_adapter_dropout_acts_only_with_a_dropout_rng():
     ({"base_quantization": "nf4"}, "lora.base_quantization 'nf4'"),
     ({"dropout": 1.0}, r"lora.dropout must be in \[0, 1\)"),
     ({"alpha": 0}, "lora.alpha must be positive"),
+    ({"mu_dtype": "float16"}, "lora.mu_dtype 'float16'"),
 ])
 def test_bad_lora_blocks_are_refused_by_name(lora, message):
     with pytest.raises(ValueError, match=message):
@@ -417,8 +551,48 @@ def test_lora_plan_is_smaller_than_the_full_fine_tune():
                                                               * config.head_dim)
     per_layer = 16 * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 2)
     assert lora["adapters"] == 4 * config.num_hidden_layers * per_layer
+    assert lora["grads"] == lora["adapters"] // 2  # one device: bf16 (compute_copies)
     assert lora["opt_state"] >= 2 * lora["adapters"]
-    assert qlora["base"] < 0.62 * lora["base"]
+    # QLoRA: every weight matrix int8 (projections, lm_head, embedding table) + float32 scales
+    # (per output channel; per vocab entry for the two tables), norms and biases bf16
+    h, hd, v, layers = (config.num_attention_heads, config.head_dim, config.vocab_size,
+                        config.num_hidden_layers)
+    proj = layers * (2 * d * h * hd + 2 * d * kv + 2 * d * f)
+    scales = layers * (h * hd + 2 * kv + d + f + d) + 2 * v
+    assert qlora["base"] == proj + 2 * v * d + 4 * scales + 2 * (n - proj - 2 * v * d)
+
+
+def test_mu_dtype_bfloat16_holds_the_first_moment_in_bf16():
+    """`lora.mu_dtype: bfloat16`: the optimizer's first moment of every adapter is bf16 (the
+    second stays float32), after a real step too, and the plan counts half its bytes."""
+    from jais2_jax.model.config import load_model_config
+    from jais2_jax.parallel import sharding
+    from jais2_jax.planning.memory import lora_state_bytes
+    from jais2_jax.training.run_config import LoraConfig
+    from jais2_jax.training.step import make_optimizer
+    config = load_model_config("jais2-8b")
+    mesh = sharding.abstract_mesh("fsdp", 1)
+    f32 = lora_state_bytes(config, mesh, LoraConfig(rank=16))
+    bf16 = lora_state_bytes(config, mesh, LoraConfig(rank=16, mu_dtype="bfloat16"))
+    assert f32["opt_state"] - bf16["opt_state"] == f32["adapters"] // 2
+    peft_model, tiny, params = _peft_model(("q_proj", "down_proj"), seed=8)
+    named = dict(peft_model.named_parameters())
+    adapters = jax.tree_util.tree_map(jnp.asarray, _our_adapters(
+        {k: p.detach().numpy() for k, p in named.items() if "lora_" in k}, tiny,
+        ("q_proj", "down_proj")))
+    run = _step_run(("q_proj", "down_proj")).replace(lora=LoraConfig(
+        rank=RANK, alpha=ALPHA, target_modules=("q_proj", "down_proj"), mu_dtype="bfloat16"))
+    optimizer = make_optimizer(run)
+    model = Jais2ForCausalLM(tiny, lora=LoraSpec(RANK, ALPHA),
+                             lora_targets=("q_proj", "down_proj"))
+    step = jax.jit(make_train_step(model, optimizer, run, frozen=True))
+    batch = _shifted_batch(np.random.default_rng(8).integers(0, tiny.vocab_size, (4, 16)))
+    state, _ = step(init_state(adapters, optimizer, 0), batch, params)
+    adam = state.opt_state[-1][0]  # adamw's chain: (ScaleByAdamState, ...)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(adam.mu)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree_util.tree_leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
+    assert any(np.abs(np.asarray(x, np.float32)).max() > 0
+               for x in jax.tree_util.tree_leaves(adam.mu))
 
 
 def test_topology_plan_compiles_the_lora_step():

@@ -141,12 +141,12 @@ def test_remat_policies_keep_gradients_and_trade_memory():
     params = init_params(config, jax.random.key(0))
     ids = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (4, 64)))
     temp, grads = {}, {}
-    for policy in ("none", "dots", "dots_no_mlp", "full"):
+    for policy in ("none", "dots", "dots_no_mlp", "full", "full_offload"):
         model = Jais2ForCausalLM(config, options=ModelOptions(remat_policy=policy))
         f = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, ids) ** 2)))
         temp[policy] = f.lower(params).compile().memory_analysis().temp_size_in_bytes
         grads[policy] = f(params)
-    for policy in ("dots", "dots_no_mlp", "full"):
+    for policy in ("dots", "dots_no_mlp", "full", "full_offload"):  # offload: host copies on GPU
         for a, b in zip(jax.tree_util.tree_leaves(grads[policy]), jax.tree_util.tree_leaves(grads["none"])):
             assert rel_err(a, b) < 1e-6
     assert temp["none"] > temp["dots"] > temp["dots_no_mlp"] > temp["full"], temp

@@ -103,6 +103,51 @@ def test_int8_on_an_8_device_mesh_equals_one_device():
                                                       eos_token_id=[])))
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_int8_embedding_table_equals_transformers_on_dequantized_weights(tied):
+    """`quantize_embedding` (QLoRA's base): one scale per row (token) of the table, max |row| / 127;
+    the model gathers int8 rows (and, tied, makes the logits from them) and equals transformers
+    on the dequantized table; the tree's sharding on a mesh is the quantized model's own."""
+    from jais2_jax.model.quantize import is_embedding_quantized, quantize_embedding
+    from jais2_jax.parallel import make_mesh, model_param_shardings
+    hf = hf_model(seed=11, tie_word_embeddings=tied)
+    config = our_config(hf)
+    params = our_params(hf, config)
+    qparams = quantize_embedding(quantize(params, "int8"), "int8")
+    table = np.asarray(params["embed_tokens"]["embedding"])  # [V, D]
+    emb = qparams["embed_tokens"]
+    assert emb["embedding"].dtype == jnp.int8 and is_embedding_quantized(qparams)
+    amax = np.abs(table).max(axis=1)
+    assert amax[0] == 0  # the padding row (zeros): scale 1, as any all-zero channel
+    np.testing.assert_array_equal(emb["scale"], np.where(amax > 0, amax / 127, 1.0))
+    np.testing.assert_array_equal(emb["embedding"], np.clip(np.round(table / emb["scale"][:, None]),
+                                                            -127, 127))
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_embedding(qparams, "int8")
+    ref_model = _hf_on(dequantize(qparams), config, 11, tie_word_embeddings=tied)
+    ids = np.random.RandomState(4).randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        ref = ref_model(torch.tensor(ids)).logits.numpy()
+    ours = Jais2ForCausalLM(config, quantization="int8").apply({"params": qparams},
+                                                               jnp.asarray(ids))
+    assert rel_err(ours, ref) <= 1e-5, rel_err(ours, ref)
+    dense_emb = quantize(params, "int8")  # the table dense: quantizing it is real
+    assert rel_err(Jais2ForCausalLM(config, quantization="int8").apply(
+        {"params": dense_emb}, jnp.asarray(ids)), ref) > 1e-4
+    # on a mesh: the table keeps its sharding, the scales take its vocab axis's
+    model = Jais2ForCausalLM(config, quantization="int8", quantize_embedding=True)
+    mesh = make_mesh((2, 2, 2))
+    sharded = quantize_embedding(jax.device_put(
+        quantize(params, "int8"), model_param_shardings(Jais2ForCausalLM(
+            config, quantization="int8"), mesh)), "int8")
+    want = model_param_shardings(model, mesh)["embed_tokens"]
+    for name in ("embedding", "scale"):
+        got = sharded["embed_tokens"][name]
+        assert got.sharding.is_equivalent_to(want[name], got.ndim), (name, got.sharding)
+        # XLA divides by 127 as a multiply by its reciprocal: the scales within 1 ulp of numpy's
+        np.testing.assert_allclose(np.asarray(got), np.asarray(emb[name]), rtol=2e-7, atol=0)
+
+
 def test_bad_input():
     hf = hf_model(seed=3)
     config = our_config(hf)
@@ -111,6 +156,9 @@ def test_bad_input():
         quantize(params, "int4")
     with pytest.raises(ValueError, match="already quantized"):
         quantize(quantize(params, "int8"), "int8")
+    with pytest.raises(ValueError, match="quantize_embedding needs a quantization scheme"):
+        Jais2ForCausalLM(config, quantize_embedding=True).init(jax.random.key(0),
+                                                               jnp.zeros((1, 1), jnp.int32))
 
 
 @pytest.mark.parametrize("cache_dtype", ["bfloat16", "int8"])

@@ -89,6 +89,43 @@ class LayerNorm(nn.Module):
         return layer_norm(x, scale, bias, eps=self.eps, dtype=self.dtype, impl=self.impl)
 
 
+class Embed(nn.Module):
+    """The token embedding: `embedding` [vocab, embed] in `param_dtype` (nn.Embed's parameter), or
+    int8 / fp8 rows + a float32 scale per row (`scale` [vocab], `quantize.quantize_embedding`),
+    as the parameter tree holds (`quantization` says which one `init` creates). The lookup
+    gathers rows before any cast: a quantized table is never dequantized whole."""
+    num_embeddings: int
+    features: int
+    dtype: Any
+    param_dtype: Any
+    init_std: float
+    quantization: str | None = None
+
+    def setup(self):
+        shape = (self.num_embeddings, self.features)
+        if self.quantization is not None or self.has_variable("params", "scale"):
+            kind = QUANTIZED_DTYPES[self.quantization or "int8"]
+            self.embedding = self.param("embedding", nn.with_logical_partitioning(
+                nn.initializers.zeros, ("vocab", "embed")), shape, kind)
+            self.scale = self.param("scale", nn.with_logical_partitioning(
+                nn.initializers.ones, ("vocab",)), shape[:1], jnp.float32)
+        else:
+            self.embedding = self.param("embedding", nn.with_logical_partitioning(
+                nn.initializers.normal(self.init_std), ("vocab", "embed")), shape,
+                self.param_dtype)
+            self.scale = None
+
+    def __call__(self, ids: Array) -> Array:
+        rows = jnp.take(self.embedding, ids, axis=0)  # [..., D]
+        if self.scale is not None:  # exact int8 -> float32, times the row's scale, in float32
+            rows = rows.astype(jnp.float32) * jnp.take(self.scale, ids, axis=0)[..., None]
+        return rows.astype(self.dtype)
+
+    def weights(self):
+        """(table [V, D], scale [V] float32 or None) as the parameter tree holds them."""
+        return self.embedding, self.scale
+
+
 class Attention(nn.Module):
     config: Jais2Config
     settings: Settings
@@ -180,7 +217,7 @@ class DecoderLayer(nn.Module):
         c, st = self.config, self.settings
         norm = dict(eps=c.layer_norm_eps, dtype=st.dtype, param_dtype=st.param_dtype,
                     impl=st.options.kernels)
-        x = _constrain(x, ("batch", "length", "embed"))
+        x = checkpoint_name(_constrain(x, ("batch", "length", "embed")), "layer_input")
         h = LayerNorm(name="input_layernorm", **norm)(x)
         h, new_cache = Attention(c, st, name="self_attn")(h, cos, sin, mask, layer_cache)
         x = x + h
@@ -199,7 +236,8 @@ class Jais2ForCausalLM(nn.Module):
 
     `options` (ModelOptions) holds the implementation knobs; `quantization` ("int8", "fp8") and
     `lora` (a LoraSpec on `lora_targets`) say which weights `init` creates in the projections
-    (the matmul seam, `linear.py`); `apply` follows the parameter tree.
+    (the matmul seam, `linear.py`); `quantize_embedding` (with `quantization`) makes `init`
+    create a quantized embedding table too (QLoRA's base); `apply` follows the parameter tree.
     """
     config: Jais2Config
     dtype: Any = jnp.float32  # compute dtype
@@ -208,6 +246,7 @@ class Jais2ForCausalLM(nn.Module):
     quantization: str | None = None
     lora: LoraSpec | None = None
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    quantize_embedding: bool = False
 
     # Read-only views of the options, for code that asks the model how it runs.
     @property
@@ -230,10 +269,11 @@ class Jais2ForCausalLM(nn.Module):
             raise ValueError("a LoRA adapter needs the separate q/k/v projections (fuse_qkv off)")
         st = Settings(self.dtype, self.param_dtype, opts, self.quantization, self.lora,
                       tuple(self.lora_targets))
-        self.embed_tokens = nn.Embed(
-            c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-            embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(c.initializer_range), ("vocab", "embed")))
+        if self.quantize_embedding and self.quantization is None:
+            raise ValueError("quantize_embedding needs a quantization scheme (int8 or fp8)")
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.dtype, self.param_dtype,
+                                  c.initializer_range,
+                                  self.quantization if self.quantize_embedding else None)
         layer_cls = DecoderLayer
         if opts.remat_policy != "none":
             layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[opts.remat_policy],
@@ -320,22 +360,31 @@ class Jais2ForCausalLM(nn.Module):
         return x, new_cache
 
     def lm_head_weight(self):
-        """The output projection as a [D, V] array in the parameter dtype (the tied embedding
-        table transposed): the fused training loss makes its own chunked logits from it."""
+        """The output projection as a dense [D, V] array in the parameter dtype (the tied embedding
+        table transposed). A quantized one is a ValueError: see `output_projection`."""
+        w, scale = self.output_projection()
+        if scale is not None:
+            raise ValueError("the lm_head is quantized: use output_projection() (values, scale)")
+        return w
+
+    def output_projection(self):
+        """(w [D, V], scale [V] float32 or None): the output projection as the tree holds it, so
+        that the fused training loss makes its own chunked logits, `(h . w) * scale` for a
+        quantized one (the tied embedding table transposed, its per-row scales per vocab column)."""
         if self.config.tie_word_embeddings:
-            return self.embed_tokens.embedding.T
-        if self.quantization is not None or "scale" in self.lm_head.variables["params"]:
-            raise ValueError("the fused training loss needs a dense lm_head (not quantized)")
-        return self.lm_head.variables["params"]["kernel"]
+            table, scale = self.embed_tokens.weights()
+            return table.T, scale
+        params = self.lm_head.variables["params"]
+        return params["kernel"], params.get("scale")
 
     def logits(self, hidden):
         """[..., D] -> float32 logits [..., V]."""
         if self.config.tie_word_embeddings:
-            table = self.embed_tokens.embedding  # [V, D]
+            table, scale = self.embed_tokens.weights()  # [V, D]
             logits = dot_f32(hidden.astype(self.dtype), table.astype(self.dtype),
                              ((hidden.ndim - 1,), (1,)))
+            if scale is not None:  # the int8 values convert exactly; the scale per vocab column
+                logits = logits * scale
         else:
             logits = self.lm_head(hidden.astype(self.dtype))
         return _constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
-
-

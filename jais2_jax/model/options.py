@@ -44,6 +44,12 @@ REMAT_POLICIES: dict[str, Any] = {
     "dots": _save_with_attention(*_PROJECTIONS),  # recompute only norms, RoPE, activation
     "dots_no_batch": _save(*_PROJECTIONS),  # as jax's: projections, not the attention
     "dots_no_mlp": _save_with_attention("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"),
+    # as "full", but each layer's input (tagged "layer_input") goes to pinned host memory in the
+    # forward pass and comes back for the backward: the scan's per-layer carries leave the card
+    # (2 GB for 70B at 2048 tokens), for runs that fit only just (70B QLoRA on one H100)
+    "full_offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 

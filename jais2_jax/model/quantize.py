@@ -11,6 +11,11 @@ and the projection computes `(x @ q) * scale + bias`, accumulating in float32 (`
 decoder projection (q, k, v, o, up, down, or a fused qkv) and an untied `lm_head` are quantized;
 embeddings, norms and biases stay as they are. A channel of zeros gets scale 1 (q = 0).
 
+`quantize_embedding` (QLoRA's frozen base, `training/lora.py`) also quantizes the input embedding
+table E [vocab, embed] with one scale per row (per token): `scale[v] = max_d |E[v, d]| / QMAX`.
+The lookup gathers int8 rows and scales them; a tied lm_head (E transposed) is then per output
+channel, as the projections are.
+
 `quantize(params, "int8")` takes the stacked tree, the per-layer view (`unstack_layers`) or a
 fused-qkv view, on one device or sharded on a mesh: the values keep the weight's sharding, the
 scales take the sharding of the weight's output axes.
@@ -31,6 +36,7 @@ SCHEMES = tuple(QUANTIZED_DTYPES)  # ("int8", "fp8")
 QMAX = {"int8": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}  # 448
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "up_proj", "down_proj",
                "lm_head")
+EMBEDDING = "embed_tokens"  # its table: {"embedding": [vocab, embed]} (+ "scale" [vocab])
 
 
 def contracted_dims(name: str) -> int:
@@ -72,6 +78,31 @@ def is_quantized(params) -> bool:
                for path in _paths(params))
 
 
+def is_embedding_quantized(params) -> bool:
+    return "scale" in params.get(EMBEDDING, {})
+
+
+def quantize_embedding(params: dict, scheme: str = "int8") -> dict:
+    """The tree with the input embedding table as `scheme` values [vocab, embed] + one float32
+    scale per row [vocab] (the table's sharding kept; the scales sharded like its vocab axis).
+    Refuses a table that is already quantized."""
+    check_scheme(scheme)
+    if is_embedding_quantized(params):
+        raise ValueError("the embedding table is already quantized (embed_tokens holds 'scale')")
+    table = params[EMBEDDING]["embedding"]  # [V, D]: the scale reduces D (leading=1)
+    fn = lambda w: quantize_array(w, scheme, leading=1)  # noqa: E731
+    sharding = getattr(table, "sharding", None)
+    if isinstance(table, jax.Array) and isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (table.ndim - len(sharding.spec))
+        q, scale = jax.jit(fn, out_shardings=(sharding, NamedSharding(
+            sharding.mesh, PartitionSpec(spec[0]))))(table)
+    elif isinstance(table, jax.Array):
+        q, scale = jax.jit(fn)(table)
+    else:
+        q, scale = fn(np.asarray(table))
+    return {**params, EMBEDDING: {**params[EMBEDDING], "embedding": q, "scale": scale}}
+
+
 def quantize(params: dict, scheme: str = "int8") -> dict:
     """The tree with every projection's kernel replaced by `scheme` values + per-channel scales.
 
@@ -86,14 +117,21 @@ def quantize(params: dict, scheme: str = "int8") -> dict:
 
 
 def dequantize(params: dict) -> dict:
-    """The dense float32 tree a quantized tree applies (for checks and exports)."""
+    """The dense float32 tree a quantized tree applies (for checks and exports); a quantized
+    embedding table too."""
     def dense(name, p, leading):
         if "scale" not in p:
             return p
         w = dequantize_array(p["kernel"], p["scale"], leading=leading,
                              n_in=contracted_dims(name))
         return {**{k: v for k, v in p.items() if k != "scale"}, "kernel": w}
-    return _map_projections(params, dense)
+    out = _map_projections(params, dense)
+    if is_embedding_quantized(out):
+        table = out[EMBEDDING]
+        out[EMBEDDING] = {**{k: v for k, v in table.items() if k != "scale"},
+                          "embedding": dequantize_array(table["embedding"], table["scale"],
+                                                        leading=1)}
+    return out
 
 
 def _quantize_projection(name: str, p: dict, leading: int, scheme: str) -> dict:

@@ -7,10 +7,11 @@ outputs of `jax.vjp`'s closure (traced with `jax.make_jaxpr`, nothing runs) of t
 under the chosen remat policy, traced for ONE device's share (batch / (data*fsdp); heads, kv
 heads, mlp and vocab / tensor), which is how the model's activation constraints shard them.
 
-LoRA / QLoRA (`lora=` a LoraConfig): `params` is the frozen base (compute dtype; int8 projections +
-scales for QLoRA), `adapters` the trained adapters (param dtype), gradients and optimizer state
-are the adapters', and the residuals are those of the gradient with respect to the adapters only
-(the base is a constant of the step: no weight gradients, and no lm_head gradient held).
+LoRA / QLoRA (`lora=` a LoraConfig): `params` is the frozen base (compute dtype; QLoRA: int8
+projections, lm_head and embedding table + scales), `adapters` the trained adapters (param
+dtype), gradients (on one device in the compute dtype) and optimizer state are the adapters', and
+the residuals are those of the gradient with respect to the adapters only (the base is a constant
+of the step: no weight gradients, and no lm_head gradient held).
 
 Estimates, not promises: XLA's temporaries, collective buffers and fragmentation come on top.
 The residual trace uses flash-style attention (splash on TPU, cuDNN on GPU: q, k, v, the output
@@ -147,7 +148,11 @@ def lora_state_bytes(config: Jais2Config, mesh, lora: LoraConfig, *, param_dtype
     optimizer = optimizer or make_optimizer(run)
     opt_sh = sharding.opt_state_shardings(optimizer, adapter_sh, adapters)
     a = sharding.bytes_per_device(adapters, adapter_sh)
-    return {"base": sharding.bytes_per_device(base, base_sh), "adapters": a, "grads": a,
+    grads = a
+    if mesh.size == 1:  # one device: taken at the adapters' compute-dtype copies (compute_copies)
+        grads = sharding.bytes_per_device(jax.eval_shape(
+            lambda p: compute_copies(p, as_dtype(dtype), adapters=True), adapters), adapter_sh)
+    return {"base": sharding.bytes_per_device(base, base_sh), "adapters": a, "grads": grads,
             "opt_state": sharding.bytes_per_device(jax.eval_shape(optimizer.init, adapters),
                                                    opt_sh)}
 

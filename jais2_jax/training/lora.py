@@ -8,9 +8,13 @@ a checkpoint), so no weight gradient of the base is computed: about 4 x params F
 instead of 6.
 
 Two trees, both in the stacked (`layers`) layout of `Jais2ForCausalLM`'s parameters:
-- the base: every parameter except the adapters, in the compute dtype (`run.dtype`), its decoder
-  projections int8 + per-channel float32 scales with `lora.base_quantization: int8` (QLoRA; an
-  untied lm_head is kept dense: the fused loss needs it); loaded from `init_from`.
+- the base: every parameter except the adapters, in the compute dtype (`run.dtype`); with
+  `lora.base_quantization: int8` (QLoRA) every weight matrix int8 + float32 scales: the decoder
+  projections and an untied lm_head per output channel, the input embedding table per row
+  (`quantize.quantize_embedding`). The fused loss makes each chunk's logits from the int8 lm_head
+  a vocabulary tile at a time and the lookup gathers int8 rows, so neither is ever dequantized
+  whole (on the 70B shape the two tables take 2.2 GB instead of 4.3 GB); norms and biases stay
+  in the compute dtype. Loaded from `init_from`.
 - the adapters: only `lora_a` [layers, in..., rank] and `lora_b` [layers, rank, out...] leaves of
   the targeted projections, in `param_dtype`, sharded by the rules table (`lora_rank` replicated).
   A is initialised as PEFT does (kaiming-uniform, a = sqrt(5)), B with zeros.
@@ -38,7 +42,7 @@ from jais2_jax.model.layout import unstack_layers
 from jais2_jax.model.linear import LoraSpec
 from jais2_jax.model.modules import Jais2ForCausalLM
 from jais2_jax.model.options import ModelOptions, as_dtype
-from jais2_jax.model.quantize import dequantize_array
+from jais2_jax.model.quantize import quantize_embedding
 from jais2_jax.parallel import sharding
 from jais2_jax.training.run_config import LoraConfig, RunConfig
 from jais2_jax.training.step import init_state, make_optimizer, matmul_params
@@ -110,33 +114,20 @@ def adapter_count(config: Jais2Config, lora: LoraConfig) -> int:
 
 
 # ----------------------------------------------------------------------- abstract trees, shardings
-def _dense_head(config: Jais2Config, run: RunConfig, quantized: dict, dense: dict) -> dict:
-    """The quantized tree with its lm_head (if untied) from the dense one."""
-    if config.tie_word_embeddings or "lm_head" not in dense:
-        return quantized
-    return {**quantized, "lm_head": dense["lm_head"]}
-
-
-def base_model(config: Jais2Config, run: RunConfig, quantization=None) -> Jais2ForCausalLM:
-    return Jais2ForCausalLM(config, param_dtype=as_dtype(run.dtype), quantization=quantization)
+def base_model(config: Jais2Config, run: RunConfig) -> Jais2ForCausalLM:
+    """The model whose parameter tree is the frozen base (QLoRA: int8 weight matrices)."""
+    q = run.lora.base_quantization
+    return Jais2ForCausalLM(config, param_dtype=as_dtype(run.dtype), quantization=q,
+                            quantize_embedding=q is not None)
 
 
 def abstract_base(config: Jais2Config, run: RunConfig, mesh=None):
     """(ShapeDtypeStructs, NamedShardings or None) of the frozen base on `mesh`."""
-    q = run.lora.base_quantization
-    dense_model = base_model(config, run)
-    trees = [sharding.model_abstract_params(dense_model)]
-    if q is not None:
-        trees.insert(0, sharding.model_abstract_params(base_model(config, run, q)))
-    shapes = [sharding.unboxed_shapes(t) for t in trees]
-    shapes = shapes[0] if q is None else _dense_head(config, run, shapes[0], shapes[1])
+    model = base_model(config, run)
+    shapes = sharding.unboxed_shapes(sharding.model_abstract_params(model))
     if mesh is None:
         return shapes, None
-    shs = [sharding.model_param_shardings(base_model(config, run, q), mesh)]
-    if q is not None:
-        shs.append(sharding.model_param_shardings(dense_model, mesh))
-    shs = shs[0] if q is None else _dense_head(config, run, shs[0], shs[1])
-    return shapes, shs
+    return shapes, sharding.model_param_shardings(model, mesh)
 
 
 def abstract_adapters(config: Jais2Config, run: RunConfig, mesh=None):
@@ -158,20 +149,18 @@ def init_adapters(model: Jais2ForCausalLM, key) -> dict:
 
 # ------------------------------------------------------------------------------------ the base
 def load_base(run: RunConfig, config: Jais2Config, mesh, shardings=None) -> dict:
-    """The frozen base from `run.init_from`: compute dtype, int8 projections for QLoRA, on `mesh`
-    (each process reads its part). An untied lm_head is dequantized back to the compute dtype."""
+    """The frozen base from `run.init_from`: compute dtype, on `mesh` (each process reads its
+    part); QLoRA: int8 projections and lm_head (quantized while reading), and the embedding table
+    quantized per row once loaded."""
     q = run.lora.base_quantization
     loaded_config, params = load_checkpoint(resolve_checkpoint(run.init_from), dtype=as_dtype(run.dtype), mesh=mesh,
                                             quantize=q)
     if loaded_config != config:
         raise ValueError(f"init_from {run.init_from}: its model config differs from {run.model}")
-    if q is not None and "lm_head" in params and "scale" in params["lm_head"]:
-        head = params["lm_head"]
-        target = None if shardings is None else shardings["lm_head"]["kernel"]
-        dense = jax.jit(lambda v, s: dequantize_array(v, s).astype(as_dtype(run.dtype)),
-                        out_shardings=target)(head["kernel"], head["scale"])
-        params = {**params, "lm_head": {k: v for k, v in head.items() if k != "scale"}}
-        params["lm_head"]["kernel"] = dense
+    if q is not None:
+        params = quantize_embedding(params, q)
+    if shardings is not None:  # the program's shardings (the scales' included), as it compiled
+        params = jax.device_put(params, shardings)
     return params
 
 

@@ -24,6 +24,7 @@ from jais2_jax.training.data import MAX_DATA_THREADS
 
 SCHEDULES = ("cosine", "linear", "constant")
 LORA_BASE_QUANTIZATIONS = (None, "int8")
+LORA_MU_DTYPES = (None, "float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,14 +33,19 @@ class LoraConfig:
 
     Same math as PEFT's LoRA: `y = W x + b + (alpha / rank) * B(A(dropout(x)))` on each projection
     named in `target_modules` (HF names). `base_quantization: int8` holds the frozen base's
-    projections as int8 + per-channel scales (QLoRA). `weight_decay` is the adapters' AdamW decay
-    (the run's `weight_decay` is for full fine-tunes; a LoRA run has no other trained weights)."""
+    weight matrices as int8 + per-channel scales (QLoRA: projections, lm_head, embedding table).
+    `weight_decay` is the adapters' AdamW decay (the run's `weight_decay` is for full fine-tunes;
+    a LoRA run has no other trained weights).
+    `mu_dtype`: the dtype of AdamW's first moment (optax's `mu_dtype`; null: the adapters'
+    `param_dtype`); bfloat16 halves it (0.4 GB on the 70B shape at rank 16). The second moment
+    stays in `param_dtype`: bf16's 8-bit mantissa would drop its (1 - beta2) g^2 increments."""
     rank: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = LORA_TARGETS
     base_quantization: str | None = None
     weight_decay: float = 0.0
+    mu_dtype: str | None = None
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):
@@ -79,6 +85,9 @@ class LoraConfig:
         if self.base_quantization not in LORA_BASE_QUANTIZATIONS:
             raise ValueError(f"lora.base_quantization {self.base_quantization!r}: choose null (the "
                              "base in the compute dtype) or int8 (QLoRA)")
+        if self.mu_dtype not in LORA_MU_DTYPES:
+            raise ValueError(f"lora.mu_dtype {self.mu_dtype!r}: choose null (the adapters' "
+                             "param_dtype), float32 or bfloat16")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":

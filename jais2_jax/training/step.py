@@ -79,14 +79,17 @@ def decay_mask(params) -> Any:
 def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW. Gradient accumulation happens in the train step (a scan
     over micro-batches), so the optimizer sees one update per global batch. A LoRA run's optimizer
-    sees only the adapters (all decayed by `lora.weight_decay`)."""
+    sees only the adapters (all decayed by `lora.weight_decay`; the first moment in
+    `lora.mu_dtype` if set)."""
     parts = [] if run.clip_grad_norm is None else [optax.clip_by_global_norm(run.clip_grad_norm)]
+    mu_dtype = None
     if run.lora is not None:
         decay, mask = run.lora.weight_decay, None
+        mu_dtype = run.lora.mu_dtype and jnp.dtype(run.lora.mu_dtype)
     else:
         decay, mask = run.weight_decay, decay_mask
     parts.append(optax.adamw(make_schedule(run), b1=run.beta1, b2=run.beta2, eps=run.eps,
-                             weight_decay=decay, mask=mask))
+                             weight_decay=decay, mask=mask, mu_dtype=mu_dtype))
     return optax.chain(*parts)
 
 
@@ -98,8 +101,8 @@ def loss_sums(model: nn.Module, params, batch: Batch, *, chunk: int,
     Cross-entropy in float32, `chunk` positions of every row at a time (see the module doc). Each
     chunk is checkpointed: differentiated, the backward pass recomputes its logits.
     """
-    h, w = _hidden_and_head(model, params, batch)
-    return _ce_chunks(h, w, batch["targets"], batch["loss_mask"].astype(jnp.float32),
+    h, w, scale = _hidden_and_head(model, params, batch)
+    return _ce_chunks(h, w, scale, batch["targets"], batch["loss_mask"].astype(jnp.float32),
                       min(chunk, h.shape[1]), 0.0, logits_f32, with_grads=False)
 
 
@@ -114,35 +117,99 @@ def train_loss_sums(model: nn.Module, params, batch: Batch, *, chunk: int, z_los
     is differentiable; the pair is for reporting (its gradient is stopped).
 
     `head_grad=False` (a frozen lm_head: LoRA) skips the lm_head's weight gradient (one GEMM per
-    chunk). `rngs`: the model's rngs (a LoRA adapter's dropout).
+    chunk). `rngs`: the model's rngs (a LoRA adapter's dropout). A quantized lm_head (QLoRA's
+    base) is frozen: `head_grad` must then be False.
     """
-    h, w = _hidden_and_head(model, params, batch, rngs)
-    total, sums = _fused_lm_head_ce(h, w, batch["targets"], batch["loss_mask"].astype(jnp.float32),
+    h, w, scale = _hidden_and_head(model, params, batch, rngs)
+    if scale is not None and head_grad:
+        raise ValueError("the lm_head is quantized (int8 values + scales): it can only be frozen "
+                         "(head_grad=False, a LoRA run)")
+    total, sums = _fused_lm_head_ce(h, w, scale, batch["targets"],
+                                    batch["loss_mask"].astype(jnp.float32),
                                     min(chunk, h.shape[1]), float(z_loss), bool(logits_f32),
                                     lse_impl, bool(head_grad))
     sums = jax.lax.stop_gradient(sums)
     return total, (sums[0], sums[1])
 
 
-def _hidden_and_head(model: nn.Module, params, batch: Batch, rngs=None) -> tuple[Array, Array]:
-    """Final-norm hidden states [B, T, D] in the compute dtype, and the lm_head [D, V] in the
-    parameter dtype (the tied embedding transposed)."""
+def _hidden_and_head(model: nn.Module, params, batch: Batch, rngs=None):
+    """Final-norm hidden states [B, T, D] in the compute dtype, the lm_head [D, V] as the tree
+    holds it (parameter dtype, or int8 / fp8 values; the tied embedding transposed) and its
+    per-vocab scale [V] (None: dense)."""
     hidden, _ = model.apply({"params": params}, batch["input_ids"],
                             positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
                             method="hidden_states", rngs=rngs)
-    return hidden.astype(model.dtype), model.apply({"params": params}, method="lm_head_weight")
+    w, scale = model.apply({"params": params}, method="output_projection")
+    return hidden.astype(model.dtype), w, scale
 
 
-def _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads, lse_impl=None,
+# A quantized lm_head is converted to the compute dtype a vocabulary tile at a time, each tile
+# at most this many bytes in that dtype, so that the whole head (2.2 GB in bf16 on the 70B
+# shape) is never dequantized at once.
+HEAD_TILE_BYTES = 256 * 2 ** 20
+
+
+def head_tiles(hidden: int, vocab: int, itemsize: int) -> int:
+    """How many vocabulary tiles a quantized [hidden, vocab] head is used in: the fewest that
+    divide `vocab` and keep a tile within HEAD_TILE_BYTES (1 when it fits whole)."""
+    for n in range(1, vocab + 1):
+        if vocab % n == 0 and hidden * (vocab // n) * itemsize <= HEAD_TILE_BYTES:
+            return n
+    return vocab
+
+
+def _tile(x, i, n, axis):
+    """Tile i of n of `x` along `axis`: a contiguous slice (coalesced reads, no relayout of the
+    table). QLoRA's case is one device or fsdp (the head's embed axis sharded); a vocabulary
+    sharded over `tensor` gives the same values (checked on the 8-device CPU mesh) but each tile
+    then lives on fewer devices."""
+    size = x.shape[axis] // n
+    return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=axis)
+
+
+def _quantized_head_logits(h_c, q, scale, out_dtype):
+    """(h_c . q) * scale, [B, c, D] x [D, V] int8 / fp8 -> [B, c, V] in `out_dtype`: the values
+    convert exactly to h_c's dtype a tile at a time, the GEMM accumulates in float32 and the
+    scale multiplies its float32 result (as the quantized Linear does)."""
+    n = head_tiles(q.shape[0], q.shape[1], h_c.dtype.itemsize)
+
+    def tile(i):
+        y = jax.lax.dot_general(h_c, _tile(q, i, n, 1).astype(h_c.dtype), (((2,), (0,)), ((), ())),
+                                preferred_element_type=jnp.float32)  # [B, c, V / n]
+        return (y * _tile(scale, i, n, 0)).astype(out_dtype)
+
+    if n == 1:
+        return tile(0)
+    tiles = jax.lax.map(tile, jnp.arange(n))  # [n, B, c, V / n]: vocab i * V / n + j at [i, ..., j]
+    return jnp.moveaxis(tiles, 0, 2).reshape(h_c.shape[:2] + (q.shape[1],))
+
+
+def _quantized_head_dh(g, q, scale):
+    """g . (q * scale)^T = (g * scale) . q^T, [B, c, V] x [D, V] -> [B, c, D] in g's dtype, a
+    vocabulary tile at a time (float32 sum over the tiles)."""
+    n = head_tiles(q.shape[0], q.shape[1], g.dtype.itemsize)
+
+    def body(dh, i):
+        g_i = (_tile(g, i, n, 2).astype(jnp.float32) * _tile(scale, i, n, 0)).astype(g.dtype)
+        return dh + jax.lax.dot_general(g_i, _tile(q, i, n, 1).astype(g.dtype),
+                                        (((2,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.float32), None
+
+    dh, _ = jax.lax.scan(body, jnp.zeros(g.shape[:2] + (q.shape[0],), jnp.float32), jnp.arange(n))
+    return dh.astype(g.dtype)
+
+
+def _ce_chunks(h, w, scale, targets, mask, chunk, z_loss, logits_f32, with_grads, lse_impl=None,
                head_grad=True):
     """Scan over sequence chunks: sums of CE and lse^2 and, `with_grads`, d(total)/dh [B, T, D]
     and d(total)/dw [D, V] (float32). Logits [B, chunk, V], one chunk alive at a time: the GEMM
     returns them in float32, or with `logits_f32=False` in h's dtype (each pass below reads half
     the bytes); the softmax and the loss are float32 either way. `lse_impl`: the logsumexp of the
-    fused gradient's pass (`logsumexp.py`; None: by backend). `head_grad=False`: no dw (zero)."""
+    fused gradient's pass (`logsumexp.py`; None: by backend). `head_grad=False`: no dw (zero).
+    `scale` [V] (not None): w holds int8 / fp8 values, used a vocabulary tile at a time."""
     B, T, D = h.shape
     n = T // chunk
-    w_c = w.astype(h.dtype)  # cast once, not per chunk
+    w_c = w.astype(h.dtype) if scale is None else w  # cast once, not per chunk
 
     def split(x):  # [B, T, ...] -> [n, B, chunk, ...]
         return x.reshape((B, n, chunk) + x.shape[2:]).swapaxes(0, 1)
@@ -151,7 +218,10 @@ def _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads, lse_i
         ce, z, dw = carry
         h_c, t_c, m_c = xs
         # dot_f32: differentiated (loss_sums), its backward GEMMs stay in the compute dtype
-        if logits_f32:
+        if scale is not None:
+            logits = _quantized_head_logits(h_c, w_c, scale,
+                                            jnp.float32 if logits_f32 else h.dtype)
+        elif logits_f32:
             logits = dot_f32(h_c, w_c, ((2,), (0,)))  # [B, c, V] float32
         else:  # rounded to h's dtype by the GEMM; each pass below upcasts as it reads
             logits = jax.lax.dot_general(h_c, w_c, (((2,), (0,)), ((), ())),
@@ -169,8 +239,11 @@ def _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads, lse_i
         onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t_c[..., None]
         g = (m_c * (1.0 + 2.0 * z_loss * lse))[..., None] * p - jnp.where(onehot, m_c[..., None], 0.0)
         g = g.astype(h.dtype)
-        dh_c = jax.lax.dot_general(g, w_c, (((2,), (1,)), ((), ())),
-                                   preferred_element_type=h.dtype)  # [B, c, D]
+        if scale is not None:
+            dh_c = _quantized_head_dh(g, w_c, scale)  # [B, c, D]
+        else:
+            dh_c = jax.lax.dot_general(g, w_c, (((2,), (1,)), ((), ())),
+                                       preferred_element_type=h.dtype)  # [B, c, D]
         if head_grad:
             dw = dw + jax.lax.dot_general(h_c, g, (((0, 1), (0, 1)), ((), ())),
                                           preferred_element_type=jnp.float32)  # [D, V]
@@ -189,17 +262,18 @@ def _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads, lse_i
     return ce, z, dh, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _fused_lm_head_ce(h, w, targets, mask, chunk, z_loss, logits_f32, lse_impl, head_grad):
-    """h [B, T, D] (compute dtype), w [D, V] (any float dtype; cast once to h's) ->
-    (sum CE + z_loss * sum lse^2, [sum CE, sum lse^2])."""
-    ce, z = _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _fused_lm_head_ce(h, w, scale, targets, mask, chunk, z_loss, logits_f32, lse_impl, head_grad):
+    """h [B, T, D] (compute dtype), w [D, V] (any float dtype, cast once to h's; or int8 / fp8
+    values with their `scale` [V], frozen) -> (sum CE + z_loss * sum lse^2, [sum CE, sum lse^2])."""
+    ce, z = _ce_chunks(h, w, scale, targets, mask, chunk, z_loss, logits_f32, with_grads=False)
     return ce + z_loss * z, jnp.stack([ce, z])
 
 
-def _fused_lm_head_ce_fwd(h, w, targets, mask, chunk, z_loss, logits_f32, lse_impl, head_grad):
-    ce, z, dh, dw = _ce_chunks(h, w, targets, mask, chunk, z_loss, logits_f32, with_grads=True,
-                               lse_impl=lse_impl, head_grad=head_grad)
+def _fused_lm_head_ce_fwd(h, w, scale, targets, mask, chunk, z_loss, logits_f32, lse_impl,
+                          head_grad):
+    ce, z, dh, dw = _ce_chunks(h, w, scale, targets, mask, chunk, z_loss, logits_f32,
+                               with_grads=True, lse_impl=lse_impl, head_grad=head_grad)
     dw = dw.astype(w.dtype) if head_grad else None
     return (ce + z_loss * z, jnp.stack([ce, z])), (dh, dw)
 
@@ -209,7 +283,8 @@ def _fused_lm_head_ce_bwd(chunk, z_loss, logits_f32, lse_impl, head_grad, res, c
     g = cotangents[0]  # the second output is stop_gradient-ed by the only caller
     # Scale in float32: g is 1 / targets, which bf16 would round (a 0.4% bias on every gradient).
     dw = None if dw is None else (dw * g).astype(dw.dtype)  # None: zero (a frozen lm_head)
-    return ((dh.astype(jnp.float32) * g).astype(dh.dtype), dw, None, None)
+    # (a quantized head's values and scales are frozen: no cotangent)
+    return ((dh.astype(jnp.float32) * g).astype(dh.dtype), dw, None, None, None)
 
 
 _fused_lm_head_ce.defvjp(_fused_lm_head_ce_fwd, _fused_lm_head_ce_bwd)
@@ -251,10 +326,10 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     def train_step(state: TrainState, batch: Batch, base=None):
         count = target_count(batch)
         key = jax.random.fold_in(state.rng, state.step)
-        # On one device, differentiate with respect to the projections' compute-dtype copies: the
-        # same gradient (see compute_copies), half the bytes to write and to read back. (Adapters
-        # are small: kept as they are.)
-        params = state.params if frozen else compute_copies(state.params, model.dtype)
+        # On one device, differentiate with respect to the projections' (or the adapters')
+        # compute-dtype copies: the same gradient (see compute_copies), half the bytes to write
+        # and to read back (and to hold through the backward pass: 0.4 GB on the 70B QLoRA step).
+        params = compute_copies(state.params, model.dtype, adapters=frozen)
         if accum == 1:
             (_, (ce, z)), grads = grad_fn(params, batch, count, base, jax.random.fold_in(key, 0))
         else:
@@ -307,8 +382,10 @@ def merge_params(base, adapters):
     return out
 
 
-def compute_copies(params, dtype) -> Any:
-    """params with the decoder layers' projection kernels cast to the compute `dtype`.
+def compute_copies(params, dtype, *, adapters: bool = False) -> Any:
+    """params with the decoder layers' projection kernels (`adapters=True`: a LoRA run's
+    adapters, `lora_a` / `lora_b`, which the projections also cast before their GEMMs) cast to
+    the compute `dtype`.
 
     The model casts each kernel to the compute dtype before its GEMM, so the forward pass is the
     same, and the gradient of the float32 kernel is the compute-dtype gradient of that cast,
@@ -321,9 +398,11 @@ def compute_copies(params, dtype) -> Any:
     if not on_one_device():
         return params
 
+    leaves = ("lora_a", "lora_b") if adapters else ("kernel",)
+
     def cast(path, x):
         names = [getattr(k, "key", "") for k in path]
-        if (names[-1] == "kernel" and str(names[0]).startswith("layers")
+        if (names[-1] in leaves and str(names[0]).startswith("layers")
                 and x.dtype == jnp.float32 and dtype.itemsize < 4):
             return x.astype(dtype)
         return x
