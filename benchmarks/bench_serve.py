@@ -133,6 +133,8 @@ def run_ours(args) -> None:
              tok_s=p["slots"] * p["new"] / statistics.median(times),
              seconds=statistics.median(times))
 
+    if args.switch_interval:  # the engine thread and the event loop share the GIL
+        sys.setswitchinterval(args.switch_interval)
     tokenizer = _NullTokenizer() if args.tokenizer == "null" else _WordTokenizer(config.vocab_size)
     engine = Engine(program, program.place(params), tokenizer=tokenizer,
                     max_queue=4 * p["slots"], chunk=args.decode_chunk, stop_ids=(),
@@ -194,20 +196,44 @@ def run_ours(args) -> None:
                "vocab": config.vocab_size, "seed": int(rs.randint(1 << 30))}
         if args.same_process_client:
             return load(job)
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--side", "client",
-                               "--job", json.dumps(job)], capture_output=True, text=True,
-                              check=False)
-        if proc.returncode:
-            raise RuntimeError(f"the load generator failed: {proc.stderr[-2000:]}")
-        got = json.loads(proc.stdout.strip().splitlines()[-1])
-        return got["out"], got["wall"]
+        # --client-procs k: k load generators of n / k clients each, all starting at one moment
+        # (a wall-clock instant after every process has started), as independent clients do
+        k = max(1, min(args.client_procs, n))
+        job["start_at"] = time.time() + (1.0 + 0.3 * k if k > 1 else 0.0)
+        procs = []
+        for i in range(k):
+            part = dict(job, clients=n // k + (i < n % k), seed=job["seed"] + i)
+            procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--side",
+                                           "client", "--job", json.dumps(part)],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+        out, walls = [], []
+        for proc in procs:
+            stdout, stderr = proc.communicate()
+            if proc.returncode:
+                raise RuntimeError(f"the load generator failed: {stderr[-2000:]}")
+            got = json.loads(stdout.strip().splitlines()[-1])
+            out += got["out"]
+            walls.append(got["wall"])
+        return out, max(walls)
+
+    submitted = []  # when each request reached the engine: how fast HTTP delivers a burst
+    plain_submit = engine.submit
+
+    def timed_submit(r):
+        submitted.append(time.perf_counter())
+        return plain_submit(r)
+    engine.submit = timed_submit
 
     http_level(min(4, p["slots"]), 1)  # warm-up
     for n in p["clients"]:
         before = copy.deepcopy(engine.stats.as_dict())
+        submitted.clear()
         out, wall = http_level(n, p["rounds"])
+        first_round = sorted(submitted)[:n]
         emit(what="http", side="jax", clients=n, **summary(out, wall, p["new"]),
-             stats=stats_delta(engine, before), wall=wall)
+             stats=stats_delta(engine, before), wall=wall,
+             burst_s=first_round[-1] - first_round[0])  # first to n-th request at the engine
     uv.should_exit = True
 
 
@@ -251,6 +277,8 @@ def load(job: dict):
                     prompt = rs.randint(2, job["vocab"], job["prompt"]).tolist()
                     await one(client, prompt, out)
 
+            if job.get("start_at"):  # several load generators: start together
+                await asyncio.sleep(max(0.0, job["start_at"] - time.time()))
             t = time.perf_counter()
             await asyncio.gather(*(user() for _ in range(n)))
             return out, time.perf_counter() - t
@@ -380,6 +408,11 @@ def main() -> int:
                              "measured)")
     parser.add_argument("--same-process-client", action="store_true",
                         help="run the HTTP load generator in the server's process (as before)")
+    parser.add_argument("--client-procs", type=int, default=1,
+                        help="split each HTTP level's clients over this many load generator "
+                             "processes (one process's httpx may be the bottleneck at 64)")
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="sys.setswitchinterval in the server process (Python: 0.005 s)")
     parser.add_argument("--skip-offline", action="store_true",
                         help="skip the offline generate figure")
     parser.add_argument("--slots", type=int, default=None, help="override the plan's slots")
