@@ -133,8 +133,6 @@ def run_ours(args) -> None:
              tok_s=p["slots"] * p["new"] / statistics.median(times),
              seconds=statistics.median(times))
 
-    if args.switch_interval:  # the engine thread and the event loop share the GIL
-        sys.setswitchinterval(args.switch_interval)
     tokenizer = _NullTokenizer() if args.tokenizer == "null" else _WordTokenizer(config.vocab_size)
     engine = Engine(program, program.place(params), tokenizer=tokenizer,
                     max_queue=4 * p["slots"], chunk=args.decode_chunk, stop_ids=(),
@@ -191,14 +189,14 @@ def run_ours(args) -> None:
     while not uv.started:
         time.sleep(0.01)
 
-    def http_level(n, rounds):
+    def http_level(n, rounds, procs=1):
         job = {"url": url, "clients": n, "rounds": rounds, "new": p["new"], "prompt": p["prompt"],
                "vocab": config.vocab_size, "seed": int(rs.randint(1 << 30))}
         if args.same_process_client:
             return load(job)
         # --client-procs k: k load generators of n / k clients each, all starting at one moment
         # (a wall-clock instant after every process has started), as independent clients do
-        k = max(1, min(args.client_procs, n))
+        k = max(1, min(procs, n))
         job["start_at"] = time.time() + (1.0 + 0.3 * k if k > 1 else 0.0)
         procs = []
         for i in range(k):
@@ -226,14 +224,20 @@ def run_ours(args) -> None:
     engine.submit = timed_submit
 
     http_level(min(4, p["slots"]), 1)  # warm-up
+    default_interval = sys.getswitchinterval()
     for n in p["clients"]:
-        before = copy.deepcopy(engine.stats.as_dict())
-        submitted.clear()
-        out, wall = http_level(n, p["rounds"])
-        first_round = sorted(submitted)[:n]
-        emit(what="http", side="jax", clients=n, **summary(out, wall, p["new"]),
-             stats=stats_delta(engine, before), wall=wall,
-             burst_s=first_round[-1] - first_round[0])  # first to n-th request at the engine
+        for procs in map(int, str(args.client_procs).split(",")):
+            for interval in str(args.switch_interval or default_interval).split(","):
+                sys.setswitchinterval(float(interval))
+                before = copy.deepcopy(engine.stats.as_dict())
+                submitted.clear()
+                out, wall = http_level(n, p["rounds"], procs)
+                first_round = sorted(submitted)[:n]
+                emit(what="http", side="jax", clients=n, **summary(out, wall, p["new"]),
+                     stats=stats_delta(engine, before), wall=wall, client_procs=procs,
+                     switch_interval=float(interval),
+                     burst_s=first_round[-1] - first_round[0])  # 1st to n-th at the engine
+    sys.setswitchinterval(default_interval)
     uv.should_exit = True
 
 
@@ -408,11 +412,14 @@ def main() -> int:
                              "measured)")
     parser.add_argument("--same-process-client", action="store_true",
                         help="run the HTTP load generator in the server's process (as before)")
-    parser.add_argument("--client-procs", type=int, default=1,
+    parser.add_argument("--client-procs", default="1",
                         help="split each HTTP level's clients over this many load generator "
-                             "processes (one process's httpx may be the bottleneck at 64)")
-    parser.add_argument("--switch-interval", type=float, default=None,
-                        help="sys.setswitchinterval in the server process (Python: 0.005 s)")
+                             "processes (one process's httpx may be the bottleneck at 64); a "
+                             "comma-separated list runs each level once per value")
+    parser.add_argument("--switch-interval", default=None,
+                        help="sys.setswitchinterval in the server process, where the engine "
+                             "thread and the event loop share the GIL (Python's default: 0.005 "
+                             "s); a comma-separated list runs each level once per value")
     parser.add_argument("--skip-offline", action="store_true",
                         help="skip the offline generate figure")
     parser.add_argument("--slots", type=int, default=None, help="override the plan's slots")
