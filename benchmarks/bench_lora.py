@@ -70,10 +70,14 @@ def model_config(shape: str):
 
 def run_config(shape: str, batch: int, remat: str, quantize, *, loss_chunk: int,
                param_dtype: str = "float32", mu_dtype: str | None = None):
+    """`remat` is a policy name, with ":unrolled" for `scan_layers=False` (as bench_train.py)."""
     from jais2_jax.training.run_config import RunConfig
     tiny = shape == "tiny"
+    remat, _, layout = remat.partition(":")
+    if layout not in ("", "unrolled"):
+        raise ValueError(f"remat {remat}:{layout}: the only suffix is ':unrolled'")
     return RunConfig(model="", data="", output_dir="", seq_len=SHAPES[shape]["seq"],
-                     batch_size=batch, loss_chunk=min(loss_chunk, SHAPES[shape]["seq"]),
+                     scan_layers=layout != "unrolled", batch_size=batch, loss_chunk=min(loss_chunk, SHAPES[shape]["seq"]),
                      dtype="float32" if tiny else "bfloat16", param_dtype=param_dtype,
                      remat_policy=remat, warmup_steps=10, total_steps=1000, lr=1e-4,
                      lora={"rank": RANK, "alpha": ALPHA, "dropout": 0.0,
@@ -297,7 +301,8 @@ def main():
                    help="our batch sizes, comma-separated (default 8,16; 70b: 1,2)")
     p.add_argument("--remat", default=None,
                    help="remat policies (default dots,dots_no_mlp,full; 70b: full,dots_no_mlp); "
-                        "the peak is the process's, so list the smaller-memory ones first")
+                        "the peak is the process's, so list the smaller-memory ones first; "
+                        "':unrolled' after one runs the layers unrolled (scan_layers=False)")
     p.add_argument("--hf-batch", default=None,
                    help="transformers + PEFT batches, ':gc' for gradient checkpointing "
                         "(default 2,8:gc; none for 70b); '' skips")
