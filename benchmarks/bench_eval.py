@@ -120,8 +120,10 @@ def run_ours(args) -> None:
             emit(what=what, side="jax", batch=b, requests=len(reqs), seconds=s,
                  req_s=len(reqs) / s, warmup_s=warm, positions=lm.tokens_forwarded)
 
-    guard("mc", case, "mc", p["ours_batches"], lm.loglikelihood, mc)
-    guard("gen", case, "gen", p["gen_batches"], lm.generate_until, gen)
+    if "mc" in args.cases:
+        guard("mc", case, "mc", p["ours_batches"], lm.loglikelihood, mc)
+    if "gen" in args.cases:
+        guard("gen", case, "gen", p["gen_batches"], lm.generate_until, gen)
 
 
 # ------------------------------------------------------------------------------------------ hf
@@ -164,8 +166,10 @@ def run_hf(args) -> None:
                  req_s=len(reqs) / s)
 
     with torch.no_grad():
-        guard("mc", case, "mc", p["hf_batches"], lm.loglikelihood, mc)
-        guard("gen", case, "gen", p["hf_batches"], lm.generate_until, gen)
+        if "mc" in args.cases:
+            guard("mc", case, "mc", p["hf_batches"], lm.loglikelihood, mc)
+        if "gen" in args.cases:
+            guard("gen", case, "gen", p["hf_batches"], lm.generate_until, gen)
 
 
 # ------------------------------------------------------------------------------------------ table
@@ -208,6 +212,8 @@ def main() -> int:
                              "shapes: about a dozen programs)")
     parser.add_argument("--hf-batches", default=None,
                         help="hf's batch sizes to try (default 8,16,32,64; its best is compared)")
+    parser.add_argument("--cases", default="mc,gen",
+                        help="which tasks: mc (multiple choice), gen (generate-until), or both")
     parser.add_argument("--json", default=None, help="also write all results to this file")
     parser.add_argument("--side", choices=("jax", "hf"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
