@@ -180,17 +180,27 @@ def run_ours(args) -> None:
 
     # -- over HTTP
     server = Server(engine, tokenizer, "bench", chat_template=False)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(4096)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", access_log=False))
-    threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True).start()
-    while not uv.started:
-        time.sleep(0.01)
+
+    def start(stack: str):
+        """uvicorn on a fresh localhost port with `stack` = "LOOP:HTTP" ("auto:auto" is what
+        `jais2 serve` gets: uvloop and httptools where installed, else asyncio and h11)."""
+        loop, _, http = stack.partition(":")
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(4096)
+        uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning",
+                                           access_log=False, loop=loop, http=http or "auto"))
+        thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        while not uv.started:
+            time.sleep(0.01)
+        return uv, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    url_now = [None]
 
     def http_level(n, rounds, procs=1):
-        job = {"url": url, "clients": n, "rounds": rounds, "new": p["new"], "prompt": p["prompt"],
+        job = {"url": url_now[0], "clients": n, "rounds": rounds, "new": p["new"],
+               "prompt": p["prompt"],
                "vocab": config.vocab_size, "seed": int(rs.randint(1 << 30))}
         if args.same_process_client:
             return load(job)
@@ -223,22 +233,25 @@ def run_ours(args) -> None:
         return plain_submit(r)
     engine.submit = timed_submit
 
-    http_level(min(4, p["slots"]), 1)  # warm-up
     default_interval = sys.getswitchinterval()
-    for n in p["clients"]:
-        for procs in map(int, str(args.client_procs).split(",")):
-            for interval in str(args.switch_interval or default_interval).split(","):
-                sys.setswitchinterval(float(interval))
-                before = copy.deepcopy(engine.stats.as_dict())
-                submitted.clear()
-                out, wall = http_level(n, p["rounds"], procs)
-                first_round = sorted(submitted)[:n]
-                emit(what="http", side="jax", clients=n, **summary(out, wall, p["new"]),
-                     stats=stats_delta(engine, before), wall=wall, client_procs=procs,
-                     switch_interval=float(interval),
-                     burst_s=first_round[-1] - first_round[0])  # 1st to n-th at the engine
-    sys.setswitchinterval(default_interval)
-    uv.should_exit = True
+    for stack in args.http_stacks.split(","):
+        uv, thread, url_now[0] = start(stack)
+        http_level(min(4, p["slots"]), 1)  # warm-up
+        for n in p["clients"]:
+            for procs in map(int, str(args.client_procs).split(",")):
+                for interval in str(args.switch_interval or default_interval).split(","):
+                    sys.setswitchinterval(float(interval))
+                    before = copy.deepcopy(engine.stats.as_dict())
+                    submitted.clear()
+                    out, wall = http_level(n, p["rounds"], procs)
+                    first_round = sorted(submitted)[:n]
+                    emit(what="http", side="jax", clients=n, **summary(out, wall, p["new"]),
+                         stats=stats_delta(engine, before), wall=wall, client_procs=procs,
+                         switch_interval=float(interval), stack=stack,
+                         burst_s=first_round[-1] - first_round[0])  # 1st to n-th at the engine
+        sys.setswitchinterval(default_interval)
+        uv.should_exit = True
+        thread.join(timeout=30)
 
 
 def load(job: dict):
@@ -416,6 +429,9 @@ def main() -> int:
                         help="split each HTTP level's clients over this many load generator "
                              "processes (one process's httpx may be the bottleneck at 64); a "
                              "comma-separated list runs each level once per value")
+    parser.add_argument("--http-stacks", default="auto:auto",
+                        help="uvicorn's event loop and HTTP parser, LOOP:HTTP, comma-separated "
+                             "(e.g. asyncio:h11,uvloop:httptools); auto:auto is jais2 serve's")
     parser.add_argument("--switch-interval", default=None,
                         help="sys.setswitchinterval in the server process, where the engine "
                              "thread and the event loop share the GIL (Python's default: 0.005 "
