@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -44,3 +46,29 @@ def our_params(hf_model_, config):
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def serve(engine, requests, on_first=None):
+    """Runs `engine` until every request has ended; returns each request's events."""
+    from jais2_jax.serving.engine import Request
+    done = threading.Semaphore(0)
+    logs = []
+    for kw in requests:
+        events: list = []
+
+        def emit(ev, events=events):
+            events.append(ev)
+            if on_first is not None and len(events) == 1:
+                on_first(ev)
+            if ev[0] in ("done", "error"):
+                done.release()
+        logs.append(events)
+        engine.submit(Request(emit=emit, **kw))
+    worker = threading.Thread(target=engine.run)
+    worker.start()
+    for _ in requests:
+        assert done.acquire(timeout=120)
+    engine.stop()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    return logs

@@ -19,7 +19,7 @@ import httpx2 as httpx
 import numpy as np
 import pytest
 import torch
-from helpers import hf_model
+from helpers import hf_model, serve
 
 SLOTS, QUEUE, CONTEXT = 4, 16, 128
 MODEL = "tiny-jais2"
@@ -287,7 +287,7 @@ def test_engine_on_a_mesh_equals_transformers_alone(folder):
     from jais2_jax import Tokenizer, load_checkpoint
     from jais2_jax.inference.program import build_inference_program
     from jais2_jax.parallel.sharding import make_mesh
-    from jais2_jax.serving.engine import Engine, Request
+    from jais2_jax.serving.engine import Engine
     path, hf, tok = folder
     mesh = make_mesh((1, 1, 2), devices=jax.devices()[:2])
     config, params = load_checkpoint(str(path), dtype="float32", mesh=mesh)
@@ -296,25 +296,10 @@ def test_engine_on_a_mesh_equals_transformers_alone(folder):
     engine = Engine(program, program.place(params), Tokenizer.from_pretrained(str(path)),
                     chunk=3, stop_ids=(tok.eos_token_id,))
     rng = np.random.default_rng(1)
-    done = threading.Semaphore(0)
-    jobs = []
-    for _ in range(7):
-        ids = tok.encode(" ".join(rng.choice(WORDS, size=int(rng.integers(1, 12)))))
-        events: list = []
-
-        def emit(ev, events=events):
-            events.append(ev)
-            if ev[0] in ("done", "error"):
-                done.release()
-        jobs.append((ids, int(rng.integers(1, 20)), events))
-        engine.submit(Request(prompt_ids=ids, max_tokens=jobs[-1][1], emit=emit))
-    worker = threading.Thread(target=engine.run)
-    worker.start()
-    for _ in jobs:
-        assert done.acquire(timeout=120)
-    engine.stop()
-    worker.join(timeout=60)
-    for ids, n, events in jobs:
+    jobs = [(tok.encode(" ".join(rng.choice(WORDS, size=int(rng.integers(1, 12))))),
+             int(rng.integers(1, 20))) for _ in range(7)]
+    logs = serve(engine, [{"prompt_ids": ids, "max_tokens": n} for ids, n in jobs])
+    for (ids, n), events in zip(jobs, logs):
         with torch.no_grad():
             want = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
                                max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()

@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from helpers import serve
 from test_serve import WORDS, folder  # noqa: F401 - the module's tiny checkpoint fixture
 
 SLOTS = 4
@@ -29,32 +30,6 @@ def make_engine(program, **kw):
     from jais2_jax.serving.engine import Engine
     program, params, tokenizer, _, tok = program
     return Engine(program, params, tokenizer, stop_ids=(tok.eos_token_id,), **kw)
-
-
-def serve(engine, requests, on_first=None):
-    """Runs `engine` until every request has ended; returns each request's events."""
-    from jais2_jax.serving.engine import Request
-    done = threading.Semaphore(0)
-    logs = []
-    for kw in requests:
-        events: list = []
-
-        def emit(ev, events=events):
-            events.append(ev)
-            if on_first is not None and len(events) == 1:
-                on_first(ev)
-            if ev[0] in ("done", "error"):
-                done.release()
-        logs.append(events)
-        engine.submit(Request(emit=emit, **kw))
-    worker = threading.Thread(target=engine.run)
-    worker.start()
-    for _ in requests:
-        assert done.acquire(timeout=120)
-    engine.stop()
-    worker.join(timeout=60)
-    assert not worker.is_alive()
-    return logs
 
 
 def hf_ids(hf, ids, n) -> list[int]:
