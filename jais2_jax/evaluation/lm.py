@@ -44,9 +44,8 @@ from jais2_jax.evaluation.scoring import (
     generate_with_stops,
     logits_chunk,
     mesh_context,
-    prefill_contexts,
     score,
-    score_suffixes,
+    score_packed,
 )
 from jais2_jax.inference.sampling import Sampler
 from jais2_jax.inference.tokenizer import Tokenizer
@@ -66,17 +65,12 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _suffix_width(n: int) -> int:
-    """Padded width of a batch of continuation tails: a power of two, at least 8. (Multiples of 8
-    pad less, but every (cache length, width) pair is a compiled program of the whole model: on
-    an H100 the 8B benchmark then spent minutes compiling.)"""
-    return max(8, _pow2(n))
-
-
-def _context_width(n: int) -> int:
-    """Padded width of a batch of shared contexts: a multiple of 64 (the contexts of a batch are
-    sorted by length; `bucket_length`'s coarser sizes would pad a 260-token batch to 384)."""
-    return max(64, -(-n // 64) * 64)
+def _packed_width(n: int) -> int:
+    """Padded width of a batch of packed rows (a context and its answers): a multiple of 16, and
+    of a sixteenth of the next power of two above that (16 sizes an octave: the rows of a batch
+    are sorted by length, and every width is a compiled program of the whole model)."""
+    step = max(16, _pow2(n) // 16)
+    return -(-n // step) * step
 
 
 def _as_batch_size(value) -> int:
@@ -250,8 +244,8 @@ class Jais2LM(TemplateLM):
         # Requests that share a context (the answers of a question) score it once; the rest get
         # one row of the forward per distinct input.
         shared, alone = self._split_by_context(requests)
-        for batch in self._context_batches(shared):
-            for i, answer in self._score_shared(batch):
+        for batch in self._packed_batches(shared):
+            for i, answer in self._score_packed(batch):
                 results[i] = answer
             bar.update(sum(len(members) for _, members in batch))
         # One row per distinct input; longest first (the first batch is the largest shape).
@@ -270,7 +264,7 @@ class Jais2LM(TemplateLM):
         bar.close()
         return results
 
-    # The longest continuation tail (tokens after a shared context) the shared path runs: longer
+    # The longest continuation tail (tokens after a shared context) the shared path packs: longer
     # ones (rolling windows) are cheaper as whole rows through the fused attention kernel.
     SHARED_SUFFIX_MAX = 256
 
@@ -287,92 +281,62 @@ class Jais2LM(TemplateLM):
         shared, alone = {}, []
         for prefix, members in groups.items():
             longest = max(len(m[1]) for m in members)
+            packed = len(prefix) + sum(len(m[1]) for m in members)
             if len(members) > 1 and longest <= min(len(prefix), self.SHARED_SUFFIX_MAX) and \
-                    self._cache_width([(prefix, members)]) <= self.config.max_position_embeddings:
+                    packed <= self.max_length:
                 shared[prefix] = members
             else:
                 alone.extend((m[0], tuple(m[3])) for m in members)
         return shared, alone
 
-    def _context_batches(self, shared):
-        """Batches of up to `batch_size` contexts, longest first, whose cache (context width +
-        suffix width) fits the model's positions."""
-        order = sorted(shared, key=lambda t: (-len(t), t))
-        limit = self.config.max_position_embeddings
-        batch: list = []
-        for prefix in order:
-            trial = batch + [(prefix, shared[prefix])]
-            if len(trial) > self.batch_size or self._cache_width(trial) > limit:
-                if batch:
-                    yield batch
-                trial = [(prefix, shared[prefix])]
-            batch = trial
-        if batch:
-            yield batch
+    def _packed_batches(self, shared):
+        """Batches of `batch_size` packed rows (a context, then all of its answers), longest
+        first."""
+        length = lambda p: len(p) + sum(len(m[1]) for m in shared[p])  # noqa: E731
+        order = sorted(shared, key=lambda p: (-length(p), p))
+        for at in range(0, len(order), self.batch_size):
+            yield [(p, shared[p]) for p in order[at: at + self.batch_size]]
 
-    def _cache_width(self, batch) -> int:
-        """Cache slots for a batch of shared contexts: the contexts' padded width, then room for
-        the longest suffix's padded width, rounded up to `bucket_length`'s few sizes (the suffix
-        programs are one per cache length and suffix width; a longer cache costs only memory)."""
-        width = min(_context_width(max(len(p) for p, _ in batch)), self.max_length)
-        longest = max(len(m[1]) for _, group in batch for m in group)
-        needed = width + (_suffix_width(longest) if longest else 0)
-        return max(needed, min(bucket_length(needed), self.config.max_position_embeddings))
-
-    def _score_shared(self, batch):
-        """A batch of (context, [(request, suffix, targets)]): each context prefilled once, the
-        first targets scored from its last position, then the suffixes (`batch_size` rows a call)
-        against its cache rows. Returns [(request, (log-prob, greedy))]."""
+    def _score_packed(self, batch):
+        """A batch of (context, [(request, suffix, targets)]), one row each: the context, then
+        every answer's suffix (the continuation but its last token), each answer seeing only the
+        context and itself, its positions going on from the context's end. Returns
+        [(request, (log-prob, greedy))]."""
         rows = self.batch_size
-        width = min(_context_width(max(len(p) for p, _ in batch)), self.max_length)
+        width = _packed_width(max(len(p) + sum(len(m[1]) for m in g) for p, g in batch))
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         ids = np.full((rows, width), pad, np.int32)
-        mask = np.zeros((rows, width), np.int32)
-        mask[len(batch):, 0] = 1  # filler rows: one token
-        members = []
+        positions = np.zeros((rows, width), np.int32)  # padding: 0, segment 0 (its own)
+        segments = np.zeros((rows, width), np.int32)
+        members = []  # (row, request, slots predicting its targets, targets)
         for b, (prefix, group) in enumerate(batch):
-            ids[b, :len(prefix)], mask[b, :len(prefix)] = prefix, 1
-            members += [(b, *m[:3]) for m in group]
+            n = len(prefix)
+            ids[b, :n], positions[b, :n], segments[b, :n] = prefix, np.arange(n), 1
+            at = n
+            for s, (i, suffix, targets, _) in enumerate(group):
+                end = at + len(suffix)
+                ids[b, at:end], segments[b, at:end] = suffix, s + 2
+                positions[b, at:end] = np.arange(n, n + len(suffix))
+                members.append((b, i, [n - 1] + list(range(at, end)), targets))
+                at = end
         num = len(members)
         slots = rows * _pow2(-(-num // rows))
+        cont = max(16, _pow2(max(len(m[3]) for m in members)))
         row_of = np.zeros(slots, np.int32)
-        first = np.zeros(slots, np.int32)
-        for r, (b, _, _, targets) in enumerate(members):
-            row_of[r], first[r] = b, targets[0]
+        picks = np.zeros((slots, cont), np.int32)
+        tgt = np.zeros((slots, cont), np.int32)
+        tmask = np.zeros((slots, cont), np.int32)
+        for r, (b, _, slots_r, targets) in enumerate(members):
+            row_of[r] = b
+            picks[r, :len(slots_r)] = slots_r
+            tgt[r, :len(targets)], tmask[r, :len(targets)] = targets, 1
+        self.tokens_forwarded += ids.size
         with mesh_context(self.mesh):
-            logp, greedy, cache = prefill_contexts(
-                self.model, self.params, ids, mask, row_of, first,
-                cache_length=self._cache_width(batch))
-            # The rest of each continuation, grouped by length (little padding), a call per rows.
-            rest = sorted((r for r in range(num) if members[r][2]),
-                          key=lambda r: len(members[r][2]))
-            parts = []
-            for at in range(0, len(rest), rows):
-                part = rest[at: at + rows]
-                w = _suffix_width(len(members[part[-1]][2]))
-                s_rows = np.zeros(rows, np.int32)
-                s_ids = np.full((rows, w), pad, np.int32)
-                s_mask = np.zeros((rows, w), np.int32)
-                s_mask[len(part):, 0] = 1
-                tgt = np.zeros((rows, w), np.int32)
-                tmask = np.zeros((rows, w), np.int32)
-                for n, r in enumerate(part):
-                    b, _, suffix, targets = members[r]
-                    s_rows[n] = b
-                    s_ids[n, :len(suffix)], s_mask[n, :len(suffix)] = suffix, 1
-                    tgt[n, :len(suffix)], tmask[n, :len(suffix)] = targets[1:], 1
-                parts.append((part, score_suffixes(
-                    self.model, self.params, cache, s_rows, s_ids, s_mask, tgt, tmask,
-                    chunk=logits_chunk(rows, w, self.config.vocab_size))))
-        logp, greedy = np.array(logp, np.float64), np.array(greedy)
-        for part, (lp, g) in parts:
-            lp, g = np.asarray(lp), np.asarray(g)
-            for n, r in enumerate(part):
-                logp[r] += lp[n]
-                greedy[r] &= g[n]
-        self.tokens_forwarded += ids.size + sum(rows * _suffix_width(len(members[p[-1]][2]))
-                                                for p, _ in parts)
-        return [(members[r][1], (float(logp[r]), bool(greedy[r]))) for r in range(num)]
+            logp, greedy = score_packed(self.model, self.params, ids, positions, segments, row_of,
+                                        picks, tgt, tmask,
+                                        chunk=logits_chunk(slots, cont, self.config.vocab_size))
+        logp, greedy = np.asarray(logp), np.asarray(greedy)
+        return [(i, (float(logp[r]), bool(greedy[r]))) for r, (_, i, _, _) in enumerate(members)]
 
     def _score_batch(self, inputs: list[tuple], targets: list[tuple[int, list[int]]]):
         """inputs: token tuples (one row each); targets: (row, continuation) per request."""

@@ -6,12 +6,11 @@ Two ways to score a request (context, continuation):
   last token dropped, as lm-eval's `hf` model feeds them) and, for each request, gathers the hidden
   states at its continuation's positions. Requests with the same input (multiple choice with
   one-token answers: the same input, different last targets) share one row.
-- Requests that share a context (the answers of a multiple-choice question) score it once:
-  `prefill_contexts` runs each distinct context into a KV cache and scores every request's first
-  continuation token from its last position; `score_suffixes` then runs only the rest of each
-  continuation against its context's cache rows. The attention is causal either way, so this is
-  the same function of the same tokens as the one-row forward: an answer still sees only its
-  context and its own earlier tokens, never another answer's.
+- Requests that share a context (the answers of a multiple-choice question) forward it once:
+  `score_packed` runs rows that hold a context followed by all of its answers, with a mask that
+  lets each answer see the context and itself, never another answer, and positions that go on
+  from the context's end for every answer. That is the same function of the same tokens as the
+  one-row forward, in one large forward per batch (no KV cache, no small calls per answer).
 Either way the float32 logits are made only at target positions, a chunk of positions at a time
 (so a 4k-token rolling window never holds [rows, 4k, 150k] float32 at once); the result per
 request is the summed log-probability of its targets and whether greedy decoding would have
@@ -29,7 +28,7 @@ import numpy as np
 
 from jais2_jax.inference.generate import decode_loop, decode_step, prefill, right_align
 from jais2_jax.inference.sampling import Sampler
-from jais2_jax.model.cache import KVCache, init_cache
+from jais2_jax.model.cache import init_cache
 from jais2_jax.parallel.sharding import use_mesh
 
 Array = jax.Array
@@ -99,50 +98,25 @@ def score(model, params, input_ids: Array, attention_mask: Array, rows: Array, s
                             chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "cache_length"))
-def prefill_contexts(model, params, input_ids: Array, attention_mask: Array, rows: Array,
-                     targets: Array, *, cache_length: int) -> tuple[Array, Array, KVCache]:
-    """Contexts input_ids / attention_mask [B, T] (right-padded) into a new cache of
-    `cache_length` slots; per request r: rows [R] (its context's row) and targets [R] (its first
-    continuation token, predicted from the context's last position).
-
-    Returns (float32 log-prob of each first target [R], greedy [R], the cache)."""
-    cache = init_cache(model.config, input_ids.shape[0], cache_length, dtype=model.dtype,
-                       per_layer=not model.scan_layers)
-    hidden, cache = model.apply({"params": params}, input_ids, attention_mask, cache=cache,
-                                prefill=True, method="hidden_states")  # [B, T, D]
-    last = attention_mask.astype(jnp.int32).sum(axis=1) - 1  # [B]
-    picked = hidden[rows, last[rows]][:, None]  # [R, 1, D]
-    ones = jnp.ones(targets.shape + (1,), jnp.int32)
-    logp, greedy = _target_logprobs(model, params, picked, targets[:, None], ones, 1)
-    return logp, greedy, cache
-
-
-def take_rows(cache: KVCache, rows: Array) -> KVCache:
-    """The cache rows `rows` (a row may be taken several times)."""
-    axis = 0 if cache.per_layer else 1  # [B, S, ...] per layer, or [layers, B, S, ...]
-    take = lambda a: jnp.take(a, rows, axis=axis)
-    scales = {"k_scale": jax.tree.map(take, cache.k_scale),
-              "v_scale": jax.tree.map(take, cache.v_scale)} if cache.quantized else {}
-    return KVCache(k=jax.tree.map(take, cache.k), v=jax.tree.map(take, cache.v),
-                   lengths=cache.lengths[rows], **scales)
-
-
 @functools.partial(jax.jit, static_argnames=("model", "chunk"))
-def score_suffixes(model, params, cache: KVCache, rows: Array, input_ids: Array,
-                   attention_mask: Array, targets: Array, target_mask: Array, *,
-                   chunk: int) -> tuple[Array, Array]:
-    """The rest of each continuation after its context (in `cache`, from `prefill_contexts`):
-    per row n (N of them): rows [N] (its context's cache row), input_ids / attention_mask [N, W]
-    (the continuation without its last token, right-padded: continuation[:-1]) and targets /
-    target_mask [N, W] (what each of those positions predicts: continuation[1:]). The context's
-    cache is read, never changed.
+def score_packed(model, params, input_ids: Array, positions: Array, segments: Array,
+                 rows: Array, picks: Array, targets: Array, target_mask: Array, *,
+                 chunk: int) -> tuple[Array, Array]:
+    """Rows that each hold a shared context and then its answers: input_ids, positions,
+    segments [B, T]. Segment 1 is the context, each answer's tokens have a segment of their own
+    (2, 3, ...), 0 is padding. A token sees the earlier tokens of its own segment and of the
+    context, never another answer's, and an answer's positions go on from the context's end: the
+    same function of the same tokens as one row per request. Per request r: rows [R] (its row),
+    picks [R, C] (the slots whose hidden states predict its targets: the context's last, then its
+    own answer tokens but the last), targets and target_mask [R, C].
 
-    Returns (sum of float32 log-probs of the targets [N], all targets greedy [N])."""
-    sub = take_rows(cache, rows)
-    hidden, _ = model.apply({"params": params}, input_ids, attention_mask, cache=sub,
-                            method="hidden_states")  # [N, W, D]
-    return _target_logprobs(model, params, hidden, targets, target_mask, chunk)
+    Returns (sum of float32 log-probs of the targets [R], all targets greedy [R])."""
+    seg_q, seg_k = segments[:, :, None], segments[:, None, :]
+    visible = (seg_q == seg_k) | ((seg_k == 1) & (seg_q > 0))  # [B, T, T], causal on top
+    hidden, _ = model.apply({"params": params}, input_ids, visible, positions=positions,
+                            method="hidden_states")  # [B, T, D]
+    return _target_logprobs(model, params, hidden[rows[:, None], picks], targets, target_mask,
+                            chunk)
 
 
 def mesh_context(mesh):

@@ -3,7 +3,9 @@
 Masks are described, not materialised, so each backend builds only what it needs:
 - `causal`: query i attends key j when key_pos[j] <= query_pos[i];
 - `kv_lengths` [batch]: keys at slots >= kv_lengths[b] are invalid (cache fill level, right padding);
-- `kv_mask` [batch, kv_len] bool: arbitrary invalid keys (left padding without a cache);
+- `kv_mask` [batch, kv_len] bool: arbitrary invalid keys (left padding without a cache), or
+  [batch, q_len, kv_len] bool: which keys each query may see, on top of causality (answers packed
+  after their shared question, each seeing the question and itself; `evaluation/scoring.py`);
 - `segment_ids` [batch, length]: packed documents attend only within their own segment.
 
 The output is tagged "attention" for the remat policies (jax.ad_checkpoint.checkpoint_name), except
@@ -44,7 +46,8 @@ def _dense_mask(q_len, kv_len, *, causal, q_offset, kv_lengths, kv_mask, segment
     if kv_lengths is not None:
         mask = both(mask, (jnp.arange(kv_len)[None, :] < kv_lengths[:, None])[:, None, :])
     if kv_mask is not None:
-        mask = both(mask, kv_mask.astype(bool)[:, None, :])
+        kv_mask = kv_mask.astype(bool)
+        mask = both(mask, kv_mask[:, None, :] if kv_mask.ndim == 2 else kv_mask)
     if segment_ids is not None:
         mask = both(mask, segment_ids[:, :, None] == segment_ids[:, None, :])
     return None if mask is None else mask[:, None, :, :]
@@ -58,7 +61,7 @@ def dot_product_attention(
     causal: bool = True,
     q_offset: Array | None = None,  # [batch] int32: slot of the first query (cached decoding)
     kv_lengths: Array | None = None,  # [batch] int32
-    kv_mask: Array | None = None,  # [batch, kv_len] bool
+    kv_mask: Array | None = None,  # [batch, kv_len] or [batch, q_len, kv_len] bool
     segment_ids: Array | None = None,  # [batch, length] int32, q_len == kv_len
     implementation: str | None = None,  # None: by backend; "xla" | "cudnn" | "splash" | "splash_interpret"
 ) -> Array:  # [batch, q_len, heads, head_dim]
@@ -67,6 +70,7 @@ def dot_product_attention(
     scale = q.shape[-1] ** -0.5
     impl = implementation or _default_implementation(q)
     if impl.startswith("splash") and causal and q_offset is None and q_len == kv_len \
+            and (kv_mask is None or kv_mask.ndim == 2) \
             and (segment_ids is None or (kv_mask is None and kv_lengths is None)):
         # Key padding becomes its own segment (0); causality keeps every query row non-empty.
         if kv_mask is not None:

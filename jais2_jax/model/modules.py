@@ -232,7 +232,9 @@ class Jais2ForCausalLM(nn.Module):
     With `cache=` a KVCache, returns `(logits, new_cache)`; the chunk's tokens are written after
     each row's cached tokens and `attention_mask` (right-padded) says which of them are real.
     Without a cache, positions default to 0..T-1 as in transformers' forward; `segment_ids`
-    [B, T] makes packed documents attend only within themselves (pass matching `positions`).
+    [B, T] makes packed documents attend only within themselves (pass matching `positions`);
+    without a cache `attention_mask` may also be [B, T, T] bool, which keys each query may see on
+    top of causality (as transformers' custom masks; the evaluation packs answers this way).
 
     `options` (ModelOptions) holds the implementation knobs; `quantization` ("int8", "fp8") and
     `lora` (a LoraSpec on `lora_targets`) say which weights `init` creates in the projections
@@ -313,6 +315,9 @@ class Jais2ForCausalLM(nn.Module):
         batch, length = input_ids.shape
         x = self.embed_tokens(input_ids)  # [B, T, D]
         if cache is not None:
+            if attention_mask is not None and attention_mask.ndim != 2:
+                raise ValueError("with a KV cache, attention_mask is [batch, length] (which "
+                                 f"tokens are real), got shape {attention_mask.shape}")
             if segment_ids is not None:
                 raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
             if length > cache.max_length:
