@@ -15,8 +15,9 @@ that a number from it means what the same number means from `hf`:
   at the task's stop strings.
 
 Faster than `hf` by batching: requests are sorted by length and batched into a few padded
-shapes (so a handful of programs are compiled), and requests with the same input (one-token
-answers of a multiple-choice question) share one row of the forward.
+shapes (so a handful of programs are compiled), and the requests that share a context (the
+answers of a multiple-choice question) share one row of the forward: the context once, then each
+answer, which sees the context and itself only (`scoring.score_packed`).
 """
 
 from __future__ import annotations
