@@ -464,8 +464,8 @@ def roomy(tmp_path_factory):
 
 
 def test_answers_sharing_a_context_equal_lm_eval_hf_and_run_it_once(roomy):
-    """The answers of a question score their shared context once (a cache prefill, then only
-    each answer's own tokens): the same log-likelihoods as lm-eval's hf model, from far fewer
+    """The answers of a question are packed into one row after their shared context (each sees
+    the context and itself only): the same log-likelihoods as lm-eval's hf model, from far fewer
     positions of forward than whole rows."""
     from lm_eval.models.huggingface import HFLM
 
