@@ -270,3 +270,35 @@ def test_chunk_larger_than_cache_is_an_error():
     with pytest.raises(ValueError, match="does not fit a cache of 8 slots"):
         jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 9), jnp.int32),
                                           cache=cache))
+
+
+def test_query_key_mask_packs_answers_after_a_shared_context():
+    """attention_mask [B, T, T] (which keys each query sees, causal on top) with positions: a
+    context followed by two answers, each seeing the context and itself, gives each answer's
+    logits of transformers on context + that answer alone."""
+    hf = hf_model(seed=4, num_key_value_heads=2)
+    config = our_config(hf)
+    params = our_params(hf, config)
+    rng = np.random.RandomState(5)
+    context, a, b = (rng.randint(3, config.vocab_size, n).tolist() for n in (7, 3, 4))
+    ids = np.array([context + a + b])
+    segments = np.array([1] * 7 + [2] * 3 + [3] * 4)
+    visible = (segments[:, None] == segments[None, :]) | (segments[None, :] == 1)
+    positions = np.array([list(range(7)) + list(range(7, 10)) + list(range(7, 11))])
+    model = Jais2ForCausalLM(config)
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids),
+                                  attention_mask=jnp.asarray(visible[None]),
+                                  positions=jnp.asarray(positions)))[0]
+    ref_a = _hf_logits(hf, np.array([context + a]))[0]
+    ref_b = _hf_logits(hf, np.array([context + b]))[0]
+    assert rel_err(ours[:10], ref_a) <= TOL
+    assert rel_err(ours[10:], ref_b[7:]) <= TOL and rel_err(ours[:7], ref_b[:7]) <= TOL
+    # Without the mask the second answer sees the first and its logits change.
+    plain = np.asarray(model.apply({"params": params}, jnp.asarray(ids),
+                                   positions=jnp.asarray(positions)))[0]
+    assert rel_err(plain[10:], ref_b[7:]) > 1e-3
+    # With a KV cache the mask says which tokens are real: [B, T] only.
+    from jais2_jax import init_cache
+    with pytest.raises(ValueError, match=r"attention_mask is \[batch, length\]"):
+        model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(visible[None]),
+                    cache=init_cache(config, 1, 16, dtype=jnp.float32))
