@@ -15,6 +15,7 @@ ratio. Each side runs in its own child process (JAX and torch would fight over G
   python benchmarks/bench_eval.py                  # GPU (H100), both sides
   python benchmarks/bench_eval.py --skip-hf        # ours only
   python benchmarks/bench_eval.py --tiny           # CPU check of the script, tiny model
+  python benchmarks/bench_eval.py --count-positions   # CPU: positions forwarded (padding included)
 """
 
 from __future__ import annotations
@@ -126,6 +127,29 @@ def run_ours(args) -> None:
         guard("gen", case, "gen", p["gen_batches"], lm.generate_until, gen)
 
 
+def count_positions(args) -> None:
+    """The positions our loglikelihood forwards (padding included) for the full multiple-choice
+    workload at batch 64, counted with the tiny shape on the CPU: the count depends only on the
+    requests' token lengths, not on the model, so it is the 8B run's."""
+    import jax
+    from bench_generate import random_params
+
+    from jais2_jax import Jais2Config, Tokenizer
+    from jais2_jax.evaluation.lm import Jais2LM
+
+    p = plan(False)
+    shape = dict(SHAPE_TINY, max_position_embeddings=p["shape"]["max_position_embeddings"])
+    config = Jais2Config(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    _, params = random_params(config, jax.numpy.float32, fuse_qkv=False)
+    lm = Jais2LM.from_params(config, params, Tokenizer.from_pretrained(TOKENIZER),
+                             dtype="float32")
+    lm.batch_size_per_device = int((args.ours_batches or "64").split(",")[0])
+    mc, _ = requests(p)
+    lm.loglikelihood(mc, disable_tqdm=True)
+    print(f"multiple choice: {len(mc)} requests, {lm.tokens_forwarded} positions forwarded at "
+          f"batch {lm.batch_size_per_device}")
+
+
 # ------------------------------------------------------------------------------------------ hf
 def run_hf(args) -> None:
     import torch
@@ -215,8 +239,13 @@ def main() -> int:
     parser.add_argument("--cases", default="mc,gen",
                         help="which tasks: mc (multiple choice), gen (generate-until), or both")
     parser.add_argument("--json", default=None, help="also write all results to this file")
+    parser.add_argument("--count-positions", action="store_true",
+                        help="only count the positions our multiple-choice pass forwards (CPU)")
     parser.add_argument("--side", choices=("jax", "hf"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.count_positions:
+        count_positions(args)
+        return 0
     if args.side == "jax":
         run_ours(args)
         return 0
