@@ -17,8 +17,9 @@ tokens, 128 new tokens each, EOS ignored. Measured:
   client (a request's tokens / its duration, median), and the engine counters over that level.
   The load generator (httpx async clients) runs in 4 separate processes (--client-procs), as
   real clients are independent: one process parsing 64 streams delays the next requests enough
-  to cost 0.15 of the ratio to offline (RESULTS.md, H200). In the server's process, parsing the streams would take the GIL from the engine thread and the
-  server (--same-process-client measures that way, as this benchmark did before);
+  to cost 0.15 of the ratio to offline (RESULTS.md, H200). In the server's process, parsing the
+  streams would take the GIL from the engine thread and the server (--same-process-client
+  measures that way, as this benchmark did before);
   transformers: `generate_batch` of 64 requests (as ../shared/anchors/hf_cb_bench.py: sdpa,
   paged cache of 2048 blocks of 128, max_batch_tokens 4096), tok/s.
 Each side runs in its own child process; the parent prints one table.

@@ -100,11 +100,11 @@ def _streaming_handler(budget_bytes: int, on_block: Callable[[int], None]):
 
         budget: _ByteBudget | None = None
         failed: list[BaseException]  # shared by all arrays: after a failure nothing starts
-        reported: list[bool]  # the failure raised (by one array's write only)
+        reported = False  # the failure raised (by one array's write only)
 
         async def _open_and_write(self, value: StreamedArray, tspec: dict, ts_context):
             if self.budget is None:  # made inside Orbax's event loop
-                self.budget, self.failed, self.reported = _ByteBudget(budget_bytes), [], []
+                self.budget, self.failed = _ByteBudget(budget_bytes), []
             # Orbax starts every array at once: their blocks (read + transpose in a thread, then
             # the TensorStore write) share the byte budget, so reading, transposing and writing
             # of several arrays overlap. After a failure no block starts, and the error leaves
@@ -150,7 +150,7 @@ def _streaming_handler(budget_bytes: int, on_block: Callable[[int], None]):
                 # One array raises the error; the others end quietly (Orbax gathers them as
                 # tasks: every other raise would be a "Task exception was never retrieved" log).
                 if not self.reported:
-                    self.reported.append(True)
+                    self.reported = True
                     raise failed[0]
 
     return StreamingNumpyHandler()

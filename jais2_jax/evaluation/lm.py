@@ -74,6 +74,11 @@ def _packed_width(n: int) -> int:
     return -(-n // step) * step
 
 
+def _packed_length(prefix, members) -> int:
+    """Tokens of a packed row: the shared context, then every answer's suffix."""
+    return len(prefix) + sum(len(m[1]) for m in members)
+
+
 def _as_batch_size(value) -> int:
     """lm-eval passes batch_size as given on its command line: an int, "8" or "auto"."""
     if value is None or value == "auto" or (isinstance(value, str) and value.startswith("auto")):
@@ -282,9 +287,8 @@ class Jais2LM(TemplateLM):
         shared, alone = {}, []
         for prefix, members in groups.items():
             longest = max(len(m[1]) for m in members)
-            packed = len(prefix) + sum(len(m[1]) for m in members)
             if len(members) > 1 and longest <= min(len(prefix), self.SHARED_SUFFIX_MAX) and \
-                    packed <= self.max_length:
+                    _packed_length(prefix, members) <= self.max_length:
                 shared[prefix] = members
             else:
                 alone.extend((m[0], tuple(m[3])) for m in members)
@@ -293,8 +297,7 @@ class Jais2LM(TemplateLM):
     def _packed_batches(self, shared):
         """Batches of `batch_size` packed rows (a context, then all of its answers), longest
         first."""
-        length = lambda p: len(p) + sum(len(m[1]) for m in shared[p])  # noqa: E731
-        order = sorted(shared, key=lambda p: (-length(p), p))
+        order = sorted(shared, key=lambda p: (-_packed_length(p, shared[p]), p))
         for at in range(0, len(order), self.batch_size):
             yield [(p, shared[p]) for p in order[at: at + self.batch_size]]
 
@@ -304,7 +307,7 @@ class Jais2LM(TemplateLM):
         context and itself, its positions going on from the context's end. Returns
         [(request, (log-prob, greedy))]."""
         rows = self.batch_size
-        width = _packed_width(max(len(p) + sum(len(m[1]) for m in g) for p, g in batch))
+        width = _packed_width(max(_packed_length(p, g) for p, g in batch))
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         ids = np.full((rows, width), pad, np.int32)
         positions = np.zeros((rows, width), np.int32)  # padding: 0, segment 0 (its own)
@@ -320,24 +323,31 @@ class Jais2LM(TemplateLM):
                 positions[b, at:end] = np.arange(n, n + len(suffix))
                 members.append((b, i, [n - 1] + list(range(at, end)), targets))
                 at = end
-        num = len(members)
-        slots = rows * _pow2(-(-num // rows))
-        cont = max(16, _pow2(max(len(m[3]) for m in members)))
+        self.tokens_forwarded += ids.size
+        *table, chunk = self._target_table([(b, p, t) for b, _, p, t in members])
+        with mesh_context(self.mesh):
+            logp, greedy = score_packed(self.model, self.params, ids, positions, segments,
+                                        *table, chunk=chunk)
+        logp, greedy = np.asarray(logp), np.asarray(greedy)
+        return [(i, (float(logp[r]), bool(greedy[r]))) for r, (_, i, _, _) in enumerate(members)]
+
+    def _target_table(self, wanted):
+        """wanted: (row, slots predicting the targets, targets) per request -> the arrays of
+        `scoring.score` (rows, picks, targets, target_mask) and its logits chunk. Requests are
+        padded to a power-of-two multiple of the rows, targets to a power of two (at least 16:
+        fewer compiled shapes, and a 16-wide gather costs nothing next to the forward)."""
+        rows = self.batch_size
+        slots = rows * _pow2(-(-len(wanted) // rows))
+        cont = max(16, _pow2(max(len(t) for _, _, t in wanted)))
         row_of = np.zeros(slots, np.int32)
         picks = np.zeros((slots, cont), np.int32)
         tgt = np.zeros((slots, cont), np.int32)
         tmask = np.zeros((slots, cont), np.int32)
-        for r, (b, _, slots_r, targets) in enumerate(members):
+        for r, (b, slots_r, targets) in enumerate(wanted):
             row_of[r] = b
             picks[r, :len(slots_r)] = slots_r
             tgt[r, :len(targets)], tmask[r, :len(targets)] = targets, 1
-        self.tokens_forwarded += ids.size
-        with mesh_context(self.mesh):
-            logp, greedy = score_packed(self.model, self.params, ids, positions, segments, row_of,
-                                        picks, tgt, tmask,
-                                        chunk=logits_chunk(slots, cont, self.config.vocab_size))
-        logp, greedy = np.asarray(logp), np.asarray(greedy)
-        return [(i, (float(logp[r]), bool(greedy[r]))) for r, (_, i, _, _) in enumerate(members)]
+        return row_of, picks, tgt, tmask, logits_chunk(slots, cont, self.config.vocab_size)
 
     def _score_batch(self, inputs: list[tuple], targets: list[tuple[int, list[int]]]):
         """inputs: token tuples (one row each); targets: (row, continuation) per request."""
@@ -350,25 +360,16 @@ class Jais2LM(TemplateLM):
         for b, t in enumerate(inputs):
             ids[b, :len(t)], mask[b, :len(t)] = t, 1
         self.tokens_forwarded += ids.size
-        # Requests padded to a power-of-two multiple of the rows; targets to a power of two (at
-        # least 16: fewer compiled shapes, and a 16-wide gather costs nothing next to the forward).
-        num = len(targets)
-        slots = rows * _pow2(-(-num // rows))
-        cont = max(16, _pow2(max(min(len(c), len(inputs[b])) for b, c in targets)))
-        row_of = np.zeros(slots, np.int32)
-        starts = np.zeros(slots, np.int32)
-        tgt = np.zeros((slots, cont), np.int32)
-        tmask = np.zeros((slots, cont), np.int32)
-        for r, (b, c) in enumerate(targets):
+        wanted = []
+        for b, c in targets:
             c = c[-len(inputs[b]):]  # a continuation longer than the context window: its tail
-            row_of[r], starts[r] = b, len(inputs[b]) - len(c)
-            tgt[r, :len(c)], tmask[r, :len(c)] = c, 1
-        chunk = logits_chunk(slots, cont, self.config.vocab_size)
+            start = len(inputs[b]) - len(c)  # the slot whose logits predict its first target
+            wanted.append((b, range(start, start + len(c)), c))
+        *table, chunk = self._target_table(wanted)
         with mesh_context(self.mesh):
-            logp, greedy = score(self.model, self.params, ids, mask, row_of, starts, tgt, tmask,
-                                 chunk=chunk)
+            logp, greedy = score(self.model, self.params, ids, mask, *table, chunk=chunk)
         logp, greedy = np.asarray(logp), np.asarray(greedy)
-        return [(float(logp[r]), bool(greedy[r])) for r in range(num)]
+        return [(float(logp[r]), bool(greedy[r])) for r in range(len(targets))]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         return self.rolling_logprobs([self.tok_encode(req.args[0]) for req in requests],

@@ -81,20 +81,17 @@ def _target_logprobs(model, params, picked: Array, targets: Array, target_mask: 
 
 
 @functools.partial(jax.jit, static_argnames=("model", "chunk"))
-def score(model, params, input_ids: Array, attention_mask: Array, rows: Array, starts: Array,
+def score(model, params, input_ids: Array, attention_mask: Array, rows: Array, picks: Array,
           targets: Array, target_mask: Array, *, chunk: int) -> tuple[Array, Array]:
     """input_ids, attention_mask: [B, T] right-padded; per request r (R of them): rows [R] (its
-    row of the batch), starts [R] (the position whose logits predict its first target), targets
+    row of the batch), picks [R, C] (the slots whose hidden states predict its targets), targets
     [R, C] and target_mask [R, C] (1 for real targets, a prefix of each row).
 
     Returns (sum of float32 log-probs of the targets [R], all targets greedy [R])."""
     del attention_mask  # right padding: causal attention keeps it out of every real position
     # No key mask: then the GPU's fused (cuDNN) causal kernel runs, not a dense masked softmax.
     hidden, _ = model.apply({"params": params}, input_ids, method="hidden_states")  # [B, T, D]
-    length = input_ids.shape[1]
-    width = targets.shape[1]
-    pos = jnp.clip(starts[:, None] + jnp.arange(width)[None, :], 0, length - 1)  # [R, C]
-    return _target_logprobs(model, params, hidden[rows[:, None], pos], targets, target_mask,
+    return _target_logprobs(model, params, hidden[rows[:, None], picks], targets, target_mask,
                             chunk)
 
 
@@ -106,9 +103,8 @@ def score_packed(model, params, input_ids: Array, positions: Array, segments: Ar
     segments [B, T]. Segment 1 is the context, each answer's tokens have a segment of their own
     (2, 3, ...), 0 is padding. A token sees the earlier tokens of its own segment and of the
     context, never another answer's, and an answer's positions go on from the context's end: the
-    same function of the same tokens as one row per request. Per request r: rows [R] (its row),
-    picks [R, C] (the slots whose hidden states predict its targets: the context's last, then its
-    own answer tokens but the last), targets and target_mask [R, C].
+    same function of the same tokens as one row per request. rows, picks, targets, target_mask
+    as for `score` (an answer's picks: the context's last slot, then its own tokens).
 
     Returns (sum of float32 log-probs of the targets [R], all targets greedy [R])."""
     seg_q, seg_k = segments[:, :, None], segments[:, None, :]
