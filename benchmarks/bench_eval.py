@@ -121,10 +121,40 @@ def run_ours(args) -> None:
             emit(what=what, side="jax", batch=b, requests=len(reqs), seconds=s,
                  req_s=len(reqs) / s, warmup_s=warm, positions=lm.tokens_forwarded)
 
+    if jax.default_backend() == "gpu":
+        guard("check", check_packed_attention)
     if "mc" in args.cases:
         guard("mc", case, "mc", p["ours_batches"], lm.loglikelihood, mc)
+        if args.profile:  # one more (warm) pass under the profiler: kernel time by kind
+            from profile_gpu import summarize, trace
+            d, wall = trace(lambda: lm.loglikelihood(mc, disable_tqdm=True), 1, args.profile,
+                            "eval_mc")
+            print(summarize(d, 1, wall), flush=True)
     if "gen" in args.cases:
         guard("gen", case, "gen", p["gen_batches"], lm.generate_until, gen)
+
+
+def check_packed_attention() -> None:
+    """cuDNN attention with a packed [batch, q, kv] mask (as a bias) against XLA's on the same
+    random bf16 inputs: the packed multiple-choice path runs the former on a GPU."""
+    import jax
+    import jax.numpy as jnp
+
+    from jais2_jax.model.attention import dot_product_attention
+    b, t, h, d = 4, 448, 26, 128
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(x, (b, t, h, d), jnp.bfloat16) for x in (kq, kk, kv))
+    docs = jnp.repeat(jnp.arange(1, 5), t // 4)[None].repeat(b, 0)  # 4 questions a row
+    parts = (jnp.arange(t) % (t // 4) // 40)[None].repeat(b, 0)  # context, then answers
+    mask = (docs[:, :, None] == docs[:, None, :]) & (
+        (parts[:, None, :] == 0) | (parts[:, :, None] == parts[:, None, :]))
+    out = {impl: jax.jit(lambda q, k, v, m, impl=impl: dot_product_attention(
+        q, k, v, kv_mask=m, implementation=impl))(q, k, v, mask).astype(jnp.float32)
+        for impl in ("cudnn", "xla")}
+    err = float(jnp.max(jnp.abs(out["cudnn"] - out["xla"])))
+    scale = float(jnp.max(jnp.abs(out["xla"])))
+    emit(what="check", side="jax", cudnn_vs_xla_max_abs=err, xla_max_abs=scale,
+         ok=bool(err <= 2e-2 * scale))
 
 
 def count_positions(args) -> None:
@@ -241,6 +271,9 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="also write all results to this file")
     parser.add_argument("--count-positions", action="store_true",
                         help="only count the positions our multiple-choice pass forwards (CPU)")
+    parser.add_argument("--profile", default=None,
+                        help="GPU: trace one more multiple-choice pass into this folder and "
+                             "print kernel time by kind (with --side jax)")
     parser.add_argument("--side", choices=("jax", "hf"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.count_positions:

@@ -22,6 +22,7 @@ answer, which sees the context and itself only (`scoring.score_packed`).
 
 from __future__ import annotations
 
+import bisect
 import logging
 from typing import Any
 
@@ -66,12 +67,48 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _packed_width(n: int) -> int:
-    """Padded width of a batch of packed rows (a context and its answers): a multiple of 16, and
-    of a sixteenth of the next power of two above that (16 sizes an octave: the rows of a batch
-    are sorted by length, and every width is a compiled program of the whole model)."""
-    step = max(16, _pow2(n) // 16)
-    return -(-n // step) * step
+def _round16(n: int) -> int:
+    return -(-int(n) // 16) * 16
+
+
+def _best_fit(lengths: list[int], width: int) -> list[list[int]]:
+    """Rows of at most `width` tokens (lists of item indices), best fit over `lengths` in the
+    order given (longest first: best fit decreasing)."""
+    free: list[tuple[int, int]] = []  # (tokens left, row), sorted
+    rows: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        at = bisect.bisect_left(free, (n, -1))  # the fullest row that still holds it
+        if at == len(free):
+            rows.append([i])
+            left, r = width - n, len(rows) - 1
+        else:
+            left, r = free.pop(at)
+            rows[r].append(i)
+            left -= n
+        bisect.insort(free, (left, r))
+    return rows
+
+
+def _pack_rows(lengths: list[int], rows_per_batch: int, widest: int) -> tuple[int, list]:
+    """(width, rows): items (longest first) packed into rows of one width, `rows_per_batch` rows
+    a batch, every batch the same compiled program. For each candidate target (from the longest
+    item up to `widest`), the batches are the fewest that rows of that many tokens could hold and
+    the width the narrowest (a multiple of 16) with which best fit needs no more rows than those
+    batches have; the candidate that forwards the fewest positions wins, ties to the narrower."""
+    narrowest = _round16(max(lengths))
+    widest = max(narrowest, _round16(widest))
+    best = None
+    for target in sorted({_round16(narrowest + (widest - narrowest) * k / 4) for k in range(5)}):
+        batches = -(-sum(lengths) // (rows_per_batch * target))
+        while len(_best_fit(lengths, target)) > batches * rows_per_batch:
+            batches += 1
+        room = batches * rows_per_batch
+        widths = range(narrowest, target + 1, 16)  # the last fits: bisect for the first
+        width = widths[bisect.bisect_left(widths, True,
+                                          key=lambda w: len(_best_fit(lengths, w)) <= room)]
+        if best is None or room * width < best[0] * best[1]:
+            best = room, width
+    return best[1], _best_fit(lengths, best[1])
 
 
 def _packed_length(prefix, members) -> int:
@@ -250,10 +287,10 @@ class Jais2LM(TemplateLM):
         # Requests that share a context (the answers of a question) score it once; the rest get
         # one row of the forward per distinct input.
         shared, alone = self._split_by_context(requests)
-        for batch in self._packed_batches(shared):
-            for i, answer in self._score_packed(batch):
+        for width, batch in self._packed_batches(shared):
+            for i, answer in self._score_packed(width, batch):
                 results[i] = answer
-            bar.update(sum(len(members) for _, members in batch))
+            bar.update(sum(len(members) for row in batch for _, members in row))
         # One row per distinct input; longest first (the first batch is the largest shape).
         inputs: dict[tuple, list[int]] = {}
         for i, inp in alone:
@@ -294,39 +331,51 @@ class Jais2LM(TemplateLM):
                 alone.extend((m[0], tuple(m[3])) for m in members)
         return shared, alone
 
-    def _packed_batches(self, shared):
-        """Batches of `batch_size` packed rows (a context, then all of its answers), longest
-        first."""
-        order = sorted(shared, key=lambda p: (-_packed_length(p, shared[p]), p))
-        for at in range(0, len(order), self.batch_size):
-            yield [(p, shared[p]) for p in order[at: at + self.batch_size]]
+    # The shared path's rows are up to this many times the longest question wide: several
+    # questions a row, so that little of a batch is padding.
+    PACK_WIDER = 2
 
-    def _score_packed(self, batch):
-        """A batch of (context, [(request, suffix, targets)]), one row each: the context, then
-        every answer's suffix (the continuation but its last token), each answer seeing only the
-        context and itself, its positions going on from the context's end. Returns
-        [(request, (log-prob, greedy))]."""
+    def _packed_batches(self, shared):
+        """Batches of `batch_size` rows of one width, each row holding one or more questions (a
+        context, then all of its answers): (width, [[(context, answers), ...] per row])."""
+        if not shared:
+            return
+        order = sorted(shared, key=lambda p: (-_packed_length(p, shared[p]), p))
+        lengths = [_packed_length(p, shared[p]) for p in order]
+        width, rows = _pack_rows(lengths, self.batch_size, self.PACK_WIDER * lengths[0])
+        rows = [[(order[i], shared[order[i]]) for i in row] for row in rows]
+        for at in range(0, len(rows), self.batch_size):
+            yield width, rows[at: at + self.batch_size]
+
+    def _score_packed(self, width, batch):
+        """A batch of rows, each of questions (context, [(request, suffix, targets)]): a question
+        is its context, then every answer's suffix (the continuation but its last token), each
+        answer seeing only its context and itself, its positions going on from the context's end.
+        Returns [(request, (log-prob, greedy))]."""
         rows = self.batch_size
-        width = _packed_width(max(_packed_length(p, g) for p, g in batch))
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         ids = np.full((rows, width), pad, np.int32)
-        positions = np.zeros((rows, width), np.int32)  # padding: 0, segment 0 (its own)
-        segments = np.zeros((rows, width), np.int32)
+        positions = np.zeros((rows, width), np.int32)  # padding: position 0, question 0
+        docs = np.zeros((rows, width), np.int32)
+        parts = np.zeros((rows, width), np.int32)
         members = []  # (row, request, slots predicting its targets, targets)
-        for b, (prefix, group) in enumerate(batch):
-            n = len(prefix)
-            ids[b, :n], positions[b, :n], segments[b, :n] = prefix, np.arange(n), 1
-            at = n
-            for s, (i, suffix, targets, _) in enumerate(group):
-                end = at + len(suffix)
-                ids[b, at:end], segments[b, at:end] = suffix, s + 2
-                positions[b, at:end] = np.arange(n, n + len(suffix))
-                members.append((b, i, [n - 1] + list(range(at, end)), targets))
-                at = end
+        for b, questions in enumerate(batch):
+            at = 0
+            for q, (prefix, group) in enumerate(questions, start=1):
+                n, start = len(prefix), at
+                ids[b, at:at + n], positions[b, at:at + n] = prefix, np.arange(n)
+                docs[b, at:at + n] = q
+                at += n
+                for s, (i, suffix, targets, _) in enumerate(group, start=1):
+                    end = at + len(suffix)
+                    ids[b, at:end], docs[b, at:end], parts[b, at:end] = suffix, q, s
+                    positions[b, at:end] = np.arange(n, n + len(suffix))
+                    members.append((b, i, [start + n - 1] + list(range(at, end)), targets))
+                    at = end
         self.tokens_forwarded += ids.size
         *table, chunk = self._target_table([(b, p, t) for b, _, p, t in members])
         with mesh_context(self.mesh):
-            logp, greedy = score_packed(self.model, self.params, ids, positions, segments,
+            logp, greedy = score_packed(self.model, self.params, ids, positions, docs, parts,
                                         *table, chunk=chunk)
         logp, greedy = np.asarray(logp), np.asarray(greedy)
         return [(i, (float(logp[r]), bool(greedy[r]))) for r, (_, i, _, _) in enumerate(members)]

@@ -7,10 +7,11 @@ Two ways to score a request (context, continuation):
   states at its continuation's positions. Requests with the same input (multiple choice with
   one-token answers: the same input, different last targets) share one row.
 - Requests that share a context (the answers of a multiple-choice question) forward it once:
-  `score_packed` runs rows that hold a context followed by all of its answers, with a mask that
-  lets each answer see the context and itself, never another answer, and positions that go on
-  from the context's end for every answer. That is the same function of the same tokens as the
-  one-row forward, in one large forward per batch (no KV cache, no small calls per answer).
+  `score_packed` runs rows that hold questions, each a context followed by all of its answers
+  (as many questions a row as fit), with a mask that lets each answer see its context and itself,
+  nothing else, and positions that go on from the context's end for every answer. That is the
+  same function of the same tokens as the one-row forward, in one large forward per batch (no KV
+  cache, no small calls per answer).
 Either way the float32 logits are made only at target positions, a chunk of positions at a time
 (so a 4k-token rolling window never holds [rows, 4k, 150k] float32 at once); the result per
 request is the summed log-probability of its targets and whether greedy decoding would have
@@ -96,19 +97,21 @@ def score(model, params, input_ids: Array, attention_mask: Array, rows: Array, p
 
 
 @functools.partial(jax.jit, static_argnames=("model", "chunk"))
-def score_packed(model, params, input_ids: Array, positions: Array, segments: Array,
+def score_packed(model, params, input_ids: Array, positions: Array, docs: Array, parts: Array,
                  rows: Array, picks: Array, targets: Array, target_mask: Array, *,
                  chunk: int) -> tuple[Array, Array]:
-    """Rows that each hold a shared context and then its answers: input_ids, positions,
-    segments [B, T]. Segment 1 is the context, each answer's tokens have a segment of their own
-    (2, 3, ...), 0 is padding. A token sees the earlier tokens of its own segment and of the
-    context, never another answer's, and an answer's positions go on from the context's end: the
-    same function of the same tokens as one row per request. rows, picks, targets, target_mask
-    as for `score` (an answer's picks: the context's last slot, then its own tokens).
+    """Rows that each hold one or more questions, each a shared context and then its answers:
+    input_ids, positions, docs, parts [B, T]. docs numbers the questions of a row from 1 (0 is
+    padding); parts is 0 for a question's context and 1, 2, ... for its answers. A token sees the
+    earlier tokens of its own answer and of its question's context, nothing of another answer or
+    question, and an answer's positions go on from its context's end: the same function of the
+    same tokens as one row per request. rows, picks, targets, target_mask as for `score` (an
+    answer's picks: its context's last slot, then its own tokens).
 
     Returns (sum of float32 log-probs of the targets [R], all targets greedy [R])."""
-    seg_q, seg_k = segments[:, :, None], segments[:, None, :]
-    visible = (seg_q == seg_k) | ((seg_k == 1) & (seg_q > 0))  # [B, T, T], causal on top
+    same_doc = docs[:, :, None] == docs[:, None, :]
+    part_q, part_k = parts[:, :, None], parts[:, None, :]
+    visible = same_doc & ((part_k == 0) | (part_k == part_q))  # [B, T, T], causal on top
     hidden, _ = model.apply({"params": params}, input_ids, visible, positions=positions,
                             method="hidden_states")  # [B, T, D]
     return _target_logprobs(model, params, hidden[rows[:, None], picks], targets, target_mask,

@@ -11,9 +11,10 @@ Masks are described, not materialised, so each backend builds only what it needs
 The output is tagged "attention" for the remat policies (jax.ad_checkpoint.checkpoint_name), except
 cuDNN's, which the policies save by primitive (see model.REMAT_POLICIES).
 
-On GPU the cuDNN flash kernel is used when the mask is expressible as causal + lengths. On TPU the
-Pallas splash kernel runs training and prefill (causal + segment ids; key padding becomes a segment),
-inside `shard_map` over the context mesh since Mosaic kernels cannot be partitioned automatically;
+On GPU the cuDNN flash kernel is used when the mask is expressible as causal + lengths, or as causal
++ a [batch, q_len, kv_len] mask (given to cuDNN as a bias). On TPU the Pallas splash kernel runs
+training and prefill (causal + segment ids; key padding becomes a segment), inside `shard_map` over
+the context mesh since Mosaic kernels cannot be partitioned automatically;
 `implementation="splash_interpret"` runs the same kernel on CPU. Everything else goes through XLA's
 `jax.nn.dot_product_attention` with a boolean mask.
 """
@@ -88,6 +89,12 @@ def dot_product_attention(
             q, k, v, scale=scale, is_causal=causal and q_len > 1,
             key_value_seq_lengths=None if lengths is None else lengths.astype(jnp.int32),
             implementation="cudnn")
+    if impl == "cudnn" and _cudnn_supports_query_key_mask(q, causal, q_offset, kv_lengths, kv_mask,
+                                                          segment_ids, q_len, kv_len):
+        # A [batch, q, kv] mask rides along as an additive bias (one per row, shared by heads):
+        # still the fused kernel, the causal part skipped block by block.
+        return jax.nn.dot_product_attention(q, k, v, mask=kv_mask.astype(bool)[:, None],
+                                            scale=scale, is_causal=True, implementation="cudnn")
     mask = _dense_mask(q_len, kv_len, causal=causal, q_offset=q_offset, kv_lengths=kv_lengths,
                        kv_mask=kv_mask, segment_ids=segment_ids, batch=batch)
     return checkpoint_name(
@@ -160,3 +167,11 @@ def _cudnn_supports(q, causal, q_offset, kv_mask, segment_ids, q_len, kv_len) ->
     if q_len == 1:
         return True  # one query per row: only the key lengths matter
     return q_offset is None and (not causal or q_len == kv_len)
+
+
+def _cudnn_supports_query_key_mask(q, causal, q_offset, kv_lengths, kv_mask, segment_ids, q_len,
+                                   kv_len) -> bool:
+    """cuDNN with a per-row [batch, q, kv] mask: causal from slot 0, nothing else masked."""
+    return (kv_mask is not None and kv_mask.ndim == 3 and causal and q_offset is None
+            and kv_lengths is None and segment_ids is None and q_len == kv_len and q_len > 1
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
