@@ -120,16 +120,16 @@ def run_ours(args) -> None:
             s = timed(lambda: call(reqs, disable_tqdm=True))
             emit(what=what, side="jax", batch=b, requests=len(reqs), seconds=s,
                  req_s=len(reqs) / s, warmup_s=warm, positions=lm.tokens_forwarded)
+            if args.profile:  # one more (warm) pass under the profiler: kernel time by kind
+                from profile_gpu import summarize, trace
+                d, wall = trace(lambda: call(reqs, disable_tqdm=True), 1, args.profile,
+                                f"eval_{what}_{b}")
+                print(summarize(d, 1, wall), flush=True)
 
     if jax.default_backend() == "gpu":
         guard("check", check_packed_attention)
     if "mc" in args.cases:
         guard("mc", case, "mc", p["ours_batches"], lm.loglikelihood, mc)
-        if args.profile:  # one more (warm) pass under the profiler: kernel time by kind
-            from profile_gpu import summarize, trace
-            d, wall = trace(lambda: lm.loglikelihood(mc, disable_tqdm=True), 1, args.profile,
-                            "eval_mc")
-            print(summarize(d, 1, wall), flush=True)
     if "gen" in args.cases:
         guard("gen", case, "gen", p["gen_batches"], lm.generate_until, gen)
 
@@ -272,8 +272,8 @@ def main() -> int:
     parser.add_argument("--count-positions", action="store_true",
                         help="only count the positions our multiple-choice pass forwards (CPU)")
     parser.add_argument("--profile", default=None,
-                        help="GPU: trace one more multiple-choice pass into this folder and "
-                             "print kernel time by kind (with --side jax)")
+                        help="GPU: trace one more pass of each case into this folder and print "
+                             "kernel time by kind (with --side jax)")
     parser.add_argument("--side", choices=("jax", "hf"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.count_positions:

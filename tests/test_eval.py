@@ -154,6 +154,51 @@ def test_generate_until_equals_lm_eval_hf(both):
     assert len(texts) == 7 and sum(bool(t) for t in texts) >= 3
 
 
+def test_generate_until_prefilled_in_groups_equals_lm_eval_hf(setup, both, monkeypatch):
+    """Prompts prefilled a few rows at a time (each group as wide as its own longest prompt, then
+    put into the batch's cache) generate what lm-eval's hf model does, row for row."""
+    from jais2_jax.evaluation import scoring
+    ref, _, lm = both
+    _, tasks, _ = setup
+    calls = []
+    put = scoring._put_rows
+    monkeypatch.setattr(lm, "truncated", lm.truncated)  # restored after: other tests count it
+    monkeypatch.setattr(scoring, "PREFILL_ROWS", 2)
+    monkeypatch.setattr(scoring, "_put_rows", lambda *a: calls.append(a[1].lengths) or put(*a))
+    ours = _evaluate(lm, tasks, ["local_gen"])
+    assert _responses(ours, "local_gen") == _responses(ref, "local_gen")
+    assert len(calls) >= 4 and len({int(c.max()) for c in calls}) > 1  # groups of 2, unequal
+
+
+def test_generate_with_stops_keeps_rows_in_their_order(setup, both, monkeypatch):
+    """Prompts not sorted by length, prefilled in groups of two longest first: each row's reply is
+    transformers' greedy reply to that prompt alone, and a stop asked for row 1 stops row 1."""
+    import torch
+
+    from jais2_jax.evaluation import scoring
+    _, _, hf = setup
+    _, _, lm = both
+    monkeypatch.setattr(scoring, "PREFILL_ROWS", 2)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 200, n).tolist() for n in (4, 11, 6, 15)]
+    stopped = []
+
+    def stop_when(b, tokens):
+        if b == 1 and len(tokens) >= 2:
+            stopped.append(b)
+            return True
+        return False
+
+    got = scoring.generate_with_stops(lm.model, lm.params, prompts, max_new_tokens=6,
+                                      eos_ids=(), pad_id=0, stop_when=stop_when, chunk=2)
+    for b, p in enumerate(prompts):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        assert got[b] == (want[:2] if b == 1 else want), b
+    assert stopped == [1]
+
+
 def test_requests_past_the_context_are_truncated_from_the_left_with_a_warning(both, caplog):
     from lm_eval.api.instance import Instance
     _, _, lm = both

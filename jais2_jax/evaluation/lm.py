@@ -189,6 +189,7 @@ class Jais2LM(TemplateLM):
         if tokenizer.vocab_size > config.vocab_size:
             raise ValueError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) exceeds the "
                              f"model's vocab_size ({config.vocab_size})")
+        self._encoded: dict[str, list[int]] = {}  # strings encoded ahead (`loglikelihood`)
         self.truncated = 0  # requests cut from the left to fit the context, so far
         self.tokens_forwarded = 0  # padded positions the loglikelihood forwards ran, so far
 
@@ -251,14 +252,43 @@ class Jais2LM(TemplateLM):
                 text = text[: text.rindex(final) + len(final)]
         return text
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None,
-                   left_truncate_len: int | None = None, **kwargs) -> list[int]:
+    def _adds_special_tokens(self, string: str, add_special_tokens: bool | None) -> bool:
         add = add_special_tokens if add_special_tokens is not None else self.add_bos_token
         if add_special_tokens is None and has_bos_prefix(
                 string, self.tokenizer.decode([self.prefix_token_id])):
             add = False
-        ids = self.tokenizer.encode(string, add_special_tokens=True if add is None else add)
+        return True if add is None else bool(add)
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                   left_truncate_len: int | None = None, **kwargs) -> list[int]:
+        if add_special_tokens is None and string in self._encoded:
+            ids = list(self._encoded[string])
+        else:
+            ids = self.tokenizer.encode(
+                string, add_special_tokens=self._adds_special_tokens(string, add_special_tokens))
         return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        # lm-eval's TemplateLM encodes each request's context and context + continuation one
+        # string at a time (most of a multiple-choice pass's host time): encode those strings all
+        # at once first, then let it look them up. A string it asks for that is not here (lm-eval
+        # changed how it splits) is simply encoded then.
+        strings = set()
+        for req in requests:
+            context, continuation = req.args
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            if context:
+                strings.update((context, context + continuation))
+        self._encoded = {}
+        for add in (True, False):
+            batch = [t for t in strings if self._adds_special_tokens(t, None) == add]
+            self._encoded.update(zip(batch, self.tokenizer.encode_batch(batch, add)))
+        try:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._encoded = {}
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)

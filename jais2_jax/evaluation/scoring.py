@@ -29,7 +29,7 @@ import numpy as np
 
 from jais2_jax.inference.generate import decode_loop, decode_step, prefill, right_align
 from jais2_jax.inference.sampling import Sampler
-from jais2_jax.model.cache import init_cache
+from jais2_jax.model.cache import init_cache, put_rows
 from jais2_jax.parallel.sharding import use_mesh
 
 Array = jax.Array
@@ -118,6 +118,21 @@ def score_packed(model, params, input_ids: Array, positions: Array, docs: Array,
                             chunk)
 
 
+# Rows a prefill of `generate_with_stops` takes at once (when the batch is a multiple of it).
+PREFILL_ROWS = 32
+
+
+def _group_width(n: int) -> int:
+    """A prefill group's width: n rounded up to an eighth of its octave (at least 16)."""
+    step = max(16, _pow2(n) // 8)
+    return -(-n // step) * step
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _put_rows(cache, new, slots):
+    return put_rows(cache, new, slots)
+
+
 def mesh_context(mesh):
     return use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
@@ -140,21 +155,38 @@ def generate_with_stops(model, params, prompts: list[list[int]], *, max_new_toke
         raise ValueError(f"prompt ({longest} tokens) + {max_new_tokens} new tokens exceed the "
                          f"model's {config.max_position_embeddings} positions")
     cache_length = min(-(-max(needed, 1) // 128) * 128, config.max_position_embeddings)
-    width = min(bucket_length(longest), cache_length)
-    ids = np.full((batch, width), pad_id, np.int32)
-    mask = np.zeros((batch, width), np.int32)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)], mask[i, :len(p)] = p, 1
-    ids, mask = right_align(ids, mask)
+    # Longest first, prefilled PREFILL_ROWS rows at a time, each group as wide as its own longest
+    # prompt (one width for the whole batch would pad the short prompts to the longest).
+    order = sorted(range(batch), key=lambda i: (-len(prompts[i]), i))
+    group = PREFILL_ROWS if mesh is None and batch % PREFILL_ROWS == 0 else batch
     if rng is None:
         rng = jax.random.key(0)
-    out: list[list[int]] = [[] for _ in range(batch)]
+    out: list[list[int]] = [[] for _ in range(batch)]  # in `order`
     finished = np.zeros(batch, bool)
     eos = set(eos_ids)
     with mesh_context(mesh):
         cache = init_cache(config, batch, cache_length, dtype=model.dtype,
                            per_layer=not model.scan_layers)
-        logits, cache = prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), cache)
+        logits = []
+        for at in range(0, batch, group):
+            rows = order[at:at + group]
+            longest = len(prompts[rows[0]])
+            width = min(bucket_length(longest) if group == batch else _group_width(longest),
+                        cache_length)
+            ids = np.full((group, width), pad_id, np.int32)
+            mask = np.zeros((group, width), np.int32)
+            for i, r in enumerate(rows):
+                ids[i, :len(prompts[r])], mask[i, :len(prompts[r])] = prompts[r], 1
+            ids, mask = right_align(ids, mask)
+            if group == batch:  # one prefill straight into the cache
+                first, cache = prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), cache)
+            else:
+                new = init_cache(config, group, width, dtype=model.dtype,
+                                 per_layer=not model.scan_layers)
+                first, new = prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), new)
+                cache = _put_rows(cache, new, jnp.arange(at, at + group, dtype=jnp.int32))
+            logits.append(first)
+        logits = logits[0] if len(logits) == 1 else jnp.concatenate(logits)
         produced = 0
         while True:
             steps = min(chunk, max_new_tokens - produced)
@@ -164,12 +196,15 @@ def generate_with_stops(model, params, prompts: list[list[int]], *, max_new_toke
                                         callback=None, ordered=True)
             host = np.asarray(tokens)  # [B, steps]
             produced += steps
-            for b in np.flatnonzero(~finished):
-                row = host[b].tolist()
+            for j in np.flatnonzero(~finished):
+                row = host[j].tolist()
                 hit = next((i for i, t in enumerate(row) if t in eos), None)
-                out[b].extend(row if hit is None else row[:hit])
-                if hit is not None or stop_when(b, out[b]):
-                    finished[b] = True
+                out[j].extend(row if hit is None else row[:hit])
+                if hit is not None or stop_when(order[j], out[j]):
+                    finished[j] = True
             if finished.all() or produced >= max_new_tokens:
-                return out
+                result = [None] * batch
+                for j, r in enumerate(order):
+                    result[r] = out[j]
+                return result
             logits, cache = decode_step(model, params, tokens[:, -1], cache)

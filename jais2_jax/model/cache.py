@@ -133,3 +133,28 @@ def cache_layout(config: Jais2Config, batch_size: int, max_length: int, *,
             axes.k_scale = axes.v_scale = CACHE_SCALE_AXES
             shapes.k_scale = shapes.v_scale = full[:4]
     return axes, shapes
+
+
+def _put(buf: jax.Array, rows: jax.Array, slots: jax.Array, batch_axis: int) -> jax.Array:
+    width = rows.shape[batch_axis + 1]
+    index = (slice(None),) * batch_axis + (slots, slice(0, width))
+    return buf.at[index].set(rows.astype(buf.dtype), mode="drop")
+
+
+def put_rows(cache: KVCache, new: KVCache, slots: jax.Array) -> KVCache:
+    """The rows of `new` [P, W] written into rows `slots` [P] of `cache` [N, M] (W <= M, the same
+    layout), lengths included; a slot index N drops its row. In place under jit with `cache`
+    donated."""
+    axis = 0 if cache.per_layer else 1
+
+    def put(buf, rows):
+        if cache.per_layer:
+            return tuple(_put(b, r, slots, axis) for b, r in zip(buf, rows))
+        return _put(buf, rows, slots, axis)
+
+    fields = {"k": put(cache.k, new.k), "v": put(cache.v, new.v),
+              "lengths": cache.lengths.at[slots].set(new.lengths, mode="drop")}
+    if cache.quantized:
+        fields.update(k_scale=put(cache.k_scale, new.k_scale),
+                      v_scale=put(cache.v_scale, new.v_scale))
+    return dataclasses.replace(cache, **fields)

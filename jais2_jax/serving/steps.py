@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jais2_jax.inference.generate import prefill
-from jais2_jax.model.cache import KVCache
+from jais2_jax.model.cache import KVCache, put_rows
 
 Array = jax.Array
 
@@ -89,33 +89,15 @@ def prefill_rows(model, params, input_ids: Array, attention_mask: Array, cache: 
     return choose(logits, settings, counts, top), cache
 
 
-def _put(buf: Array, rows: Array, slots: Array, batch_axis: int) -> Array:
-    width = rows.shape[batch_axis + 1]
-    index = (slice(None),) * batch_axis + (slots, slice(0, width))
-    return buf.at[index].set(rows.astype(buf.dtype), mode="drop")
-
-
 @functools.partial(jax.jit, donate_argnames=("cache", "tokens", "counts"))
 def insert_rows(cache: KVCache, new: KVCache, slots: Array, tokens: Array, counts: Array,
                 first: Array) -> tuple[KVCache, Array, Array]:
     """Rows of `new` [P, W] into slots [P] of `cache` [N, M] (W <= M), and each row's first token
     `first` [P] as its slot's last token (count 1) in `tokens` / `counts` [N]; a slot index N
     drops the row. Nothing goes through the host: the decode inputs stay on the device."""
-    axis = 0 if cache.per_layer else 1
-
-    def put(buf, rows):
-        if cache.per_layer:
-            return tuple(_put(b, r, slots, axis) for b, r in zip(buf, rows))
-        return _put(buf, rows, slots, axis)
-
-    fields = {"k": put(cache.k, new.k), "v": put(cache.v, new.v),
-              "lengths": cache.lengths.at[slots].set(new.lengths, mode="drop")}
-    if cache.quantized:
-        fields.update(k_scale=put(cache.k_scale, new.k_scale),
-                      v_scale=put(cache.v_scale, new.v_scale))
     tokens = tokens.at[slots].set(first.astype(tokens.dtype), mode="drop")
     counts = counts.at[slots].set(1, mode="drop")
-    return dataclasses.replace(cache, **fields), tokens, counts
+    return put_rows(cache, new, slots), tokens, counts
 
 
 @functools.partial(jax.jit, static_argnames=("model", "n", "top", "stop_on_free"),
