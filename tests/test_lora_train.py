@@ -1,6 +1,7 @@
 """LoRA / QLoRA training (`training/lora.py`): the train step's adapter gradients against torch
 autograd through transformers + PEFT, a frozen base, optimizer state over the adapters only,
-bitwise resume, a changed lora block refused, QLoRA's int8 base, and bad input refused by name."""
+bitwise resume, a changed lora block refused, QLoRA's int8 and nf4 bases, and bad input refused by
+name."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import optax
 import pytest
 from helpers import hf_model, our_config, our_params, rel_err
 
-from jais2_jax.model.linear import LoraSpec
+from jais2_jax.model.linear import QUANTIZED_DTYPES, LoraSpec
 from jais2_jax.model.modules import LORA_TARGETS, Jais2ForCausalLM
 from jais2_jax.model.options import ModelOptions
 from jais2_jax.model.quantize import dequantize, quantize
@@ -143,13 +144,15 @@ def _torch_loss_and_adapter_grads(peft_model, config, targets, ids):
     return loss.item(), grads, adapters
 
 
-@pytest.mark.parametrize("tied,tiles", [(False, 1), (False, 4), (True, 4)])
+@pytest.mark.parametrize("scheme,tied,tiles", [("int8", False, 1), ("int8", False, 4),
+                                               ("int8", True, 4), ("nf4", False, 4)])
 def test_qlora_int8_head_and_embedding_equal_torch_autograd_on_dequantized_weights(
-        tied, tiles, monkeypatch):
+        scheme, tied, tiles, monkeypatch):
     """QLoRA's base holds the lm_head and the embedding table in int8 too (per vocab entry
     scales): the train step's loss and every adapter gradient, and the eval step's loss, equal
     torch autograd through transformers + PEFT whose base weights are those int8 values
-    dequantized in float32. The fused loss uses the int8 head in 1 or 4 vocabulary tiles."""
+    dequantized in float32. The fused loss uses the int8 head in 1 or 4 vocabulary tiles.
+    nf4: the projections as NF4 codes + block scales (the tables int8), the same way."""
     from jais2_jax.model.quantize import quantize_embedding
     from jais2_jax.training import step as step_lib
     from jais2_jax.training.step import make_eval_step
@@ -157,14 +160,16 @@ def test_qlora_int8_head_and_embedding_equal_torch_autograd_on_dequantized_weigh
 
     def dequantized(params):
         quantized["q"] = quantize_embedding(
-            quantize(jax.tree_util.tree_map(jnp.asarray, params), "int8"), "int8")
+            quantize(jax.tree_util.tree_map(jnp.asarray, params), scheme), scheme)
         return dequantize(quantized["q"])
 
+    shape = {"intermediate_size": 128} if scheme == "nf4" else {}  # nf4: 64 | contracted sizes
     peft_model, config, _ = _peft_model(LORA_TARGETS, seed=6, base_weights=dequantized,
-                                        tie_word_embeddings=tied)
+                                        tie_word_embeddings=tied, **shape)
     q = quantized["q"]
     assert q["embed_tokens"]["embedding"].dtype == jnp.int8
     assert tied == ("lm_head" not in q) and (tied or q["lm_head"]["kernel"].dtype == jnp.int8)
+    assert q["layers"]["mlp"]["up_proj"]["kernel"].dtype == QUANTIZED_DTYPES[scheme]
     d, v = config.hidden_size, config.vocab_size
     monkeypatch.setattr(step_lib, "HEAD_TILE_BYTES", d * v * 4 // tiles)
     assert step_lib.head_tiles(d, v, 4) == tiles
@@ -394,27 +399,30 @@ def test_resuming_with_a_changed_lora_block_is_refused(store, base_dir, tmp_path
     assert sorted(os.listdir(out / "checkpoints")) == ["2"]  # nothing was written
 
 
-def test_qlora_int8_base_trains(store, base_dir, tmp_path):
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_qlora_base_trains(store, base_dir, tmp_path, scheme):
     result = train(_lora_run(store, base_dir, tmp_path / "q", total_steps=12, checkpoint_every=12,
-                             eval_every=12, lora={"base_quantization": "int8", "dropout": 0.0}),
+                             eval_every=12, lora={"base_quantization": scheme, "dropout": 0.0}),
                    show_progress=False)
     losses = _losses(tmp_path / "q")
     assert result["status"] == "done" and np.isfinite(result["eval_loss"])
     assert np.mean([losses[s] for s in (10, 11, 12)]) < losses[1] - 0.05, losses
-    assert read_run_adapter(tmp_path / "q").base_quantization == "int8"
+    assert read_run_adapter(tmp_path / "q").base_quantization == scheme
 
 
-def test_qlora_forward_equals_transformers_peft_on_the_dequantized_weights():
-    """Our model on the int8 base (values + scales, as QLoRA holds it) with adapters gives the
-    float32 logits of transformers + PEFT whose base weights are those int8 values dequantized."""
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_qlora_forward_equals_transformers_peft_on_the_dequantized_weights(scheme):
+    """Our model on the int8 / nf4 base (values + scales, as QLoRA holds it) with adapters gives
+    the float32 logits of transformers + PEFT whose base weights are those values dequantized."""
     import torch
     quantized = {}
 
-    def dequantized(params):  # the int8 tree, and (for transformers) the weights it applies
-        quantized["q"] = quantize(jax.tree_util.tree_map(jnp.asarray, params), "int8")
+    def dequantized(params):  # the quantized tree, and (for transformers) the weights it applies
+        quantized["q"] = quantize(jax.tree_util.tree_map(jnp.asarray, params), scheme)
         return dequantize(quantized["q"])
 
-    peft_model, config, _ = _peft_model(LORA_TARGETS, seed=5, base_weights=dequantized)
+    shape = {"intermediate_size": 128} if scheme == "nf4" else {}
+    peft_model, config, _ = _peft_model(LORA_TARGETS, seed=5, base_weights=dequantized, **shape)
     q = quantized["q"]
     named = dict(peft_model.named_parameters())
     adapters = _our_adapters({k: p.detach().numpy() for k, p in named.items() if "lora_" in k},
@@ -425,7 +433,7 @@ def test_qlora_forward_equals_transformers_peft_on_the_dequantized_weights():
     model = Jais2ForCausalLM(config, lora=LoraSpec(RANK, ALPHA))
     from jais2_jax.training.step import merge_params
     ours = model.apply({"params": merge_params(q, adapters)}, jnp.asarray(ids))
-    assert q["layers"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.int8
+    assert q["layers"]["self_attn"]["q_proj"]["kernel"].dtype == QUANTIZED_DTYPES[scheme]
     assert rel_err(ours, ref) < 1e-5
     # and the adapters matter: without them the logits differ
     assert rel_err(Jais2ForCausalLM(config).apply({"params": q}, jnp.asarray(ids)), ref) > 1e-3
@@ -490,13 +498,16 @@ def test_set_overrides_one_key_of_the_lora_block():
 
 # --------------------------------------------------------------------------------------- plan
 def _device0_bytes(tree) -> int:
-    """Bytes the first device really holds of a tree of sharded arrays."""
+    """Bytes the first device holds of a tree of sharded arrays: the real shards' element counts
+    and dtypes; 4-bit codes counted packed, as GPUs and TPUs hold them (XLA:CPU keeps a byte
+    each: numpy's nbytes)."""
+    from jais2_jax.parallel.sharding import array_bytes
     d0 = jax.devices()[0]
-    return sum(s.data.nbytes for a in jax.tree_util.tree_leaves(tree)
+    return sum(array_bytes(s.data.size, s.data.dtype) for a in jax.tree_util.tree_leaves(tree)
                for s in a.addressable_shards if s.device == d0)
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize("quantization", [None, "int8", "nf4"])
 def test_plan_bytes_equal_the_real_arrays(store, base_dir, tmp_path, quantization):
     """`make_plan(lora=...)` on a device-free mesh: the frozen base, the adapters and the
     optimizer state per device equal the bytes the program's real arrays hold on device 0."""
@@ -519,7 +530,7 @@ def test_plan_bytes_equal_the_real_arrays(store, base_dir, tmp_path, quantizatio
     assert plan.adapters == plan.grads == _device0_bytes(state.params)
     assert plan.opt_state == _device0_bytes(state.opt_state)
     kernel = base["layers"]["self_attn"]["q_proj"]["kernel"]
-    assert kernel.dtype == (jnp.int8 if quantization else jnp.bfloat16)
+    assert kernel.dtype == (QUANTIZED_DTYPES[quantization] if quantization else jnp.bfloat16)
     assert plan.activations_saved > 0
     text = format_plan(plan)
     assert f"frozen base ({quantization or 'bfloat16'})" in text and "LoRA adapters" in text
@@ -552,6 +563,11 @@ def test_lora_plan_is_smaller_than_the_full_fine_tune():
     proj = layers * (2 * d * h * hd + 2 * d * kv + 2 * d * f)
     scales = layers * (h * hd + 2 * kv + d + f + d) + 2 * v
     assert qlora["base"] == proj + 2 * v * d + 4 * scales + 2 * (n - proj - 2 * v * d)
+    # nf4: the projections at half a byte a weight + a float32 scale per 64 of them; the two
+    # vocabulary tables int8 as above
+    nf4 = lora_state_bytes(config, mesh, LoraConfig(rank=16, base_quantization="nf4"))
+    assert nf4["base"] == (proj // 2 + 4 * proj // 64 + 2 * v * d + 4 * 2 * v
+                           + 2 * (n - proj - 2 * v * d))
 
 
 def test_mu_dtype_bfloat16_holds_the_first_moment_in_bf16():

@@ -1,5 +1,5 @@
-"""Weight-only int8 / fp8 quantization (`jais2_jax.quantize`): the quantized model is exactly the
-dense model on the dequantized weights, checked against transformers run on those weights."""
+"""Weight-only int8 / fp8 / nf4 quantization (`jais2_jax.quantize`): the quantized model is exactly
+the dense model on the dequantized weights, checked against transformers run on those weights."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,14 @@ import torch
 from helpers import hf_model, our_config, our_params, rel_err
 from jais2_jax import Jais2ForCausalLM, ModelOptions, dequantize, generate, quantize, unstack_layers
 from jais2_jax.checkpoint.hf_mapping import state_dict_from_params
-from jais2_jax.model.quantize import quantize_array
+from jais2_jax.model.quantize import dequantize_array, quantize_array
+
+# QLoRA's 4-bit NormalFloat values (Dettmers et al. 2023, "QLoRA", appendix E)
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+                0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0], np.float32)
 
 VARIANTS = {
     "gqa": dict(num_key_value_heads=2),
@@ -40,6 +47,87 @@ def test_int8_formula_is_the_issue_s():
     np.testing.assert_array_equal(q[:3, 0], [2, 0, 2])  # halves to even
     q, scale = quantize_array(np.zeros((3, 2), np.float32), "int8")
     assert np.all(scale == 1.0) and not np.any(q)  # an all-zero channel
+
+
+def test_nf4_is_qlora_s_normalfloat_in_blocks_of_64_inputs():
+    """scale[b, j] = max |W| over block b (64 consecutive contracted inputs, the contracted dims
+    flattened) and output j; code = the nearest NF4 value to W / scale; stacked layers kept."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2, 4, 32, 3)).astype(np.float32)  # [layers, heads, hd, out]
+    codes, scale = quantize_array(w, "nf4", leading=1, n_in=2)  # as o_proj's kernel
+    assert codes.dtype == jnp.uint4 and codes.shape == w.shape and scale.shape == (2, 2, 3)
+    blocks = w.reshape(2, 2, 64, 3)
+    np.testing.assert_array_equal(scale, np.abs(blocks).max(axis=2))
+    nearest = np.abs(blocks[..., None] / scale[:, :, None, :, None] - NF4).argmin(-1)
+    np.testing.assert_array_equal(codes.astype(np.int32).reshape(nearest.shape), nearest)
+    np.testing.assert_allclose(dequantize_array(codes, scale, leading=1, n_in=2),
+                               (NF4[nearest] * scale[:, :, None]).reshape(w.shape), rtol=1e-7)
+    with pytest.raises(ValueError, match="blocks of 64 inputs, but it contracts 96"):
+        quantize_array(np.ones((96, 8), np.float32), "nf4")
+
+
+@pytest.mark.parametrize("name", ["gqa", "tied", "no_biases"])
+def test_nf4_logits_equal_transformers_on_dequantized_weights(name):
+    """nf4: the decoder projections as 4-bit codes + block scales, an untied lm_head in int8."""
+    overrides = dict(VARIANTS[name], intermediate_size=128)  # nf4 blocks: 64 | contracted sizes
+    hf = hf_model(seed=7, **overrides)
+    config = our_config(hf)
+    params = our_params(hf, config)
+    qparams = quantize(params, "nf4")
+    layers = qparams["layers"]
+    for block, proj in (("self_attn", "q_proj"), ("self_attn", "o_proj"), ("mlp", "down_proj")):
+        assert layers[block][proj]["kernel"].dtype == jnp.uint4, proj
+    assert layers["mlp"]["down_proj"]["scale"].shape == (2, 2, config.hidden_size)  # 128 / 64
+    assert ("lm_head" not in qparams) == (name == "tied")
+    if name != "tied":
+        assert qparams["lm_head"]["kernel"].dtype == jnp.int8
+    ref_model = _hf_on(dequantize(qparams), config, 7, **overrides)
+    ids = np.random.RandomState(0).randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        ref = ref_model(torch.tensor(ids)).logits.numpy()
+    ours = Jais2ForCausalLM(config, quantization="nf4").apply({"params": qparams},
+                                                              jnp.asarray(ids))
+    assert rel_err(ours, ref) <= 1e-5, rel_err(ours, ref)
+    # the plain model follows the tree (the codes' dtype says nf4)
+    plain = Jais2ForCausalLM(config).apply({"params": qparams}, jnp.asarray(ids))
+    assert rel_err(plain, ref) <= 1e-5
+    dense = Jais2ForCausalLM(config).apply({"params": params}, jnp.asarray(ids))
+    assert rel_err(ours, dense) > 1e-3  # the quantization is real (4 bits: coarser than int8)
+
+
+def test_nf4_loads_quantized_while_reading_on_a_mesh(tmp_path):
+    """load_checkpoint(..., quantize="nf4") equals quantize(dense, "nf4") bit for bit, with the
+    nf4 model's shardings on an 8-device mesh (the scales' block axis replicated), and greedy
+    generation equals transformers on the dequantized weights."""
+    from jais2_jax import load_checkpoint
+    from jais2_jax.parallel import make_mesh, model_param_shardings, use_mesh
+    hf = hf_model(seed=13, num_key_value_heads=2, intermediate_size=128)
+    hf.save_pretrained(tmp_path / "hf")
+    mesh = make_mesh((2, 2, 2))
+    config, qparams = load_checkpoint(tmp_path / "hf", quantize="nf4", mesh=mesh)
+    _, dense = load_checkpoint(tmp_path / "hf")
+    expected = quantize(jax.device_get(dense), "nf4")
+    flat_want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    for path, got in jax.tree_util.tree_flatten_with_path(qparams)[0]:
+        assert got.dtype == flat_want[path].dtype, path
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(flat_want[path]),
+                                      err_msg=str(path))
+    model = Jais2ForCausalLM(config, quantization="nf4")
+    for got, want in zip(jax.tree_util.tree_leaves(qparams),
+                         jax.tree_util.tree_leaves(model_param_shardings(model, mesh))):
+        assert got.sharding.is_equivalent_to(want, got.ndim)
+    ref_model = _hf_on(dequantize(jax.device_get(qparams)), config, 13, num_key_value_heads=2,
+                       intermediate_size=128)
+    ids = np.random.RandomState(1).randint(3, config.vocab_size, (2, 5))
+    with torch.no_grad():
+        ref = ref_model.generate(torch.tensor(ids), max_new_tokens=6, do_sample=False,
+                                 min_new_tokens=6).numpy()[:, 5:]
+    with use_mesh(mesh):
+        ours = generate(model, qparams, ids, max_new_tokens=6, eos_token_id=[])
+    np.testing.assert_array_equal(np.asarray(ours), ref)
+    with pytest.raises(ValueError, match="blocks of 64 inputs, but it contracts 96"):
+        hf_model(seed=13).save_pretrained(tmp_path / "odd")  # intermediate 96: down_proj's
+        load_checkpoint(tmp_path / "odd", quantize="nf4")
 
 
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])

@@ -20,7 +20,8 @@ from jais2_jax.model.config import Jais2Config
 from jais2_jax.model.linear import QUANTIZED_DTYPES
 from jais2_jax.model.modules import Jais2ForCausalLM
 from jais2_jax.model.options import as_dtype
-from jais2_jax.model.quantize import PROJECTIONS, check_scheme, contracted_dims, quantize_array
+from jais2_jax.model.quantize import (PROJECTIONS, check_scheme, contracted_dims, projection_scheme,
+                                      quantize_array)
 from jais2_jax.parallel.sharding import (
     model_abstract_params,
     model_param_shardings,
@@ -163,7 +164,8 @@ def _load_quantized(folder, config, scheme, dtype, mesh, merge=None):
         leaf_dtype = dtype
         if quantized:
             parts = {"kernel": node["kernel"], "scale": node["scale"]}
-            dtypes = {"kernel": QUANTIZED_DTYPES[scheme], "scale": np.dtype(np.float32)}
+            dtypes = {"kernel": QUANTIZED_DTYPES[projection_scheme(name, scheme)],
+                      "scale": np.dtype(np.float32)}
         else:
             parts = {spec.path[-1]: node[spec.path[-1]]}
             dtypes = {spec.path[-1]: None}
@@ -172,7 +174,8 @@ def _load_quantized(folder, config, scheme, dtype, mesh, merge=None):
             if merge is not None and layer is not None:
                 x = merge(spec, x, layer, np.float32)  # quantized from float32
             if quantized:
-                q, s = quantize_array(x, scheme, n_in=contracted_dims(name))
+                q, s = quantize_array(x, projection_scheme(name, scheme),
+                                      n_in=contracted_dims(name))
                 return {"kernel": q, "scale": s}
             return {spec.path[-1]: x if leaf_dtype is None else x.astype(leaf_dtype, copy=False)}
         if not spec.stacked:
@@ -196,7 +199,8 @@ def load_checkpoint(path, *, dtype=None, mesh=None, quantize: str | None = None,
     """(config, params) from an HF folder or one of our Orbax folders (detected).
 
     `quantize` ("int8", "fp8"): the projections come back as values + per-channel scales
-    (`jais2_jax.quantize`), quantized a layer at a time while reading, so the model in its stored
+    (`jais2_jax.quantize`); "nf4": the decoder projections as NF4 codes + block scales, an untied
+    lm_head int8. Quantized a layer at a time while reading, so the model in its stored
     dtype never has to fit (for `Jais2ForCausalLM(config, quantization=quantize)`).
 
     `dtype`: a name ("float32", "bfloat16") or a jnp dtype; default: as stored. `mesh`: a

@@ -41,8 +41,8 @@ def add_arguments(parser) -> None:
                              "device")
     parser.add_argument("--apply-chat-template", action="store_true",
                         help="render prompts with the tokenizer's chat template")
-    parser.add_argument("--quantize", choices=("int8", "fp8"), default=None,
-                        help="weight-only int8 / fp8 projections, quantized while loading")
+    parser.add_argument("--quantize", choices=("int8", "fp8", "nf4"), default=None,
+                        help="weight-only int8 / fp8 / nf4 projections, quantized while loading")
     parser.add_argument("--adapter", default=None, help="PEFT LoRA folder, merged on load")
     parser.add_argument("--bootstrap-iters", type=int, default=100000,
                         help="lm-eval's bootstrap resamples for standard errors (0: none)")

@@ -35,10 +35,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="compute and parameter dtype (default: bfloat16 on GPU/TPU, else "
                              "float32)")
-    parser.add_argument("--quantize", choices=("int8", "fp8"), default=None,
-                        help="weight-only int8 / fp8 projections with per-channel scales, "
-                             "quantized while loading (fp8 values are converted to the compute "
-                             "dtype for the GEMM on every device: no fp8 tensor cores needed)")
+    parser.add_argument("--quantize", choices=("int8", "fp8", "nf4"), default=None,
+                        help="weight-only int8 / fp8 projections with per-channel scales, or nf4 "
+                             "(QLoRA's 4-bit NormalFloat, a scale per 64 inputs), quantized "
+                             "while loading (the values are converted to the compute dtype for "
+                             "the GEMM on every device: no fp8 tensor cores needed)")
     parser.add_argument("--adapter", default=None,
                         help="a PEFT LoRA adapter folder (adapter_config.json + "
                              "adapter_model.safetensors), merged into the weights while loading")

@@ -53,8 +53,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default=None, help="compute dtype (default bfloat16, or --run's)")
     parser.add_argument("--cache-dtype", default="bfloat16",
                         help="KV cache dtype (decode): float32, bfloat16, float16 or int8")
-    parser.add_argument("--quantize", choices=("int8", "fp8"), default=None,
-                        help="decode with weight-only int8 / fp8 projections (per-channel scales)")
+    parser.add_argument("--quantize", choices=("int8", "fp8", "nf4"), default=None,
+                        help="decode with weight-only int8 / fp8 projections (per-channel scales) or "
+                             "nf4 (4-bit codes, a scale per 64 inputs)")
     parser.add_argument("--attention", choices=("flash", "xla"), default="flash",
                         help="flash: splash/cuDNN kernels keep no [T, T] scores (default)")
 

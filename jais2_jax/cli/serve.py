@@ -20,8 +20,8 @@ def add_arguments(parser) -> None:
                         help="branch, tag or commit of a Hugging Face model id (default: main)")
     parser.add_argument("--adapter", default=None,
                         help="PEFT LoRA adapter folder (or hub id), merged into the weights")
-    parser.add_argument("--quantize", choices=("int8", "fp8"), default=None,
-                        help="weight-only int8 / fp8 projections, quantized while loading")
+    parser.add_argument("--quantize", choices=("int8", "fp8", "nf4"), default=None,
+                        help="weight-only int8 / fp8 / nf4 projections, quantized while loading")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="compute and parameter dtype (default: bfloat16 on GPU/TPU, else "
                              "float32)")

@@ -7,6 +7,7 @@ A `Linear` computes `y = epilogue(x . W, b)`. What `W` is comes from the paramet
 |----------------------------------|--------------------------------------------------|
 | `kernel` (float)                 | `x . kernel`                                     |
 | `kernel` (int8 / fp8) + `scale`  | `(x . kernel) * scale` (per output channel)      |
+| `kernel` (nf4 codes) + `scale`   | `x . (NF4[kernel] * scale)` (per 64-block of inputs and output channel) |
 | either, + `lora_a` + `lora_b`    | the above + `lora_scale * (drop(x) . lora_a) . lora_b` |
 
 `drop` is the adapter's dropout (`LoraSpec.dropout`, PEFT's lora_dropout): applied only when the
@@ -34,8 +35,40 @@ from jais2_jax.kernels.bias_relu2 import slope as relu2_slope
 
 Array = jax.Array
 
-# int8 / fp8 weight values: the dtype of `kernel` in a quantized tree, by scheme name.
-QUANTIZED_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn)}
+# The dtype of `kernel` in a quantized tree, by scheme name: int8 / fp8 values, or nf4's 4-bit
+# codes (indices into qwix's NormalFloat-4 table, QLoRA's data type).
+QUANTIZED_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn),
+                    "nf4": jnp.dtype(jnp.uint4)}
+# nf4's scales: one absmax per NF4_BLOCK consecutive inputs (the contracted dims flattened) and
+# output channel, bitsandbytes' QLoRA block size.
+NF4_BLOCK = 64
+# The scheme of the vocabulary-sized tables (an untied lm_head, a quantized embedding table):
+# per-channel int8 under nf4 (bitsandbytes' QLoRA leaves them out; int8 keeps the 70B base small
+# and the fused loss's vocabulary tiles as they are).
+TABLE_SCHEME = {"int8": "int8", "fp8": "fp8", "nf4": "int8"}
+
+
+def nf4_blocks(in_shape, what: str = "the projection") -> int:
+    """How many NF4_BLOCK blocks the contracted dims `in_shape` hold (ValueError if they do not
+    divide: the block would straddle channels)."""
+    n = 1
+    for d in in_shape:
+        n *= d
+    if n % NF4_BLOCK:
+        raise ValueError(f"nf4 quantizes {what} in blocks of {NF4_BLOCK} inputs, but it contracts "
+                         f"{n} (shape {tuple(in_shape)}), not a multiple of {NF4_BLOCK}")
+    return n // NF4_BLOCK
+
+
+def nf4_dequantize(codes: Array, scale: Array, *, leading: int = 0, n_in: int = 1) -> Array:
+    """The float32 weight [lead..., in..., out...] of nf4 codes (same shape) and their scales
+    [lead..., blocks, out...]: qwix's NF4 table value of each code times its block's scale."""
+    import qwix
+    from qwix._src.core.qarray import QArray
+    shape = codes.shape
+    flat = codes.reshape(shape[:leading] + (-1,) + shape[leading + n_in:])
+    w = qwix.dequantize(QArray(flat, scale.astype(jnp.float32), None, "nf4"))
+    return w.reshape(shape)
 
 
 @jax.custom_vjp
@@ -148,7 +181,7 @@ class Linear(nn.Module):
     param_dtype: Any
     init_std: float
     epilogue: Epilogue = Epilogue()
-    quantization: str | None = None  # None, "int8" or "fp8": the kind `init` creates
+    quantization: str | None = None  # None, "int8", "fp8" or "nf4": the kind `init` creates
     lora: LoraSpec | None = None
 
     def _product(self, x: Array, contract) -> Array:
@@ -156,20 +189,33 @@ class Linear(nn.Module):
         axes = self.in_axes + self.out_axes
         quantized = self.quantization is not None or self.has_variable("params", "scale")
         if quantized:
-            kind = QUANTIZED_DTYPES.get(self.quantization or "int8")
+            scheme = self.quantization or self._stored_scheme()
+            kind = QUANTIZED_DTYPES.get(scheme)
             if kind is None:
                 raise ValueError(f"quantization {self.quantization!r}: choose one of "
                                  f"{sorted(QUANTIZED_DTYPES)} or None")
             values = self.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros, axes),
                                 in_shape + self.features, kind)
-            scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
-                                                                     self.out_axes),
-                               self.features, jnp.float32)
-            # The int8 / fp8 values convert exactly to the compute dtype; the GEMM accumulates in
-            # float32 and the per-channel scale is applied to its float32 result.
-            y = jax.lax.dot_general(x, values.astype(self.dtype), (contract, ((), ())),
-                                    preferred_element_type=jnp.float32)
-            y = y * scale.astype(jnp.float32)
+            if scheme == "nf4":
+                blocks = nf4_blocks(in_shape, self.name)
+                scale = self.param("scale", nn.with_logical_partitioning(
+                    nn.initializers.ones, ("quant_blocks",) + self.out_axes),
+                    (blocks,) + self.features, jnp.float32)
+                # The codes become their table values times the block scale (one fusion), in
+                # the compute dtype; the GEMM accumulates in float32.
+                w = nf4_dequantize(values, scale, n_in=len(in_shape)).astype(self.dtype)
+                y = jax.lax.dot_general(x, w, (contract, ((), ())),
+                                        preferred_element_type=jnp.float32)
+            else:
+                scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                                         self.out_axes),
+                                   self.features, jnp.float32)
+                # The int8 / fp8 values convert exactly to the compute dtype; the GEMM
+                # accumulates in float32 and the per-channel scale is applied to its float32
+                # result.
+                y = jax.lax.dot_general(x, values.astype(self.dtype), (contract, ((), ())),
+                                        preferred_element_type=jnp.float32)
+                y = y * scale.astype(jnp.float32)
             if not self.epilogue.float32_output:
                 y = y.astype(self.dtype)
         else:
@@ -187,6 +233,12 @@ class Linear(nn.Module):
         if self.lora is not None or self.has_variable("params", "lora_a"):
             y = y + self._adapter(x, in_shape, contract).astype(y.dtype)
         return y
+
+    def _stored_scheme(self) -> str:
+        """The scheme of a quantized tree this Linear was given (no `quantization` setting)."""
+        kernel = self.get_variable("params", "kernel")
+        dtype = jnp.dtype(getattr(kernel, "value", kernel).dtype) if kernel is not None else None
+        return next((k for k, v in QUANTIZED_DTYPES.items() if v == dtype), "int8")
 
     def _adapter(self, x: Array, in_shape, contract) -> Array:
         if self.lora is None:

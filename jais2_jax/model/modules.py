@@ -27,7 +27,8 @@ from jais2_jax.kernels.layernorm import layer_norm
 from jais2_jax.model.attention import dot_product_attention
 from jais2_jax.model.cache import KVCache, dequantize_kv, quantize_kv
 from jais2_jax.model.config import Jais2Config
-from jais2_jax.model.linear import QUANTIZED_DTYPES, Epilogue, Linear, LoraSpec, dot_f32, relu2
+from jais2_jax.model.linear import (QUANTIZED_DTYPES, TABLE_SCHEME, Epilogue, Linear, LoraSpec,
+                                    dot_f32, relu2)
 from jais2_jax.model.options import REMAT_POLICIES, ModelOptions
 from jais2_jax.model.rope import apply_rope, rope_cos_sin
 
@@ -104,7 +105,7 @@ class Embed(nn.Module):
     def setup(self):
         shape = (self.num_embeddings, self.features)
         if self.quantization is not None or self.has_variable("params", "scale"):
-            kind = QUANTIZED_DTYPES[self.quantization or "int8"]
+            kind = QUANTIZED_DTYPES[TABLE_SCHEME[self.quantization or "int8"]]
             self.embedding = self.param("embedding", nn.with_logical_partitioning(
                 nn.initializers.zeros, ("vocab", "embed")), shape, kind)
             self.scale = self.param("scale", nn.with_logical_partitioning(
@@ -236,7 +237,8 @@ class Jais2ForCausalLM(nn.Module):
     without a cache `attention_mask` may also be [B, T, T] bool, which keys each query may see on
     top of causality (as transformers' custom masks; the evaluation packs answers this way).
 
-    `options` (ModelOptions) holds the implementation knobs; `quantization` ("int8", "fp8") and
+    `options` (ModelOptions) holds the implementation knobs; `quantization` ("int8", "fp8", or
+    "nf4": the decoder projections in NF4, an untied lm_head and a quantized table in int8) and
     `lora` (a LoraSpec on `lora_targets`) say which weights `init` creates in the projections
     (the matmul seam, `linear.py`); `quantize_embedding` (with `quantization`) makes `init`
     create a quantized embedding table too (QLoRA's base); `apply` follows the parameter tree.
@@ -272,10 +274,10 @@ class Jais2ForCausalLM(nn.Module):
         st = Settings(self.dtype, self.param_dtype, opts, self.quantization, self.lora,
                       tuple(self.lora_targets))
         if self.quantize_embedding and self.quantization is None:
-            raise ValueError("quantize_embedding needs a quantization scheme (int8 or fp8)")
+            raise ValueError("quantize_embedding needs a quantization scheme (int8, fp8 or nf4)")
+        table = TABLE_SCHEME.get(self.quantization)  # nf4: the vocabulary tables in int8
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.dtype, self.param_dtype,
-                                  c.initializer_range,
-                                  self.quantization if self.quantize_embedding else None)
+                                  c.initializer_range, table if self.quantize_embedding else None)
         layer_cls = DecoderLayer
         if opts.remat_policy != "none":
             layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[opts.remat_policy],
@@ -293,7 +295,7 @@ class Jais2ForCausalLM(nn.Module):
         self.norm = LayerNorm(c.layer_norm_eps, self.dtype, self.param_dtype, opts.kernels)
         if not c.tie_word_embeddings:
             # An untied lm_head is quantized with the projections; it never carries an adapter.
-            self.lm_head = dataclasses.replace(st, lora=None).linear(
+            self.lm_head = dataclasses.replace(st, lora=None, quantization=table).linear(
                 "lm_head", (c.vocab_size,), ("embed",), ("vocab",), use_bias=False,
                 init_std=c.initializer_range, float32_output=True)
 

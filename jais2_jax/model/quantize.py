@@ -1,5 +1,6 @@
 """Weight-only quantization of the projections: int8 (the default) and fp8 (e4m3) values with one
-float32 scale per output channel.
+float32 scale per output channel, and nf4 (QLoRA's 4-bit NormalFloat, from qwix) with one scale
+per block of 64 inputs and output channel.
 
 For a projection weight W (HF layout [out, in]; ours [in..., out...]):
 
@@ -11,6 +12,13 @@ and the projection computes `(x @ q) * scale + bias`, accumulating in float32 (`
 decoder projection (q, k, v, o, up, down, or a fused qkv) and an untied `lm_head` are quantized;
 embeddings, norms and biases stay as they are. A channel of zeros gets scale 1 (q = 0).
 
+nf4 (`qwix.quantize(w, "nf4", tiled_axes=...)`): the contracted dims are flattened and cut into
+blocks of 64 (`linear.NF4_BLOCK`); `scale[b, j] = max |W[block b, j]|` and each weight becomes
+the 4-bit code of the nearest of the 16 NF4 values to W / scale (QLoRA's table, Dettmers et al.
+2023, appendix E); the projection computes `x @ (NF4[code] * scale) + bias`. The scales stay
+float32 (bitsandbytes' "double quantization" of them is not done). An untied lm_head (and
+`quantize_embedding`'s table) are int8 under nf4 (`linear.TABLE_SCHEME`).
+
 `quantize_embedding` (QLoRA's frozen base, `training/lora.py`) also quantizes the input embedding
 table E [vocab, embed] with one scale per row (per token): `scale[v] = max_d |E[v, d]| / QMAX`.
 The lookup gathers int8 rows and scales them; a tied lm_head (E transposed) is then per output
@@ -18,7 +26,7 @@ channel, as the projections are.
 
 `quantize(params, "int8")` takes the stacked tree, the per-layer view (`unstack_layers`) or a
 fused-qkv view, on one device or sharded on a mesh: the values keep the weight's sharding, the
-scales take the sharding of the weight's output axes.
+scales take the sharding of the weight's output axes (nf4's block axis is replicated).
 """
 
 from __future__ import annotations
@@ -30,9 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jais2_jax.model.linear import QUANTIZED_DTYPES
+from jais2_jax.model.linear import (NF4_BLOCK, QUANTIZED_DTYPES, TABLE_SCHEME, nf4_blocks,
+                                    nf4_dequantize)
 
-SCHEMES = tuple(QUANTIZED_DTYPES)  # ("int8", "fp8")
+SCHEMES = tuple(QUANTIZED_DTYPES)  # ("int8", "fp8", "nf4")
 QMAX = {"int8": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}  # 448
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "up_proj", "down_proj",
                "lm_head")
@@ -54,6 +63,8 @@ def quantize_array(w, scheme: str, *, leading: int = 0, n_in: int = 1):
     """(values, scale) of one kernel [lead..., in..., out...]: the scale reduces the `n_in`
     input dims after `leading` stacked dims. numpy or jax input; float32 math either way."""
     check_scheme(scheme)
+    if scheme == "nf4":
+        return _quantize_nf4(w, leading, n_in)
     xp = np if isinstance(w, np.ndarray) else jnp
     w = w.astype(xp.float32)
     axes = tuple(range(leading, leading + n_in))
@@ -66,8 +77,24 @@ def quantize_array(w, scheme: str, *, leading: int = 0, n_in: int = 1):
     return q, xp.squeeze(scale, axis=axes)
 
 
+def _quantize_nf4(w, leading: int, n_in: int):
+    """(codes uint4 [lead..., in..., out...], scales float32 [lead..., blocks, out...]) by qwix."""
+    import qwix
+    shape = w.shape
+    nf4_blocks(shape[leading:leading + n_in], f"a weight of shape {tuple(shape)}")
+    host = isinstance(w, np.ndarray)
+    flat = jnp.asarray(w, jnp.float32).reshape(shape[:leading] + (-1,) + shape[leading + n_in:])
+    other = tuple(i for i in range(flat.ndim) if i != leading)
+    q = qwix.quantize(flat, "nf4", channelwise_axes=other, tiled_axes={leading: NF4_BLOCK})
+    codes, scale = q.qvalue.reshape(shape), q.scale.astype(jnp.float32)
+    return (np.asarray(codes), np.asarray(scale)) if host else (codes, scale)
+
+
 def dequantize_array(q, scale, *, leading: int = 0, n_in: int = 1):
     """q * scale in float32 (the dense weight the quantized projection applies)."""
+    if jnp.dtype(q.dtype) == QUANTIZED_DTYPES["nf4"]:
+        w = nf4_dequantize(jnp.asarray(q), jnp.asarray(scale), leading=leading, n_in=n_in)
+        return np.asarray(w) if isinstance(q, np.ndarray) else w
     xp = np if isinstance(q, np.ndarray) else jnp
     axes = tuple(range(leading, leading + n_in))
     return q.astype(xp.float32) * xp.expand_dims(scale, axes)
@@ -86,7 +113,7 @@ def quantize_embedding(params: dict, scheme: str = "int8") -> dict:
     """The tree with the input embedding table as `scheme` values [vocab, embed] + one float32
     scale per row [vocab] (the table's sharding kept; the scales sharded like its vocab axis).
     Refuses a table that is already quantized."""
-    check_scheme(scheme)
+    scheme = TABLE_SCHEME[check_scheme(scheme)]  # nf4: the table in int8
     if is_embedding_quantized(params):
         raise ValueError("the embedding table is already quantized (embed_tokens holds 'scale')")
     table = params[EMBEDDING]["embedding"]  # [V, D]: the scale reduces D (leading=1)
@@ -134,14 +161,21 @@ def dequantize(params: dict) -> dict:
     return out
 
 
+def projection_scheme(name: str, scheme: str) -> str:
+    """The scheme a projection takes under `scheme` (nf4: an untied lm_head in int8)."""
+    return TABLE_SCHEME[scheme] if name == "lm_head" else scheme
+
+
 def _quantize_projection(name: str, p: dict, leading: int, scheme: str) -> dict:
     kernel = p["kernel"]
     n_in = contracted_dims(name)
+    scheme = projection_scheme(name, scheme)
     fn = lambda w: quantize_array(w, scheme, leading=leading, n_in=n_in)  # noqa: E731
     sharding = getattr(kernel, "sharding", None)
     if isinstance(kernel, jax.Array) and isinstance(sharding, NamedSharding):
         spec = tuple(sharding.spec) + (None,) * (kernel.ndim - len(sharding.spec))
-        scale_spec = PartitionSpec(*(spec[:leading] + spec[leading + n_in:]))
+        blocks = (None,) if scheme == "nf4" else ()  # nf4's block axis: replicated
+        scale_spec = PartitionSpec(*(spec[:leading] + blocks + spec[leading + n_in:]))
         q, scale = jax.jit(fn, out_shardings=(sharding, NamedSharding(sharding.mesh,
                                                                       scale_spec)))(kernel)
     elif isinstance(kernel, jax.Array):

@@ -50,6 +50,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("norm", None),
     ("lora_rank", None),  # a LoRA adapter's rank: small, replicated
+    ("quant_blocks", None),  # nf4 scales' input blocks (any count, 1/16 of the codes' bytes)
 )
 
 # Preset -> (data, fsdp, tensor); -1 is "the rest". `fsdp+tp` is resolved in `mesh_shape`:
@@ -339,9 +340,19 @@ def batch_sharding(mesh, shape: Sequence[int], rules=LOGICAL_AXIS_RULES) -> Name
     return _sharding(mesh, logical[:len(shape)], tuple(shape), "batch", rules)
 
 
+PACKED_4BIT = (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4))
+
+
+def array_bytes(count: int, dtype) -> int:
+    """Bytes of `count` elements of `dtype` on an accelerator: 4-bit types (nf4's codes) packed two
+    to a byte, as XLA's GPU and TPU backends store them (numpy's itemsize says 1)."""
+    dtype = jnp.dtype(dtype)
+    return -(-count // 2) if dtype in PACKED_4BIT else count * dtype.itemsize
+
+
 def bytes_per_device(tree, shardings) -> int:
     """Bytes one device holds of a tree of arrays/ShapeDtypeStructs under the given shardings."""
     leaves = jax.tree_util.tree_leaves(tree)
     shards = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-    return sum(int(np.prod(s.shard_shape(a.shape))) * jnp.dtype(a.dtype).itemsize
+    return sum(array_bytes(int(np.prod(s.shard_shape(a.shape))), a.dtype)
                for a, s in zip(leaves, shards, strict=True))

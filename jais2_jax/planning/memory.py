@@ -100,7 +100,7 @@ class Plan:
     activations_layer: int  # what one layer holds while its backward runs (or its forward, decode)
     kv_cache: int
     adapters: int = 0  # LoRA: the trained adapters (params is then the frozen base)
-    base_kind: str = ""  # LoRA: "bfloat16" or "int8" (the frozen base's projections)
+    base_kind: str = ""  # LoRA: "bfloat16", "int8" or "nf4" (the frozen base's projections)
 
     @property
     def total(self) -> int:
@@ -210,8 +210,8 @@ def make_plan(config: Jais2Config, mesh, *, batch: int, seq: int, mode: str = "t
     """Bytes per device for training (`mode="train"`: params, grads, optimizer state, activations)
     or decoding (`mode="decode"`: params, KV cache of `batch` rows x `seq` slots, one layer's
     activations while prefilling `prefill` (default `seq`) prompt tokens of every row at once).
-    `mesh`: a Mesh or an AbstractMesh (`sharding.abstract_mesh`). `quantize` ("int8", "fp8"):
-    decoding with weight-only quantized projections (values + per-channel scales). `lora` (train):
+    `mesh`: a Mesh or an AbstractMesh (`sharding.abstract_mesh`). `quantize` ("int8", "fp8",
+    "nf4"): decoding with weight-only quantized projections (values + scales). `lora` (train):
     a LoRA / QLoRA step (see the module doc)."""
     if mode not in ("train", "decode"):
         raise ValueError(f"mode {mode!r}: choose 'train' or 'decode'")
@@ -285,7 +285,7 @@ def make_plan(config: Jais2Config, mesh, *, batch: int, seq: int, mode: str = "t
 
 
 def quantized_param_bytes(config: Jais2Config, mesh, param_dtype, scheme: str) -> int:
-    """Bytes per device of the parameters with int8 / fp8 projections (embeddings, norms and
+    """Bytes per device of the parameters with int8 / fp8 / nf4 projections (embeddings, norms and
     biases in `param_dtype`), from the quantized model's own tree and shardings."""
     model = Jais2ForCausalLM(config, param_dtype=as_dtype(param_dtype), quantization=scheme)
     abstract = sharding.unboxed_shapes(sharding.model_abstract_params(model))

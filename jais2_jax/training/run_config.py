@@ -23,7 +23,7 @@ from jais2_jax.parallel.sharding import parse_mesh
 from jais2_jax.training.data import MAX_DATA_THREADS
 
 SCHEDULES = ("cosine", "linear", "constant")
-LORA_BASE_QUANTIZATIONS = (None, "int8")
+LORA_BASE_QUANTIZATIONS = (None, "int8", "nf4")
 LORA_MU_DTYPES = (None, "float32", "bfloat16")
 
 
@@ -33,7 +33,9 @@ class LoraConfig:
 
     Same math as PEFT's LoRA: `y = W x + b + (alpha / rank) * B(A(dropout(x)))` on each projection
     named in `target_modules` (HF names). `base_quantization: int8` holds the frozen base's
-    weight matrices as int8 + per-channel scales (QLoRA: projections, lm_head, embedding table).
+    weight matrices as int8 + per-channel scales (QLoRA: projections, lm_head, embedding table);
+    `nf4` holds the decoder projections as QLoRA's 4-bit NormalFloat (qwix's, blocks of 64 inputs)
+    and the lm_head and embedding table as int8.
     `weight_decay` is the adapters' AdamW decay (the run's `weight_decay` is for full fine-tunes;
     a LoRA run has no other trained weights).
     `mu_dtype`: the dtype of AdamW's first moment (optax's `mu_dtype`; null: the adapters'
@@ -84,7 +86,7 @@ class LoraConfig:
         object.__setattr__(self, "target_modules", tuple(t for t in LORA_TARGETS if t in targets))
         if self.base_quantization not in LORA_BASE_QUANTIZATIONS:
             raise ValueError(f"lora.base_quantization {self.base_quantization!r}: choose null (the "
-                             "base in the compute dtype) or int8 (QLoRA)")
+                             "base in the compute dtype), int8 or nf4 (QLoRA)")
         if self.mu_dtype not in LORA_MU_DTYPES:
             raise ValueError(f"lora.mu_dtype {self.mu_dtype!r}: choose null (the adapters' "
                              "param_dtype), float32 or bfloat16")
