@@ -20,8 +20,13 @@ from jais2_jax.model.config import Jais2Config
 from jais2_jax.model.linear import QUANTIZED_DTYPES
 from jais2_jax.model.modules import Jais2ForCausalLM
 from jais2_jax.model.options import as_dtype
-from jais2_jax.model.quantize import (PROJECTIONS, check_scheme, contracted_dims, projection_scheme,
-                                      quantize_array)
+from jais2_jax.model.quantize import (
+    PROJECTIONS,
+    check_scheme,
+    contracted_dims,
+    projection_scheme,
+    quantize_array,
+)
 from jais2_jax.parallel.sharding import (
     model_abstract_params,
     model_param_shardings,

@@ -27,8 +27,15 @@ from jais2_jax.kernels.layernorm import layer_norm
 from jais2_jax.model.attention import dot_product_attention
 from jais2_jax.model.cache import KVCache, dequantize_kv, quantize_kv
 from jais2_jax.model.config import Jais2Config
-from jais2_jax.model.linear import (QUANTIZED_DTYPES, TABLE_SCHEME, Epilogue, Linear, LoraSpec,
-                                    dot_f32, relu2)
+from jais2_jax.model.linear import (
+    QUANTIZED_DTYPES,
+    TABLE_SCHEME,
+    Epilogue,
+    Linear,
+    LoraSpec,
+    dot_f32,
+    relu2,
+)
 from jais2_jax.model.options import REMAT_POLICIES, ModelOptions
 from jais2_jax.model.rope import apply_rope, rope_cos_sin
 

@@ -38,8 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jais2_jax.model.linear import (NF4_BLOCK, QUANTIZED_DTYPES, TABLE_SCHEME, nf4_blocks,
-                                    nf4_dequantize)
+from jais2_jax.model.linear import (
+    NF4_BLOCK,
+    QUANTIZED_DTYPES,
+    TABLE_SCHEME,
+    nf4_blocks,
+    nf4_dequantize,
+)
 
 SCHEMES = tuple(QUANTIZED_DTYPES)  # ("int8", "fp8", "nf4")
 QMAX = {"int8": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}  # 448
