@@ -1,5 +1,5 @@
 """Quality of the quantized weights on a model that has learned something: held-out loss and the KL
-divergence of next-token distributions, float32 vs bf16 vs int8 vs fp8 (weights quantized with
+divergence of next-token distributions, float32 vs bf16 vs int8 vs fp8 vs nf4 (weights quantized with
 `jais2_jax.quantize`, compute in bf16 as inference runs them).
 
     jais2 demo --output-dir runs/q --set total_steps=60 --no-progress   # a trained tiny model
@@ -56,6 +56,9 @@ def main() -> int:
         "fp8 (bf16 compute)": (Jais2ForCausalLM(config, dtype=jnp.bfloat16,
                                                 param_dtype=jnp.bfloat16, quantization="fp8"),
                                quantize(bf16, "fp8")),
+        "nf4 (bf16 compute)": (Jais2ForCausalLM(config, dtype=jnp.bfloat16,
+                                                param_dtype=jnp.bfloat16, quantization="nf4"),
+                               quantize(bf16, "nf4")),
     }
     ref = [logprobs(*variants["float32"], b) for b in batches]
     rows = []
