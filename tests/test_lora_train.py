@@ -463,7 +463,7 @@ def test_adapter_dropout_acts_only_with_a_dropout_rng():
     ({"target_modules": ["q_proj", "gate_proj"]}, r"unknown module\(s\) \['gate_proj'\]"),
     ({"target_modules": []}, "non-empty list"),
     ({"ranks": 4}, r"unknown keys in the lora block: \['ranks'\]"),
-    ({"base_quantization": "nf4"}, "lora.base_quantization 'nf4'"),
+    ({"base_quantization": "fp8"}, "lora.base_quantization 'fp8'"),
     ({"dropout": 1.0}, r"lora.dropout must be in \[0, 1\)"),
     ({"alpha": 0}, "lora.alpha must be positive"),
     ({"mu_dtype": "float16"}, "lora.mu_dtype 'float16'"),
