@@ -260,9 +260,11 @@ def test_qlora_int8_head_and_embedding_equal_torch_autograd_on_dequantized_weigh
     assert abs(float(sums["ce_sum"] / sums["targets"]) - loss) < 1e-5 * loss
 
 
-def test_qlora_int8_head_tiles_on_a_tensor_parallel_mesh_equal_one_device(monkeypatch):
-    """The real QLoRA program (int8 head in 4 vocabulary tiles, int8 embedding) on meshes with
-    the vocabulary sharded over `tensor` (1x4x2, 2x2x2) gives the loss, gradient norm, updated
+@pytest.mark.parametrize("scheme", ["int8", None])
+def test_lora_program_on_tensor_parallel_meshes_equals_one_device(monkeypatch, scheme):
+    """The real QLoRA program (int8 head in 4 vocabulary tiles, int8 embedding), and the LoRA
+    program on a dense base (the adapters folded into the base GEMMs, `lora_dot`), on meshes with
+    the vocabulary sharded over `tensor` (1x4x2, 2x2x2) give the loss, gradient norm, updated
     adapters and eval sums of one device."""
     from jais2_jax.model.quantize import quantize_embedding
     from jais2_jax.parallel import sharding
@@ -272,11 +274,11 @@ def test_qlora_int8_head_tiles_on_a_tensor_parallel_mesh_equal_one_device(monkey
     named = dict(peft_model.named_parameters())
     adapters = _our_adapters({k: p.detach().numpy() for k, p in named.items() if "lora_" in k},
                              config, LORA_TARGETS)
-    q = quantize_embedding(quantize(params, "int8"), "int8")
+    q = quantize_embedding(quantize(params, scheme), scheme) if scheme else params
     monkeypatch.setattr(step_lib, "HEAD_TILE_BYTES",
                         config.hidden_size * config.vocab_size * 4 // 4)
     run = _step_run(LORA_TARGETS, lr=1e-2, clip_grad_norm=1.0).replace(
-        lora={"rank": RANK, "alpha": ALPHA, "base_quantization": "int8"})
+        lora={"rank": RANK, "alpha": ALPHA, "base_quantization": scheme})
     batch = _shifted_batch(np.random.default_rng(9).integers(0, config.vocab_size, (4, 16)))
     out = {}
     for shape in ((1, 1, 1), (1, 4, 2), (2, 2, 2)):
