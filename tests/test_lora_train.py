@@ -6,7 +6,6 @@ name."""
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,71 +132,6 @@ def test_adapter_gradients_equal_torch_autograd_through_peft(targets, kw):
         assert rel_err(g, r) < 1e-5, (jax.tree_util.keystr(path), rel_err(g, r))
 
 
-@pytest.mark.parametrize("wide_input", [False, True])
-def test_lora_dot_equals_the_plain_formula_and_its_gradients(wide_input):
-    """`linear.lora_dot` (the adapter folded into the base GEMMs) is x w + s (x a) b, and its
-    custom backward gives autodiff's cotangents of that formula for x, a and b (w: zero)."""
-    from jais2_jax.model.linear import lora_dot
-    rng = np.random.default_rng(3)
-    n_in, n_out = (96, 64) if wide_input else (64, 96)
-    x, w, a, b = (jnp.asarray(rng.standard_normal(s), jnp.float32)
-                  for s in ((10, n_in), (n_in, n_out), (n_in, 4), (4, n_out)))
-    plain = lambda x, w, a, b: x @ w + 2.5 * (x @ a) @ b  # noqa: E731
-    np.testing.assert_allclose(lora_dot(x, w, a, b, 2.5, wide_input, "p"), plain(x, w, a, b),
-                               rtol=1e-5, atol=1e-5)
-    g = jnp.asarray(rng.standard_normal((10, n_out)), jnp.float32)
-    got = jax.vjp(lambda *p: lora_dot(*p, 2.5, wide_input, "p"), x, w, a, b)[1](g)
-    want = jax.vjp(plain, x, w, a, b)[1](g)
-    for i in (0, 2, 3):
-        assert rel_err(got[i], want[i]) < 1e-5, i
-    assert not np.any(np.asarray(got[1]))
-
-
-@pytest.mark.parametrize("remat", ["none", "dots", "full"])
-def test_folded_adapters_add_no_flops_under_any_remat_policy(remat, monkeypatch):
-    """The LoRA step with the adapters folded into the base GEMMs (`lora_dot`) compiles to no
-    more FLOPs than with the adapters as a separate sum: the remat policies never run a base
-    GEMM of the forward again for the adapter's backward (XLA's cost analysis, CPU)."""
-    from jais2_jax.model import linear
-    from jais2_jax.model.config import Jais2Config
-    from jais2_jax.training.step import merge_params
-    config = Jais2Config(vocab_size=256, hidden_size=128, intermediate_size=512,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         head_dim=32, max_position_embeddings=256)
-    model = Jais2ForCausalLM(config, lora=LoraSpec(8, 16.0),
-                             options=ModelOptions(remat_policy=remat))
-    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    params = nn.meta.unbox(boxed["params"])
-    adapters, base = _split(params, True), _split(params, False)
-    ids = jax.ShapeDtypeStruct((2, 128), jnp.int32)
-
-    def flops():
-        def loss(ad, base, ids):
-            logits = model.apply({"params": merge_params(base, ad)}, ids)
-            return jnp.mean(logits.astype(jnp.float32) ** 2)
-        compiled = jax.jit(jax.grad(loss)).lower(adapters, base, ids).compile()
-        cost = compiled.cost_analysis()
-        return (cost[0] if isinstance(cost, list) else cost)["flops"]
-
-    folded = flops()
-    monkeypatch.setattr(linear.Linear, "_dropping", lambda self: True)  # the separate sum
-    separate = flops()
-    assert folded <= separate * 1.001, (folded, separate)
-
-
-def _split(tree, adapters: bool):
-    """The adapter leaves (lora_a / lora_b) or the rest, as ShapeDtypeStructs."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            sub = _split(v, adapters)
-            if sub:
-                out[k] = sub
-        elif (k in ("lora_a", "lora_b")) == adapters:
-            out[k] = v
-    return out
-
-
 def _torch_loss_and_adapter_grads(peft_model, config, targets, ids):
     import torch
     peft_model.zero_grad()
@@ -263,9 +197,8 @@ def test_qlora_int8_head_and_embedding_equal_torch_autograd_on_dequantized_weigh
 @pytest.mark.parametrize("scheme", ["int8", None])
 def test_lora_program_on_tensor_parallel_meshes_equals_one_device(monkeypatch, scheme):
     """The real QLoRA program (int8 head in 4 vocabulary tiles, int8 embedding), and the LoRA
-    program on a dense base (the adapters folded into the base GEMMs, `lora_dot`), on meshes with
-    the vocabulary sharded over `tensor` (1x4x2, 2x2x2) give the loss, gradient norm, updated
-    adapters and eval sums of one device."""
+    program on a dense base, on meshes with the vocabulary sharded over `tensor` (1x4x2, 2x2x2)
+    give the loss, gradient norm, updated adapters and eval sums of one device."""
     from jais2_jax.model.quantize import quantize_embedding
     from jais2_jax.parallel import sharding
     from jais2_jax.training import step as step_lib

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -120,63 +119,6 @@ def _dot_f32_bwd(contract, res, g):
 
 
 dot_f32.defvjp(_dot_f32_fwd, _dot_f32_bwd)
-
-
-def _mm(a: Array, b: Array, ca: int = 1, cb: int = 0) -> Array:
-    """a . b contracting a's dim `ca` with b's dim `cb` (2-D), float32 accumulation, a's dtype out."""
-    return jax.lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), preferred_element_type=a.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def lora_dot(x: Array, w: Array, a: Array, b: Array, scale: float, wide_input: bool,
-             name: str) -> Array:
-    """y = x . w + scale * (x . a) . b, PEFT's LoRA product on 2-D operands of one dtype (x [N, in],
-    w [in, out], a [in, r], b [r, out]), with the adapter folded into the base GEMMs so that no
-    [N, out] or [N, in] tensor is made for it alone:
-
-    - `wide_input` false (out >= in, e.g. up_proj): forward `[x, s xa] . [w; b]` (one GEMM over
-      in + r), backward `g . [w; b]^T` gives g w^T and g b^T in one pass over g;
-    - `wide_input` true (down_proj): forward as written (its [N, out] term is small), backward
-      `[g, s g b^T] . [w | a]^T`, one GEMM over out + r instead of an [N, in] term and a sum.
-      (Its forward as `x . [w | a]` would read x once, but under full remat the backward then
-      ran that GEMM twice: 10% more FLOPs.)
-
-    The base weight `w` gets a zero cotangent (it is frozen: nothing asks for it). Each GEMM
-    accumulates in float32 and rounds once to the dtype. `x . a` is tagged `name` (the
-    projection's, so that the remat policies saving the projection save it too: [N, r]): the
-    backward pass then needs no GEMM of the forward again."""
-    return _lora_dot_fwd(x, w, a, b, scale, wide_input, name)[0]
-
-
-def _lora_dot_fwd(x, w, a, b, scale, wide_input, name):
-    xa = checkpoint_name(_mm(x, a), name)  # [N, r]
-    sxa = (xa.astype(jnp.float32) * scale).astype(x.dtype)
-    if wide_input:  # the adapter's [N, out] term is small: added in the epilogue of its GEMM
-        y = (_mm(x, w).astype(jnp.float32) + jax.lax.dot_general(
-            sxa, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)).astype(x.dtype)
-    else:
-        y = _mm(jnp.concatenate([x, sxa], axis=1), jnp.concatenate([w, b], axis=0))
-    return y, (x, xa, w, a, b)
-
-
-def _lora_dot_bwd(scale, wide_input, name, res, g):
-    x, xa, w, a, b = res
-    g = g.astype(x.dtype)
-    n_in = w.shape[0]
-    if wide_input:
-        dxa = (_mm(g, b, 1, 1).astype(jnp.float32) * scale).astype(x.dtype)  # s g b^T [N, r]
-        dx = _mm(jnp.concatenate([g, dxa], axis=1), jnp.concatenate([w, a], axis=1), 1, 1)
-    else:
-        t = _mm(g, jnp.concatenate([w, b], axis=0), 1, 1)  # [g w^T, g b^T]: [N, in + r]
-        dxa = (t[:, n_in:].astype(jnp.float32) * scale).astype(x.dtype)
-        dx = (t[:, :n_in].astype(jnp.float32) + jax.lax.dot_general(
-            dxa, a, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)).astype(x.dtype)
-    da = _mm(x, dxa, 0, 0)  # x^T (s g b^T): [in, r]
-    db = _mm((xa.astype(jnp.float32) * scale).astype(x.dtype), g, 0, 0)  # (s xa)^T g: [r, out]
-    return dx, jnp.zeros_like(w), da, db
-
-
-lora_dot.defvjp(_lora_dot_fwd, _lora_dot_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,21 +228,19 @@ class Linear(nn.Module):
                 # Output in the compute dtype; the GEMM still accumulates in float32 (cuBLAS, the
                 # TPU MXU and XLA:CPU all do). Measured on an H200, the float32 output plus a
                 # separate cast cost up to 15% on the decode GEMVs and 10% on prefill GEMMs.
-                if self._has_adapter() and not self._dropping():
-                    return self._folded_adapter(x, kernel, in_shape)
                 y = jax.lax.dot_general(x, kernel, (contract, ((), ())),
                                         preferred_element_type=self.dtype)
-        if self._has_adapter():
+        if self.lora is not None or self.has_variable("params", "lora_a"):
             y = y + self._adapter(x, in_shape, contract).astype(y.dtype)
         return y
 
-    def _has_adapter(self) -> bool:
-        return self.lora is not None or self.has_variable("params", "lora_a")
+    def _stored_scheme(self) -> str:
+        """The scheme of a quantized tree this Linear was given (no `quantization` setting)."""
+        kernel = self.get_variable("params", "kernel")
+        dtype = jnp.dtype(getattr(kernel, "value", kernel).dtype) if kernel is not None else None
+        return next((k for k, v in QUANTIZED_DTYPES.items() if v == dtype), "int8")
 
-    def _dropping(self) -> bool:
-        return self.lora is not None and self.lora.dropout > 0.0 and self.has_rng("dropout")
-
-    def _adapter_params(self, in_shape):
+    def _adapter(self, x: Array, in_shape, contract) -> Array:
         if self.lora is None:
             raise ValueError(f"{self.name} holds a LoRA adapter (lora_a, lora_b) but the model has "
                              "no lora setting to scale it (alpha / rank)")
@@ -311,26 +251,6 @@ class Linear(nn.Module):
         b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
                                                               ("lora_rank",) + self.out_axes),
                        (r,) + self.features, self.param_dtype)
-        return a, b
-
-    def _folded_adapter(self, x: Array, kernel: Array, in_shape) -> Array:
-        """A dense base with an adapter and no dropout: `lora_dot` on the flattened operands."""
-        a, b = self._adapter_params(in_shape)
-        n_in, n_out = math.prod(in_shape), math.prod(self.features)
-        lead = x.shape[:x.ndim - len(in_shape)]
-        y = lora_dot(x.reshape(-1, n_in), kernel.reshape(n_in, n_out),
-                     a.astype(self.dtype).reshape(n_in, -1), b.astype(self.dtype).reshape(-1, n_out),
-                     self.lora.scale, n_in > n_out, self.name)
-        return y.reshape(lead + tuple(self.features))
-
-    def _stored_scheme(self) -> str:
-        """The scheme of a quantized tree this Linear was given (no `quantization` setting)."""
-        kernel = self.get_variable("params", "kernel")
-        dtype = jnp.dtype(getattr(kernel, "value", kernel).dtype) if kernel is not None else None
-        return next((k for k, v in QUANTIZED_DTYPES.items() if v == dtype), "int8")
-
-    def _adapter(self, x: Array, in_shape, contract) -> Array:
-        a, b = self._adapter_params(in_shape)
         if self.lora.dropout > 0.0 and self.has_rng("dropout"):
             keep = 1.0 - self.lora.dropout
             mask = jax.random.bernoulli(self.make_rng("dropout"), keep, x.shape)
