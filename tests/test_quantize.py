@@ -36,6 +36,17 @@ def _hf_on(params, config, seed, **overrides):
     return hf
 
 
+def _ours_and_reference(qparams, config, scheme, seed, ids_seed, **overrides):
+    """(our quantized model's float32 logits, transformers' on the dequantized weights, ids)."""
+    ref_model = _hf_on(dequantize(qparams), config, seed, **overrides)
+    ids = np.random.RandomState(ids_seed).randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        ref = ref_model(torch.tensor(ids)).logits.numpy()
+    ours = Jais2ForCausalLM(config, quantization=scheme).apply({"params": qparams},
+                                                               jnp.asarray(ids))
+    return ours, ref, ids
+
+
 def test_int8_formula_is_the_issue_s():
     """scale[j] = max_i |W[j, i]| / 127 over the input dim, q = round half to even, clipped."""
     w = np.array([[1.0, -2.0], [0.5, 127.0], [63.5, 0.0], [0.0, 0.0]], np.float32)  # [in, out]
@@ -81,12 +92,7 @@ def test_nf4_logits_equal_transformers_on_dequantized_weights(name):
     assert ("lm_head" not in qparams) == (name == "tied")
     if name != "tied":
         assert qparams["lm_head"]["kernel"].dtype == jnp.int8
-    ref_model = _hf_on(dequantize(qparams), config, 7, **overrides)
-    ids = np.random.RandomState(0).randint(0, config.vocab_size, (2, 9))
-    with torch.no_grad():
-        ref = ref_model(torch.tensor(ids)).logits.numpy()
-    ours = Jais2ForCausalLM(config, quantization="nf4").apply({"params": qparams},
-                                                              jnp.asarray(ids))
+    ours, ref, ids = _ours_and_reference(qparams, config, "nf4", 7, 0, **overrides)
     assert rel_err(ours, ref) <= 1e-5, rel_err(ours, ref)
     # the plain model follows the tree (the codes' dtype says nf4)
     plain = Jais2ForCausalLM(config).apply({"params": qparams}, jnp.asarray(ids))
@@ -140,12 +146,7 @@ def test_quantized_logits_equal_transformers_on_dequantized_weights(name, scheme
     up = qparams["layers"]["mlp"]["up_proj"]
     assert up["kernel"].dtype == {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[scheme]
     assert qparams["embed_tokens"]["embedding"].dtype == jnp.float32
-    ref_model = _hf_on(dequantize(qparams), config, 7, **VARIANTS[name])
-    ids = np.random.RandomState(0).randint(0, config.vocab_size, (2, 9))
-    with torch.no_grad():
-        ref = ref_model(torch.tensor(ids)).logits.numpy()
-    ours = Jais2ForCausalLM(config, quantization=scheme).apply({"params": qparams},
-                                                               jnp.asarray(ids))
+    ours, ref, ids = _ours_and_reference(qparams, config, scheme, 7, 0, **VARIANTS[name])
     assert rel_err(ours, ref) <= 1e-5, rel_err(ours, ref)
     dense = Jais2ForCausalLM(config).apply({"params": params}, jnp.asarray(ids))
     assert rel_err(ours, dense) > 1e-4  # the quantization is real
@@ -212,12 +213,7 @@ def test_int8_embedding_table_equals_transformers_on_dequantized_weights(tied):
                                                             -127, 127))
     with pytest.raises(ValueError, match="already quantized"):
         quantize_embedding(qparams, "int8")
-    ref_model = _hf_on(dequantize(qparams), config, 11, tie_word_embeddings=tied)
-    ids = np.random.RandomState(4).randint(0, config.vocab_size, (2, 9))
-    with torch.no_grad():
-        ref = ref_model(torch.tensor(ids)).logits.numpy()
-    ours = Jais2ForCausalLM(config, quantization="int8").apply({"params": qparams},
-                                                               jnp.asarray(ids))
+    ours, ref, ids = _ours_and_reference(qparams, config, "int8", 11, 4, tie_word_embeddings=tied)
     assert rel_err(ours, ref) <= 1e-5, rel_err(ours, ref)
     dense_emb = quantize(params, "int8")  # the table dense: quantizing it is real
     assert rel_err(Jais2ForCausalLM(config, quantization="int8").apply(
