@@ -77,6 +77,22 @@ def test_nf4_is_qlora_s_normalfloat_in_blocks_of_64_inputs():
         quantize_array(np.ones((96, 8), np.float32), "nf4")
 
 
+def test_nf4_quantizes_a_host_weight_without_a_16x_temporary():
+    """Reading a checkpoint quantizes numpy weights: qwix's nearest-code search, run op by op,
+    would hold float32 [weights, 16] (2.2 GB for this 67 MB weight); jitted it fuses (~0.25 GB).
+    In a fresh process, so that the peak RSS is this call's."""
+    import subprocess
+    import sys
+    code = ("import resource, numpy as np; from jais2_jax.model.quantize import quantize_array; "
+            "w = np.random.default_rng(0).standard_normal((4096, 4096)).astype(np.float32); "
+            "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "q, s = quantize_array(w, 'nf4'); "
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) // 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    growth_mb = int(out.stdout.strip().splitlines()[-1])
+    assert growth_mb < 800, growth_mb
+
+
 @pytest.mark.parametrize("name", ["gqa", "tied", "no_biases"])
 def test_nf4_logits_equal_transformers_on_dequantized_weights(name):
     """nf4: the decoder projections as 4-bit codes + block scales, an untied lm_head in int8."""
