@@ -38,6 +38,7 @@ memory (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -103,15 +104,12 @@ def synthetic_base(program):
     import jax
     import jax.numpy as jnp
 
-    nf4_kernels = {jax.tree_util.keystr(path) for path, a in
-                   jax.tree_util.tree_flatten_with_path(program.abstract_base)[0]
-                   if a.dtype == jnp.uint4}
-
     def fill(path, a):
         name = path[-1].key
         if name == "scale" and a.dtype == jnp.float32 and "norm" not in jax.tree_util.keystr(path):
-            kernel = path[:-1]  # nf4 codes: the block's absmax; int8: absmax / 127
-            nf4 = jax.tree_util.keystr(kernel) + "['kernel']" in nf4_kernels
+            parent = functools.reduce(lambda t, k: t[k.key], path[:-1], program.abstract_base)
+            values = parent.get("kernel", parent.get("embedding"))  # a projection or the table
+            nf4 = values.dtype == jnp.uint4  # the block's absmax; int8: absmax / 127
             return jnp.full(a.shape, 0.02 if nf4 else 0.02 / 127, a.dtype)
         if name == "scale":
             return jnp.ones(a.shape, a.dtype)
@@ -217,14 +215,14 @@ def run_jax(args):
                 tok_s = batch * seq / step_s
                 stats = jax.devices()[0].memory_stats() or {}
                 peak = stats.get("peak_bytes_in_use", 0)
+                on_h100 = "H100" in jax.devices()[0].device_kind
+                h100_limit = (on_h100 and stats.get("bytes_limit")) or H100_XLA_BYTES
                 emit(args.json, side="jax", batch=batch, remat=remat, step_s=step_s, tok_s=tok_s,
                      tflops=lora_flops_per_token(config, seq, run.lora) * tok_s / 1e12,
                      loss=float(metrics["loss"]), warmup_s=warm_s,
                      adapters=adapter_count(config, run.lora), peak_gb=peak / 1e9,
                      bytes_limit_gb=stats.get("bytes_limit", 0) / 1e9,
-                     fits_h100=bool(peak) and peak <= (
-                         stats.get("bytes_limit") or H100_XLA_BYTES
-                         if "H100" in jax.devices()[0].device_kind else H100_XLA_BYTES))
+                     fits_h100=bool(peak) and peak <= h100_limit)
             except Exception as e:  # noqa: BLE001  (OOM is an XlaRuntimeError; keep sweeping)
                 oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
                 emit(args.json, side="jax", batch=batch, remat=remat,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -51,9 +52,7 @@ TABLE_SCHEME = {"int8": "int8", "fp8": "fp8", "nf4": "int8"}
 def nf4_blocks(in_shape, what: str = "the projection") -> int:
     """How many NF4_BLOCK blocks the contracted dims `in_shape` hold (ValueError if they do not
     divide: the block would straddle channels)."""
-    n = 1
-    for d in in_shape:
-        n *= d
+    n = math.prod(in_shape)
     if n % NF4_BLOCK:
         raise ValueError(f"nf4 quantizes {what} in blocks of {NF4_BLOCK} inputs, but it contracts "
                          f"{n} (shape {tuple(in_shape)}), not a multiple of {NF4_BLOCK}")

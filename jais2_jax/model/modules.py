@@ -112,7 +112,7 @@ class Embed(nn.Module):
     def setup(self):
         shape = (self.num_embeddings, self.features)
         if self.quantization is not None or self.has_variable("params", "scale"):
-            kind = QUANTIZED_DTYPES[TABLE_SCHEME[self.quantization or "int8"]]
+            kind = QUANTIZED_DTYPES[self.quantization or "int8"]
             self.embedding = self.param("embedding", nn.with_logical_partitioning(
                 nn.initializers.zeros, ("vocab", "embed")), shape, kind)
             self.scale = self.param("scale", nn.with_logical_partitioning(
