@@ -5,8 +5,9 @@ Random weights of the Jais2 8B shape (configs/jais2-8b.json) in bf16, the bundle
 lm-eval builds its requests:
   multiple choice: 512 questions x 4 answers = 2,048 `loglikelihood` requests (context 40-160
     words of the bundled corpus, answers 2-12 words, as " " + answer);
-  generate-until: 128 prompts of 20-80 words, greedy, `max_gen_toks` 64, until "\\n\\n" (random
-    weights rarely stop early, so both sides generate about 64 tokens a prompt).
+  generate-until: 512 prompts of 20-80 words (`--prompts`; the sessions before the seventh used
+    the first 128), greedy, `max_gen_toks` 64, until "\\n\\n" (random weights rarely stop early,
+    so both sides generate about 64 tokens a prompt).
 Each side calls its LM's `loglikelihood` / `generate_until` on the same requests. Ours: a full pass
 to compile (warm-up), then a timed full pass, at batch 64 (`--ours-batches`); `hf`: a short
 warm-up, then a timed full pass at each of batch 8, 16, 32, 64 (`--hf-batches`). Each side's best batch size is reported, requests/s, and the
@@ -39,7 +40,14 @@ SHAPE_TINY = {"vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128,
               "max_position_embeddings": 512}
 
 
-def plan(tiny: bool) -> dict:
+def plan(tiny: bool, prompts: int | None = None) -> dict:
+    p = _plan(tiny)
+    if prompts:
+        p["prompts"] = prompts
+    return p
+
+
+def _plan(tiny: bool) -> dict:
     if tiny:
         return {"shape": SHAPE_TINY, "dtype": "float32", "questions": 32, "prompts": 8,
                 "max_gen": 8, "ours_batches": (8, 16), "hf_batches": (8, 16),
@@ -47,9 +55,9 @@ def plan(tiny: bool) -> dict:
     with open(os.path.join(ROOT, "configs", "jais2-8b.json"), encoding="utf-8") as f:
         shape = {k: v for k, v in json.load(f).items() if k not in (
             "architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id")}
-    return {"shape": shape, "dtype": "bfloat16", "questions": 512, "prompts": 128,
+    return {"shape": shape, "dtype": "bfloat16", "questions": 512, "prompts": 512,
             "max_gen": 64, "ours_batches": (64,), "hf_batches": (8, 16, 32, 64),
-            "gen_batches": (64,)}
+            "gen_batches": (256,)}
 
 
 def emit(**kw) -> None:
@@ -95,6 +103,9 @@ def guard(name, fn, *a):
 
 # ---------------------------------------------------------------------------------------- ours
 def run_ours(args) -> None:
+    # batch 256 of generate-until holds a 42 GB cache beside the 16 GB of weights: more than
+    # jax's default 75% of an H100
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
     import jax
     from bench_generate import random_params
 
@@ -102,7 +113,12 @@ def run_ours(args) -> None:
     from jais2_jax.evaluation.lm import Jais2LM
     from jais2_jax.model.options import as_dtype
 
-    p = plan(args.tiny)
+    p = plan(args.tiny, args.prompts)
+    if args.prefill_groups:  # an experiment: generate-until's prefill groups (rows:parts)
+        from jais2_jax.evaluation import scoring
+        rows, parts = map(int, args.prefill_groups.split(":"))
+        scoring.PREFILL_ROWS, scoring.GROUP_PARTS = rows, parts
+        emit(what="prefill_groups", side="jax", rows=rows, parts=parts)
     if args.ours_batches:
         p["ours_batches"] = p["gen_batches"] = tuple(map(int, args.ours_batches.split(",")))
     config = Jais2Config(**p["shape"], bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -187,7 +203,7 @@ def run_hf(args) -> None:
     from lm_eval.models.huggingface import HFLM
     from transformers import Jais2Config, Jais2ForCausalLM, PreTrainedTokenizerFast
 
-    p = plan(args.tiny)
+    p = plan(args.tiny, args.prompts)
     if args.hf_batches:
         p["hf_batches"] = tuple(map(int, args.hf_batches.split(",")))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -266,6 +282,12 @@ def main() -> int:
                              "shapes: about a dozen programs)")
     parser.add_argument("--hf-batches", default=None,
                         help="hf's batch sizes to try (default 8,16,32,64; its best is compared)")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="generate-until prompts (default 512; the same seed, so the first N "
+                             "are the same for any N)")
+    parser.add_argument("--prefill-groups", default=None,
+                        help="ROWS:PARTS: generate-until prefills ROWS prompts at a time, each "
+                             "group's width rounded to 1/PARTS of its octave (default 32:8)")
     parser.add_argument("--cases", default="mc,gen",
                         help="which tasks: mc (multiple choice), gen (generate-until), or both")
     parser.add_argument("--json", default=None, help="also write all results to this file")

@@ -120,11 +120,13 @@ def score_packed(model, params, input_ids: Array, positions: Array, docs: Array,
 
 # Rows a prefill of `generate_with_stops` takes at once (when the batch is a multiple of it).
 PREFILL_ROWS = 32
+# A prefill group's width is its longest prompt rounded up to 1 / GROUP_PARTS of its octave.
+GROUP_PARTS = 8
 
 
 def _group_width(n: int) -> int:
-    """A prefill group's width: n rounded up to an eighth of its octave (at least 16)."""
-    step = max(16, _pow2(n) // 8)
+    """A prefill group's width: n rounded up to a GROUP_PARTS-th of its octave (at least 16)."""
+    step = max(16, _pow2(n) // GROUP_PARTS)
     return -(-n // step) * step
 
 
