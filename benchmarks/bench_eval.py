@@ -9,9 +9,10 @@ lm-eval builds its requests:
     the first 128), greedy, `max_gen_toks` 64, until "\\n\\n" (random weights rarely stop early,
     so both sides generate about 64 tokens a prompt).
 Each side calls its LM's `loglikelihood` / `generate_until` on the same requests. Ours: a full pass
-to compile (warm-up), then a timed full pass, at batch 64 (`--ours-batches`); `hf`: a short
-warm-up, then a timed full pass at each of batch 8, 16, 32, 64 (`--hf-batches`). Each side's best batch size is reported, requests/s, and the
-ratio. Each side runs in its own child process (JAX and torch would fight over GPU memory).
+to compile (warm-up), then a timed full pass, at batch 64 for multiple choice and 256 for
+generate-until (`--ours-batches` sets both); `hf`: a short warm-up, then a timed full pass at each
+of batch 8, 16, 32, 64 (`--hf-batches`). Each side's best batch size is reported, requests/s, and
+the ratio. Each side runs in its own child process (JAX and torch would fight over GPU memory).
 
   python benchmarks/bench_eval.py                  # GPU (H100), both sides
   python benchmarks/bench_eval.py --skip-hf        # ours only
