@@ -170,6 +170,26 @@ def test_generate_until_prefilled_in_groups_equals_lm_eval_hf(setup, both, monke
     assert len(calls) >= 4 and len({int(c.max()) for c in calls}) > 1  # groups of 2, unequal
 
 
+def test_generate_until_short_last_batch_runs_fewer_rows(setup, both, monkeypatch):
+    """A batch size above the task's prompt count (7 prompts at batch 16) generates what lm-eval's
+    hf model does, and runs 8 rows (a multiple of the prefill group of 2), not 16."""
+    from jais2_jax.evaluation import lm as lm_module
+    from jais2_jax.evaluation import scoring
+    ref, _, lm = both
+    _, tasks, _ = setup
+    rows = []
+    run = lm_module.generate_with_stops
+    monkeypatch.setattr(lm, "truncated", lm.truncated)
+    monkeypatch.setattr(lm, "batch_size_per_device", 16)
+    monkeypatch.setattr(scoring, "PREFILL_ROWS", 2)
+    monkeypatch.setattr(lm_module, "generate_with_stops",
+                        lambda model, params, prompts, **kw: rows.append(len(prompts))
+                        or run(model, params, prompts, **kw))
+    ours = _evaluate(lm, tasks, ["local_gen"])
+    assert _responses(ours, "local_gen") == _responses(ref, "local_gen")
+    assert rows == [8]
+
+
 def test_generate_with_stops_keeps_rows_in_their_order(setup, both, monkeypatch):
     """Prompts not sorted by length, prefilled in groups of two longest first: each row's reply is
     transformers' greedy reply to that prompt alone, and a stop asked for row 1 stops row 1."""
