@@ -179,7 +179,7 @@ def test_generate_until_short_last_batch_runs_fewer_rows(setup, both, monkeypatc
     _, tasks, _ = setup
     rows = []
     run = lm_module.generate_with_stops
-    monkeypatch.setattr(lm, "truncated", lm.truncated)
+    monkeypatch.setattr(lm, "truncated", lm.truncated)  # restored after: other tests count it
     monkeypatch.setattr(lm, "batch_size_per_device", 16)
     monkeypatch.setattr(scoring, "PREFILL_ROWS", 2)
     monkeypatch.setattr(lm_module, "generate_with_stops",
@@ -188,6 +188,31 @@ def test_generate_until_short_last_batch_runs_fewer_rows(setup, both, monkeypatc
     ours = _evaluate(lm, tasks, ["local_gen"])
     assert _responses(ours, "local_gen") == _responses(ref, "local_gen")
     assert rows == [8]
+
+
+def test_short_loglikelihood_batches_run_fewer_rows(both, setup, monkeypatch):
+    """At batch 32, the multiple-choice and rolling tasks (a few rows each) forward their rows
+    rounded up to a multiple of 8, not 32, and score what lm-eval's hf model does."""
+    from jais2_jax.evaluation import lm as lm_module
+    ref, _, lm = both
+    _, tasks, _ = setup
+    rows = []
+    for name in ("score", "score_packed"):
+        run = getattr(lm_module, name)
+        monkeypatch.setattr(lm_module, name, lambda model, params, ids, *a, run=run, **kw:
+                            rows.append(ids.shape[0]) or run(model, params, ids, *a, **kw))
+    monkeypatch.setattr(lm, "truncated", lm.truncated)  # restored after: other tests count it
+    monkeypatch.setattr(lm, "batch_size_per_device", 32)
+    ours = _evaluate(lm, tasks, ["local_mc", "local_ppl"])
+    for task in ("local_mc", "local_ppl"):
+        want, got = _responses(ref, task), _responses(ours, task)
+        assert len(got) == len(want)
+        for (_, w), (_, g) in zip(want, got):
+            for (wv,), (gv,) in zip(w, g):
+                wv, gv = (wv, gv) if task == "local_mc" else ((wv,), (gv,))
+                assert abs(float(wv[0]) - float(gv[0])) <= max(
+                    1e-4, 2 * np.spacing(np.float32(abs(float(wv[0]))))), (task, wv, gv)
+    assert rows and all(r % 8 == 0 and r < 32 for r in rows), rows
 
 
 def test_generate_with_stops_keeps_rows_in_their_order(setup, both, monkeypatch):

@@ -384,7 +384,7 @@ class Jais2LM(TemplateLM):
         is its context, then every answer's suffix (the continuation but its last token), each
         answer seeing only its context and itself, its positions going on from the context's end.
         Returns [(request, (log-prob, greedy))]."""
-        rows = self.batch_size
+        rows = self._rows(len(batch))
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         ids = np.full((rows, width), pad, np.int32)
         positions = np.zeros((rows, width), np.int32)  # padding: position 0, question 0
@@ -405,19 +405,18 @@ class Jais2LM(TemplateLM):
                     members.append((b, i, [start + n - 1] + list(range(at, end)), targets))
                     at = end
         self.tokens_forwarded += ids.size
-        *table, chunk = self._target_table([(b, p, t) for b, _, p, t in members])
+        *table, chunk = self._target_table([(b, p, t) for b, _, p, t in members], rows)
         with mesh_context(self.mesh):
             logp, greedy = score_packed(self.model, self.params, ids, positions, docs, parts,
                                         *table, chunk=chunk)
         logp, greedy = np.asarray(logp), np.asarray(greedy)
         return [(i, (float(logp[r]), bool(greedy[r]))) for r, (_, i, _, _) in enumerate(members)]
 
-    def _target_table(self, wanted):
+    def _target_table(self, wanted, rows: int):
         """wanted: (row, slots predicting the targets, targets) per request -> the arrays of
         `scoring.score` (rows, picks, targets, target_mask) and its logits chunk. Requests are
         padded to a power-of-two multiple of the rows, targets to a power of two (at least 16:
         fewer compiled shapes, and a 16-wide gather costs nothing next to the forward)."""
-        rows = self.batch_size
         slots = rows * _pow2(-(-len(wanted) // rows))
         cont = max(16, _pow2(max(len(t) for _, _, t in wanted)))
         row_of = np.zeros(slots, np.int32)
@@ -432,7 +431,7 @@ class Jais2LM(TemplateLM):
 
     def _score_batch(self, inputs: list[tuple], targets: list[tuple[int, list[int]]]):
         """inputs: token tuples (one row each); targets: (row, continuation) per request."""
-        rows = self.batch_size
+        rows = self._rows(len(inputs))
         longest = max(len(t) for t in inputs)
         width = min(bucket_length(longest), self.max_length)
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
@@ -446,7 +445,7 @@ class Jais2LM(TemplateLM):
             c = c[-len(inputs[b]):]  # a continuation longer than the context window: its tail
             start = len(inputs[b]) - len(c)  # the slot whose logits predict its first target
             wanted.append((b, range(start, start + len(c)), c))
-        *table, chunk = self._target_table(wanted)
+        *table, chunk = self._target_table(wanted, rows)
         with mesh_context(self.mesh):
             logp, greedy = score(self.model, self.params, ids, mask, *table, chunk=chunk)
         logp, greedy = np.asarray(logp), np.asarray(greedy)
@@ -476,12 +475,11 @@ class Jais2LM(TemplateLM):
         return totals
 
     # ---------------------------------------------------------------------- generation
-    def _generate_rows(self, n: int) -> int:
-        """Rows a generate batch of n prompts runs: the batch size, or, for a short last batch,
-        n rounded up to a multiple of the prefill group (and of the mesh's batch split). A few
-        more compiled shapes than the batch size alone, but a task of 1,319 prompts at batch
-        256 runs 1,344 rows, not 1,536."""
-        step = scoring.PREFILL_ROWS
+    def _rows(self, n: int, step: int = 8) -> int:
+        """Rows a batch of n rows (prompts, packed rows, inputs) runs: the batch size, or, for a
+        short last batch, n rounded up to a multiple of `step` (and of the mesh's batch split). A
+        few more compiled shapes than the batch size alone, but `--limit 10` at batch 64 runs 16
+        rows, not 64, and a task of 1,319 prompts at batch 256 runs 1,344, not 1,536."""
         if self.mesh is not None:
             step = math.lcm(step, self.mesh.shape["data"] * self.mesh.shape["fsdp"])
         return min(self.batch_size, -(-n // step) * step)
@@ -526,7 +524,7 @@ class Jais2LM(TemplateLM):
 
             pad = self.config.pad_token_id if self.config.pad_token_id is not None else \
                 self.eos_ids[0] if self.eos_ids else 0
-            rows = self._generate_rows(len(prompts))
+            rows = self._rows(len(prompts), scoring.PREFILL_ROWS)  # whole prefill groups
             padded = prompts + [prompts[-1]] * (rows - len(prompts))
             new = generate_with_stops(self.model, self.params, padded, max_new_tokens=max_gen,
                                       eos_ids=self.eos_ids, pad_id=int(pad),
