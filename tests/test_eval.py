@@ -154,6 +154,16 @@ def test_generate_until_equals_lm_eval_hf(both):
     assert len(texts) == 7 and sum(bool(t) for t in texts) >= 3
 
 
+def _spy(monkeypatch, module, name, record):
+    """Wraps module.name (for the test) so that each call first hands its arguments to record."""
+    run = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        record(*args, **kwargs)
+        return run(*args, **kwargs)
+    monkeypatch.setattr(module, name, spy)
+
+
 def test_generate_until_prefilled_in_groups_equals_lm_eval_hf(setup, both, monkeypatch):
     """Prompts prefilled a few rows at a time (each group as wide as its own longest prompt, then
     put into the batch's cache) generate what lm-eval's hf model does, row for row."""
@@ -161,10 +171,9 @@ def test_generate_until_prefilled_in_groups_equals_lm_eval_hf(setup, both, monke
     ref, _, lm = both
     _, tasks, _ = setup
     calls = []
-    put = scoring._put_rows
     monkeypatch.setattr(lm, "truncated", lm.truncated)  # restored after: other tests count it
     monkeypatch.setattr(scoring, "PREFILL_ROWS", 2)
-    monkeypatch.setattr(scoring, "_put_rows", lambda *a: calls.append(a[1].lengths) or put(*a))
+    _spy(monkeypatch, scoring, "_put_rows", lambda cache, new, slots: calls.append(new.lengths))
     ours = _evaluate(lm, tasks, ["local_gen"])
     assert _responses(ours, "local_gen") == _responses(ref, "local_gen")
     assert len(calls) >= 4 and len({int(c.max()) for c in calls}) > 1  # groups of 2, unequal
@@ -178,13 +187,11 @@ def test_generate_until_short_last_batch_runs_fewer_rows(setup, both, monkeypatc
     ref, _, lm = both
     _, tasks, _ = setup
     rows = []
-    run = lm_module.generate_with_stops
     monkeypatch.setattr(lm, "truncated", lm.truncated)  # restored after: other tests count it
     monkeypatch.setattr(lm, "batch_size_per_device", 16)
     monkeypatch.setattr(scoring, "PREFILL_ROWS", 2)
-    monkeypatch.setattr(lm_module, "generate_with_stops",
-                        lambda model, params, prompts, **kw: rows.append(len(prompts))
-                        or run(model, params, prompts, **kw))
+    _spy(monkeypatch, lm_module, "generate_with_stops",
+         lambda model, params, prompts, **kw: rows.append(len(prompts)))
     ours = _evaluate(lm, tasks, ["local_gen"])
     assert _responses(ours, "local_gen") == _responses(ref, "local_gen")
     assert rows == [8]
@@ -198,9 +205,8 @@ def test_short_loglikelihood_batches_run_fewer_rows(both, setup, monkeypatch):
     _, tasks, _ = setup
     rows = []
     for name in ("score", "score_packed"):
-        run = getattr(lm_module, name)
-        monkeypatch.setattr(lm_module, name, lambda model, params, ids, *a, run=run, **kw:
-                            rows.append(ids.shape[0]) or run(model, params, ids, *a, **kw))
+        _spy(monkeypatch, lm_module, name,
+             lambda model, params, ids, *a, **kw: rows.append(ids.shape[0]))
     monkeypatch.setattr(lm, "truncated", lm.truncated)  # restored after: other tests count it
     monkeypatch.setattr(lm, "batch_size_per_device", 32)
     ours = _evaluate(lm, tasks, ["local_mc", "local_ppl"])
