@@ -296,6 +296,15 @@ class Jais2LM(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------------ scoring
+    def _rows(self, n: int, step: int = 8) -> int:
+        """Rows a batch of n rows (prompts, packed rows, inputs) runs: the batch size, or, for a
+        short last batch, n rounded up to a multiple of `step` (and of the mesh's batch split). A
+        few more compiled shapes than the batch size alone, but `--limit 10` at batch 64 runs 16
+        rows, not 64, and a task of 1,319 prompts at batch 256 runs 1,344, not 1,536."""
+        if self.mesh is not None:
+            step = math.lcm(step, self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        return min(self.batch_size, -(-n // step) * step)
+
     def _fit(self, context: list[int], continuation: list[int]) -> list[int]:
         """The model's input for a request: the last max_length tokens before the final one."""
         whole = context + continuation
@@ -475,15 +484,6 @@ class Jais2LM(TemplateLM):
         return totals
 
     # ---------------------------------------------------------------------- generation
-    def _rows(self, n: int, step: int = 8) -> int:
-        """Rows a batch of n rows (prompts, packed rows, inputs) runs: the batch size, or, for a
-        short last batch, n rounded up to a multiple of `step` (and of the mesh's batch split). A
-        few more compiled shapes than the batch size alone, but `--limit 10` at batch 64 runs 16
-        rows, not 64, and a task of 1,319 prompts at batch 256 runs 1,344, not 1,536."""
-        if self.mesh is not None:
-            step = math.lcm(step, self.mesh.shape["data"] * self.mesh.shape["fsdp"])
-        return min(self.batch_size, -(-n // step) * step)
-
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if not requests:
             return []
