@@ -176,8 +176,9 @@ def check_packed_attention() -> None:
 
 def count_positions(args) -> None:
     """The positions our loglikelihood forwards (padding included) for the full multiple-choice
-    workload at batch 64, counted with the tiny shape on the CPU: the count depends only on the
-    requests' token lengths, not on the model, so it is the 8B run's."""
+    workload at batch 64, and generate-until's prefill positions at batch 256, counted with the
+    tiny shape on the CPU: the counts depend only on the requests' token lengths, not on the
+    model, so they are the 8B run's."""
     import jax
     from bench_generate import random_params
 
@@ -190,11 +191,28 @@ def count_positions(args) -> None:
     _, params = random_params(config, jax.numpy.float32, fuse_qkv=False)
     lm = Jais2LM.from_params(config, params, Tokenizer.from_pretrained(TOKENIZER),
                              dtype="float32")
-    lm.batch_size_per_device = int((args.ours_batches or "64").split(",")[0])
-    mc, _ = requests(p)
-    lm.loglikelihood(mc, disable_tqdm=True)
-    print(f"multiple choice: {len(mc)} requests, {lm.tokens_forwarded} positions forwarded at "
-          f"batch {lm.batch_size_per_device}")
+    batches = [int(b) for b in (args.ours_batches or "64,256").split(",")]
+    if "mc" in args.cases:
+        lm.batch_size_per_device = batches[0]
+        mc, _ = requests(p)
+        lm.loglikelihood(mc, disable_tqdm=True)
+        print(f"multiple choice: {len(mc)} requests, {lm.tokens_forwarded} positions forwarded "
+              f"at batch {lm.batch_size_per_device}")
+    if "gen" in args.cases:  # the prefill's positions; 2 new tokens (the count does not change)
+        from jais2_jax.evaluation import scoring
+        p = dict(plan(False, args.prompts), max_gen=2)
+        if args.prefill_groups:
+            scoring.PREFILL_ROWS, scoring.GROUP_PARTS = map(int, args.prefill_groups.split(":"))
+        _, gen = requests(p)
+        counted, prefill = [], scoring.prefill
+        scoring.prefill = lambda model, params, ids, *a: counted.append(ids.size) or prefill(
+            model, params, ids, *a)
+        lm.batch_size_per_device = batches[-1]
+        lm.generate_until(gen, disable_tqdm=True)
+        tokens = sum(len(lm.tok_encode(r.args[0])) for r in gen)
+        print(f"generate-until: {len(gen)} prompts ({tokens} tokens), {sum(counted)} prefill "
+              f"positions at batch {lm.batch_size_per_device}, groups of "
+              f"{scoring.PREFILL_ROWS} rows, widths to 1/{scoring.GROUP_PARTS} octave")
 
 
 # ------------------------------------------------------------------------------------------ hf
@@ -293,7 +311,8 @@ def main() -> int:
                         help="which tasks: mc (multiple choice), gen (generate-until), or both")
     parser.add_argument("--json", default=None, help="also write all results to this file")
     parser.add_argument("--count-positions", action="store_true",
-                        help="only count the positions our multiple-choice pass forwards (CPU)")
+                        help="only count the positions our passes forward, padding included (CPU; "
+                             "--cases, --prompts, --prefill-groups, --ours-batches MC,GEN apply)")
     parser.add_argument("--profile", default=None,
                         help="GPU: trace one more pass of each case into this folder and print "
                              "kernel time by kind (with --side jax)")
