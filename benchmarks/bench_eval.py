@@ -61,6 +61,13 @@ def _plan(tiny: bool) -> dict:
             "gen_batches": (256,)}
 
 
+def set_prefill_groups(spec: str) -> tuple[int, int]:
+    """--prefill-groups ROWS:PARTS into `scoring.PREFILL_ROWS` and `scoring.GROUP_PARTS`."""
+    from jais2_jax.evaluation import scoring
+    scoring.PREFILL_ROWS, scoring.GROUP_PARTS = map(int, spec.split(":"))
+    return scoring.PREFILL_ROWS, scoring.GROUP_PARTS
+
+
 def emit(**kw) -> None:
     print(PREFIX + json.dumps(kw), flush=True)
 
@@ -116,9 +123,7 @@ def run_ours(args) -> None:
 
     p = plan(args.tiny, args.prompts)
     if args.prefill_groups:  # an experiment: generate-until's prefill groups (rows:parts)
-        from jais2_jax.evaluation import scoring
-        rows, parts = map(int, args.prefill_groups.split(":"))
-        scoring.PREFILL_ROWS, scoring.GROUP_PARTS = rows, parts
+        rows, parts = set_prefill_groups(args.prefill_groups)
         emit(what="prefill_groups", side="jax", rows=rows, parts=parts)
     if args.ours_batches:
         p["ours_batches"] = p["gen_batches"] = tuple(map(int, args.ours_batches.split(",")))
@@ -202,7 +207,7 @@ def count_positions(args) -> None:
         from jais2_jax.evaluation import scoring
         p = dict(plan(False, args.prompts), max_gen=2)
         if args.prefill_groups:
-            scoring.PREFILL_ROWS, scoring.GROUP_PARTS = map(int, args.prefill_groups.split(":"))
+            set_prefill_groups(args.prefill_groups)
         _, gen = requests(p)
         counted, prefill = [], scoring.prefill
         scoring.prefill = lambda model, params, ids, *a: counted.append(ids.size) or prefill(

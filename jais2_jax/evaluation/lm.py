@@ -44,6 +44,7 @@ from tqdm import tqdm
 from jais2_jax.checkpoint.load import load_checkpoint
 from jais2_jax.evaluation import scoring
 from jais2_jax.evaluation.scoring import (
+    _pow2,
     bucket_length,
     generate_with_stops,
     logits_chunk,
@@ -63,10 +64,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_GEN_TOKS = 256  # as lm-eval's hf model
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _round16(n: int) -> int:
@@ -178,9 +175,8 @@ class Jais2LM(TemplateLM):
             config, dtype=self.dtype, param_dtype=self.dtype, quantization=quantize,
             options=ModelOptions(scan_layers=stacked and not unstack, fuse_qkv=unstack or fused))
         self.batch_size_per_device = _as_batch_size(batch_size)
-        if mesh is not None:  # rows split over the data and fsdp axes: a multiple of both
-            split = mesh.shape["data"] * mesh.shape["fsdp"]
-            self.batch_size_per_device = -(-self.batch_size_per_device // split) * split
+        # rows split over the mesh's data and fsdp axes: a multiple of both
+        self.batch_size_per_device = -(-self.batch_size_per_device // self._split) * self._split
         self._max_length = int(max_length) if max_length else config.max_position_embeddings
         if self._max_length > config.max_position_embeddings:
             raise ValueError(f"max_length {self._max_length} exceeds the model's "
@@ -301,9 +297,13 @@ class Jais2LM(TemplateLM):
         short last batch, n rounded up to a multiple of `step` (and of the mesh's batch split). A
         few more compiled shapes than the batch size alone, but `--limit 10` at batch 64 runs 16
         rows, not 64, and a task of 1,319 prompts at batch 256 runs 1,344, not 1,536."""
-        if self.mesh is not None:
-            step = math.lcm(step, self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        step = math.lcm(step, self._split)
         return min(self.batch_size, -(-n // step) * step)
+
+    @property
+    def _split(self) -> int:
+        """How many ways the mesh splits a batch's rows (1 without a mesh)."""
+        return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
     def _fit(self, context: list[int], continuation: list[int]) -> list[int]:
         """The model's input for a request: the last max_length tokens before the final one."""
