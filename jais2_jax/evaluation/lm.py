@@ -44,11 +44,11 @@ from tqdm import tqdm
 from jais2_jax.checkpoint.load import load_checkpoint
 from jais2_jax.evaluation import scoring
 from jais2_jax.evaluation.scoring import (
-    _pow2,
     bucket_length,
     generate_with_stops,
     logits_chunk,
     mesh_context,
+    next_pow2,
     score,
     score_packed,
 )
@@ -426,8 +426,8 @@ class Jais2LM(TemplateLM):
         `scoring.score` (rows, picks, targets, target_mask) and its logits chunk. Requests are
         padded to a power-of-two multiple of the rows, targets to a power of two (at least 16:
         fewer compiled shapes, and a 16-wide gather costs nothing next to the forward)."""
-        slots = rows * _pow2(-(-len(wanted) // rows))
-        cont = max(16, _pow2(max(len(t) for _, _, t in wanted)))
+        slots = rows * next_pow2(-(-len(wanted) // rows))
+        cont = max(16, next_pow2(max(len(t) for _, _, t in wanted)))
         row_of = np.zeros(slots, np.int32)
         picks = np.zeros((slots, cont), np.int32)
         tgt = np.zeros((slots, cont), np.int32)

@@ -37,7 +37,8 @@ Array = jax.Array
 LOGITS_BYTES = 1 << 30
 
 
-def _pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, int(n) - 1).bit_length()
 
 
@@ -46,7 +47,7 @@ def bucket_length(n: int, shortest: int = 64) -> int:
     at most a third of a row padding)."""
     if n <= shortest:
         return shortest
-    step = max(shortest, _pow2(n) // 4)
+    step = max(shortest, next_pow2(n) // 4)
     return -(-n // step) * step
 
 
@@ -126,7 +127,7 @@ GROUP_PARTS = 8
 
 def _group_width(n: int) -> int:
     """A prefill group's width: n rounded up to a GROUP_PARTS-th of its octave (at least 16)."""
-    step = max(16, _pow2(n) // GROUP_PARTS)
+    step = max(16, next_pow2(n) // GROUP_PARTS)
     return -(-n // step) * step
 
 
