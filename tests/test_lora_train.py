@@ -16,7 +16,7 @@ from helpers import hf_model, our_config, our_params, rel_err
 from jais2_jax.model.linear import QUANTIZED_DTYPES, LoraSpec
 from jais2_jax.model.modules import LORA_TARGETS, Jais2ForCausalLM
 from jais2_jax.model.options import ModelOptions
-from jais2_jax.model.quantize import dequantize, quantize
+from jais2_jax.model.quantize import dequantize, quantize, quantize_embedding
 from jais2_jax.training import data
 from jais2_jax.training.lora import is_lora_run, read_run_adapter
 from jais2_jax.training.run_config import RunConfig
@@ -628,3 +628,63 @@ def test_topology_plan_compiles_the_lora_step():
     # the adapters' state comes back in place; the base is an argument never aliased to an
     # output (TPU tiles pad small arrays, so the compiled sizes exceed the exact ones)
     assert donated <= step.alias <= step.argument - st["base"]
+
+
+def _ppl_task(folder):
+    """A local rolling-perplexity task (continuous metrics: any change of the weights shows)."""
+    rng = np.random.default_rng(1)
+    words = "the sea is blue and the desert is wide at dawn coffee in the morning".split()
+    with open(folder / "ppl.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": " ".join(rng.choice(words, 12))}) + "\n"
+                     for _ in range(6))
+    (folder / "lora_ppl.yaml").write_text(
+        f"task: lora_ppl\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: "
+        f"{folder / 'ppl.jsonl'}\ntest_split: test\noutput_type: loglikelihood_rolling\n"
+        "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n"
+        "  - metric: bits_per_byte\n")
+    return str(folder)
+
+
+@pytest.mark.parametrize("scheme", [None, "int8", "nf4"])
+def test_eval_tasks_on_a_lora_run_score_its_live_adapters(store, base_dir, tmp_path, scheme):
+    """`eval_tasks` in a LoRA (QLoRA) run scores the base with the adapters of that step: the
+    logged metrics equal `jais2 eval`'s path on the base plus that step's adapter exported to a
+    PEFT folder (merged on load; QLoRA: kept apart over the int8 base as it was trained, the
+    embedding table int8 too), and differ from the base's own."""
+    from jais2_jax.checkpoint import load_checkpoint
+    from jais2_jax.checkpoint.peft import read_adapter_config
+    from jais2_jax.evaluation.harness import evaluate_tasks
+    from jais2_jax.training.export import export_run_adapter
+    tasks = _ppl_task(tmp_path)
+    out = tmp_path / "run"
+    train(_lora_run(store, base_dir, out, total_steps=4, checkpoint_every=2, keep_checkpoints=3,
+                    eval_tasks="lora_ppl", eval_tasks_every=2, eval_tasks_include_path=tasks,
+                    lora={"dropout": 0.0, "base_quantization": scheme}), show_progress=False)
+    with open(out / "metrics.jsonl", encoding="utf-8") as f:
+        logged = {r["step"]: r for r in map(json.loads, f) if "eval/lora_ppl/bits_per_byte" in r}
+    assert sorted(logged) == [2, 4]
+    tokenizer = os.path.join(store, "tokenizer")
+
+    def scores(adapter=None):
+        if adapter is None or scheme is None:
+            config, params = load_checkpoint(base_dir, dtype="float32", quantize=scheme,
+                                             adapter=adapter)
+            return evaluate_tasks(config, params, tokenizer, ["lora_ppl"], include_path=tasks,
+                                  dtype="float32", quantize=scheme)
+        config, params = load_checkpoint(base_dir, dtype="float32", quantize=scheme,
+                                         adapter=adapter, merge_adapter=False)
+        params = quantize_embedding(params, scheme)  # QLoRA's base: the table int8 as well
+        ac = read_adapter_config(adapter)
+        return evaluate_tasks(config, params, tokenizer, ["lora_ppl"], include_path=tasks,
+                              dtype="float32", quantize=scheme, lora=ac.spec,
+                              lora_targets=ac.target_modules)
+
+    for step in (2, 4):
+        folder = tmp_path / f"adapter{step}"
+        export_run_adapter(str(out), str(folder), step=step)
+        want = scores(str(folder))
+        for metric in ("word_perplexity", "bits_per_byte"):
+            assert logged[step][f"eval/lora_ppl/{metric}"] == pytest.approx(
+                want[f"lora_ppl/{metric}"], rel=1e-5), (step, metric)
+    base = scores()
+    assert abs(logged[4]["eval/lora_ppl/bits_per_byte"] - base["lora_ppl/bits_per_byte"]) > 1e-3

@@ -120,14 +120,17 @@ def flat_metrics(results: dict) -> dict[str, float]:
 def evaluate_tasks(model_config, params, tokenizer, tasks: Sequence[str], *, limit=None,
                    num_fewshot: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                    mesh=None, include_path=None, dtype: str | None = None,
-                   quantize: str | None = None) -> dict[str, float]:
+                   quantize: str | None = None, lora=None,
+                   lora_targets=None) -> dict[str, float]:
     """Tasks on parameters already in memory (the trainer's, on its mesh): {"task/metric": value}.
 
-    `tokenizer` is a `jais2_jax.Tokenizer` (or a folder to read one from)."""
+    `tokenizer` is a `jais2_jax.Tokenizer` (or a folder to read one from). `lora` /
+    `lora_targets`: `params` hold LoRA adapters beside the kernels (`Jais2LM.from_params`)."""
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = Tokenizer.from_pretrained(tokenizer)
     lm = Jais2LM.from_params(model_config, params, tokenizer, mesh=mesh, dtype=dtype,
-                             quantize=quantize, batch_size=batch_size)
+                             quantize=quantize, batch_size=batch_size, lora=lora,
+                             lora_targets=lora_targets)
     results = run_tasks(lm, list(tasks), limit=limit, num_fewshot=num_fewshot,
                         include_path=include_path, bootstrap_iters=0)
     return flat_metrics(results)

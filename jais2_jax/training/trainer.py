@@ -44,7 +44,13 @@ from jais2_jax.training import data
 from jais2_jax.training import lora as lora_lib
 from jais2_jax.training.program import build_train_program
 from jais2_jax.training.run_config import LoraConfig, RunConfig
-from jais2_jax.training.step import flops_per_token, init_state, make_optimizer, peak_tflops
+from jais2_jax.training.step import (
+    flops_per_token,
+    init_state,
+    make_optimizer,
+    merge_params,
+    peak_tflops,
+)
 from jais2_jax.utils import lock
 from jais2_jax.utils.fsutil import write_text_atomic
 
@@ -209,9 +215,6 @@ def _check_run(run: RunConfig):
     distributed.check_batch_split(sharding.batch_sharding(mesh, (run.batch_size, run.seq_len)),
                                   (run.batch_size, run.seq_len))
     if run.task_names:
-        if run.lora is not None:
-            raise ValueError("eval_tasks on a lora run is not supported yet (the tasks need the "
-                             "merged weights): export the run and use `jais2 eval --adapter`")
         if _tokenizer_of(run) is None:
             raise ValueError(f"eval_tasks needs a tokenizer: the token store {run.data} has no "
                              "tokenizer/ folder")
@@ -296,10 +299,15 @@ class _Loop:
 
     def evaluate_tasks(self) -> dict[str, float]:
         run, p = self.run, self.program
+        params, lora = self.state.params, {}
+        if self.frozen:  # LoRA: the live adapters beside the frozen base, applied apart
+            params = merge_params(self.frozen[0], params)
+            lora = dict(lora=lora_lib.lora_spec(run.lora), lora_targets=run.lora.target_modules,
+                        quantize=run.lora.base_quantization)
         scores = harness.evaluate_tasks(
-            p.config, self.state.params, _tokenizer_of(run), run.task_names,
+            p.config, params, _tokenizer_of(run), run.task_names,
             limit=run.eval_tasks_limit, mesh=p.mesh, include_path=run.eval_tasks_include_path,
-            dtype=run.dtype)
+            dtype=run.dtype, **lora)
         return {f"eval/{k}": v for k, v in scores.items()}
 
     def note_best(self, step: int, measured: dict) -> None:
