@@ -666,18 +666,16 @@ def test_eval_tasks_on_a_lora_run_score_its_live_adapters(store, base_dir, tmp_p
     tokenizer = os.path.join(store, "tokenizer")
 
     def scores(adapter=None):
-        if adapter is None or scheme is None:
-            config, params = load_checkpoint(base_dir, dtype="float32", quantize=scheme,
-                                             adapter=adapter)
-            return evaluate_tasks(config, params, tokenizer, ["lora_ppl"], include_path=tasks,
-                                  dtype="float32", quantize=scheme)
+        apart = adapter is not None and scheme is not None  # QLoRA: over the quantized base
         config, params = load_checkpoint(base_dir, dtype="float32", quantize=scheme,
-                                         adapter=adapter, merge_adapter=False)
-        params = quantize_embedding(params, scheme)  # QLoRA's base: the table int8 as well
-        ac = read_adapter_config(adapter)
+                                         adapter=adapter, merge_adapter=not apart)
+        lora = {}
+        if apart:
+            params = quantize_embedding(params, scheme)  # QLoRA's base: the table int8 as well
+            ac = read_adapter_config(adapter)
+            lora = dict(lora=ac.spec, lora_targets=ac.target_modules)
         return evaluate_tasks(config, params, tokenizer, ["lora_ppl"], include_path=tasks,
-                              dtype="float32", quantize=scheme, lora=ac.spec,
-                              lora_targets=ac.target_modules)
+                              dtype="float32", quantize=scheme, **lora)
 
     for step in (2, 4):
         folder = tmp_path / f"adapter{step}"

@@ -146,9 +146,9 @@ class Jais2LM(TemplateLM):
         unknown = sorted(set(ignored) - {"device", "max_batch_size"})
         if unknown:
             raise ValueError(f"jais2 model: unknown model_args {unknown}")
-        lora = None
+        adapters = {}  # the model's lora / lora_targets, for adapters kept apart in params
         if _loaded is not None:
-            config, params, tokenizer, eos, mesh, lora = _loaded
+            config, params, tokenizer, eos, mesh, adapters = _loaded
         else:
             if checkpoint is None:
                 raise ValueError("jais2 model: give checkpoint=DIR (an HF or Orbax folder)")
@@ -170,12 +170,12 @@ class Jais2LM(TemplateLM):
         # Parameters given per layer (`unstack_layers`) are used as they are.
         # (Adapters kept apart stay with the layers as given: q/k/v fused would need them fused.)
         stacked = "layers" in params
-        unstack = stacked and jax.default_backend() != "cpu" and mesh is None and lora is None
+        unstack = stacked and jax.default_backend() != "cpu" and mesh is None and not adapters
         self.params = unstack_layers(params, fuse_qkv=True) if unstack else params
         fused = not stacked and "qkv_proj" in self.params.get("layers_0", {}).get("self_attn", {})
         self.model = Jais2ForCausalLM(
             config, dtype=self.dtype, param_dtype=self.dtype, quantization=quantize,
-            **(dict(lora=lora[0], lora_targets=tuple(lora[1])) if lora else {}),
+            **adapters,
             options=ModelOptions(scan_layers=stacked and not unstack, fuse_qkv=unstack or fused))
         self.batch_size_per_device = _as_batch_size(batch_size)
         # rows split over the mesh's data and fsdp axes: a multiple of both
@@ -204,9 +204,11 @@ class Jais2LM(TemplateLM):
         `lora` (a `LoraSpec`) and `lora_targets` (HF projection names): `params` hold LoRA
         adapters (`lora_a` / `lora_b`) beside the base's kernels, applied apart as in training
         (a LoRA run's live adapters over its frozen, possibly quantized, base)."""
+        adapters = {} if lora is None else dict(lora=lora)
+        if lora is not None and lora_targets is not None:
+            adapters["lora_targets"] = tuple(lora_targets)
         return cls(dtype=dtype, quantize=quantize, batch_size=batch_size,
-                   _loaded=(config, params, tokenizer, (), mesh,
-                            None if lora is None else (lora, lora_targets)), **kwargs)
+                   _loaded=(config, params, tokenizer, (), mesh, adapters), **kwargs)
 
     # ------------------------------------------------------------------ what lm-eval asks
     @property

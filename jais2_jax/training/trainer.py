@@ -299,15 +299,16 @@ class _Loop:
 
     def evaluate_tasks(self) -> dict[str, float]:
         run, p = self.run, self.program
-        params, lora = self.state.params, {}
+        params, adapters = self.state.params, {}
         if self.frozen:  # LoRA: the live adapters beside the frozen base, applied apart
             params = merge_params(self.frozen[0], params)
-            lora = dict(lora=lora_lib.lora_spec(run.lora), lora_targets=run.lora.target_modules,
-                        quantize=run.lora.base_quantization)
+            adapters = dict(lora=lora_lib.lora_spec(run.lora),
+                            lora_targets=run.lora.target_modules,
+                            quantize=run.lora.base_quantization)  # QLoRA: as the base is held
         scores = harness.evaluate_tasks(
             p.config, params, _tokenizer_of(run), run.task_names,
             limit=run.eval_tasks_limit, mesh=p.mesh, include_path=run.eval_tasks_include_path,
-            dtype=run.dtype, **lora)
+            dtype=run.dtype, **adapters)
         return {f"eval/{k}": v for k, v in scores.items()}
 
     def note_best(self, step: int, measured: dict) -> None:
